@@ -1,0 +1,119 @@
+"""The Mamba-2 mixer that takes the place of a decoder layer's attention module (MambaInLlama's Mamba-2 variant).
+
+in_proj -> [z | x | B | C | dt];  causal depthwise conv + SiLU over [x | B | C];  x and B repeated from the key/value
+heads to all heads (like repeat_kv);  SSD scan;  gated RMSNorm with z;  out_proj.
+Initialised from attention (paper Eq. 6): x <- W_V, B <- W_K, C <- W_Q, out_proj <- W_O.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
+
+from .mamba2_ops import causal_conv1d, causal_conv1d_step, rmsnorm_gated, ssd_scan, ssd_step
+
+
+class MaTVLMMamba2Mixer(nn.Module):
+    """Drop-in replacement for a transformers attention module: same call signature, returns (output, None)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        tc = config.text_config
+        self.layer_idx = layer_idx
+        self.d_model = tc.hidden_size
+        self.nheads, self.headdim = config.mamba_nheads, config.mamba_headdim
+        self.ngroups, self.d_state = config.mamba_ngroups, config.mamba_d_state
+        self.d_inner, self.d_xb = config.mamba_d_inner, config.mamba_d_xb
+        self.d_conv, self.chunk_size = config.mamba_d_conv, config.mamba_chunk_size
+        self.eps = config.mamba_norm_eps
+        self.use_kernels = config.use_mamba_kernels
+        self.conv_dim = 2 * self.d_xb + self.d_inner  # x, B, C
+        self.in_proj = nn.Linear(self.d_model, self.d_inner + self.conv_dim + self.nheads, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim,
+                                padding=self.d_conv - 1, bias=config.mamba_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        self.norm_weight = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=config.mamba_out_proj_bias)
+        self._init_ranges = (config.mamba_dt_min, config.mamba_dt_max, config.mamba_dt_init_floor,
+                             tuple(config.mamba_A_init_range))
+
+    @torch.no_grad()
+    def init_ssm_parameters(self) -> None:
+        """Standard Mamba-2 initialisation of dt_bias (log-uniform dt), A_log (uniform A), D = 1 and the norm."""
+        dt_min, dt_max, floor, (a_lo, a_hi) = self._init_ranges
+        device = self.dt_bias.device
+        dt = torch.exp(torch.rand(self.nheads, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=floor)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init.copy_(self.A_log, torch.log(torch.empty(self.nheads, device=device).uniform_(a_lo, a_hi)))
+        init.ones_(self.D)
+        init.ones_(self.norm_weight)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        past_key_values: Cache | None = None,
+        mamba_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """hidden_states (b, l, d_model); mamba_mask (b, >= l) 2-D padding mask, 1 = real token (its last l columns
+        are used); past_key_values: a transformers Cache whose layer `layer_idx` is a linear-attention layer."""
+        b, l, _ = hidden_states.shape
+        mask = mamba_mask[:, -l:, None].to(hidden_states.dtype) if mamba_mask is not None else None
+        cache_layer = self._cache_layer(past_key_values)
+        decoding = cache_layer is not None and cache_layer.has_previous_state[0] and l == 1
+
+        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        if mask is not None:  # pad positions must leave the conv and SSM states untouched
+            xBC = xBC * mask
+        if decoding:
+            xBC = causal_conv1d_step(xBC[:, 0], cache_layer.conv_states[0], self.conv1d.weight[:, 0],
+                                     self.conv1d.bias, self.use_kernels)[:, None]
+        elif cache_layer is not None:
+            full = past_key_values.update_conv_state(xBC.transpose(1, 2), self.layer_idx, conv_kernel_size=self.d_conv)
+            xBC = causal_conv1d(full, self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels)[..., -l:]
+            xBC = xBC.transpose(1, 2)
+        else:
+            xBC = causal_conv1d(xBC.transpose(1, 2).contiguous(), self.conv1d.weight[:, 0], self.conv1d.bias,
+                                self.use_kernels).transpose(1, 2)
+        if mask is not None:
+            xBC = xBC * mask
+        x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        rep = self.d_inner // self.d_xb  # key/value heads -> heads, as repeat_kv does
+        x = x.unflatten(-1, (-1, self.headdim)).repeat_interleave(rep, dim=-2)  # (b, l, h, p)
+        B = B.unflatten(-1, (-1, self.d_state)).repeat_interleave(rep, dim=-2)  # (b, l, g, n)
+        C = C.unflatten(-1, (self.ngroups, self.d_state))
+        dt = nn.functional.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
+        if mask is not None:
+            dt = dt * mask.float()
+        A = -torch.exp(self.A_log.float())
+
+        if decoding:
+            y = ssd_step(cache_layer.recurrent_states[0], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
+                         self.use_kernels)[:, None]
+        else:
+            has_state = cache_layer is not None and cache_layer.is_recurrent_states_initialized[0]
+            initial = cache_layer.recurrent_states[0] if has_state else None
+            y, final_state = ssd_scan(x.contiguous(), dt, A, B.contiguous(), C.contiguous(), self.chunk_size,
+                                      D=self.D, initial_state=initial, use_kernel=self.use_kernels)
+            if cache_layer is not None:
+                past_key_values.update_recurrent_state(final_state, self.layer_idx)
+        y = rmsnorm_gated(y.flatten(-2), z, self.norm_weight, self.eps, self.d_inner // self.ngroups, self.use_kernels)
+        return self.out_proj(y.to(hidden_states.dtype)), None
+
+    def _cache_layer(self, cache: Cache | None) -> LinearAttentionCacheLayerMixin | None:
+        if cache is None:
+            return None
+        layer = cache.layers[self.layer_idx] if self.layer_idx < len(cache.layers) else None
+        if not isinstance(layer, LinearAttentionCacheLayerMixin):
+            raise ValueError(
+                f"Layer {self.layer_idx} is a Mamba layer but the cache holds {type(layer).__name__} there: build the "
+                "cache from the model's config, e.g. DynamicCache(config=model.config), or let the model create it."
+            )
+        return layer

@@ -1,0 +1,165 @@
+"""Mamba-2 math: the pure-PyTorch reference (chunked SSD scan, one-step recurrence, causal conv, gated RMSNorm) and
+the optional kernels of `mamba_ssm` / `causal_conv1d` behind the same small interface.
+
+Shapes: b batch, l length, h heads, p head dim, g groups, n state size, c conv channels, k conv width.
+The SSM is h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t + D x_t  (per head; h_t is p x n).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional accelerators, detected, never required
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as _rmsnorm_gated_kernel
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as _state_update_kernel
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _chunk_scan_kernel
+except ImportError:
+    _chunk_scan_kernel = _state_update_kernel = _rmsnorm_gated_kernel = None
+try:
+    from causal_conv1d import causal_conv1d_fn as _conv_kernel
+    from causal_conv1d import causal_conv1d_update as _conv_update_kernel
+except ImportError:
+    _conv_kernel = _conv_update_kernel = None
+
+HAS_MAMBA_SSM = _chunk_scan_kernel is not None
+HAS_CAUSAL_CONV1D = _conv_kernel is not None
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    """x (..., T) -> (..., T, T) with out[i, j] = sum_{j < m <= i} x[m] for j <= i, -inf above the diagonal."""
+    T = x.size(-1)
+    x = x[..., None].expand(*x.shape, T)
+    x = x.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), -1), 0)
+    out = torch.cumsum(x, dim=-2)
+    return out.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), 0), -torch.inf)
+
+
+def ssd_scan_reference(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan (Mamba-2 paper, 'ssd_minimal') in float32 or float64.
+
+    x (b, l, h, p); dt (b, l, h) already positive (softplus applied, 0 = skip the step); A (h,);
+    B, C (b, l, g, n) with h % g == 0; D (h,); initial_state (b, h, p, n).
+    Returns y (b, l, h, p) in x's dtype and the final state (b, h, p, n) in the compute dtype.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x_in = x
+    x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
+    B = B.repeat_interleave(h // g, dim=2)
+    C = C.repeat_interleave(h // g, dim=2)
+    pad = (-l) % chunk_size
+    if pad:  # dt = 0 on padded steps: no decay, no input, so the final state is unchanged
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    nc = (l + pad) // chunk_size
+    x, dt, B, C = (t.reshape(b, nc, chunk_size, *t.shape[2:]) for t in (x, dt, B, C))
+    xdt = x * dt[..., None]  # (b, c, s, h, p)
+    dA = (dt * A).permute(0, 3, 1, 2)  # (b, h, c, s)
+    dA_cumsum = torch.cumsum(dA, dim=-1)
+
+    # 1. within each chunk: y_t = sum_{s<=t} C_t.B_s exp(dA[s+1..t]) dt_s x_s
+    decay = torch.exp(_segsum(dA))  # (b, h, c, t, s)
+    scores = torch.einsum("bcthn,bcshn->bhcts", C, B) * decay
+    y = torch.einsum("bhcts,bcshp->bcthp", scores, xdt)
+
+    # 2. state each chunk contributes at its end
+    decay_to_end = torch.exp(dA_cumsum[..., -1:] - dA_cumsum)  # (b, h, c, s)
+    chunk_states = torch.einsum("bcshn,bhcs,bcshp->bchpn", B, decay_to_end, xdt)
+
+    # 3. pass states across chunks
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, n, dtype=dtype, device=x.device)
+    states = torch.cat([initial_state.to(dtype)[:, None], chunk_states], dim=1)  # (b, c+1, h, p, n)
+    chunk_decay = torch.exp(_segsum(F.pad(dA_cumsum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. contribution of the state entering each chunk
+    y = y + torch.einsum("bcthn,bchpn,bhct->bcthp", C, states, torch.exp(dA_cumsum))
+    y = y.reshape(b, nc * chunk_size, h, p)[:, :l]
+    if D is not None:
+        y = y + x_in.to(dtype) * D.to(dtype)[:, None]
+    return y.to(x_in.dtype), final_state
+
+
+def ssd_step_reference(
+    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One recurrence step, updating `state` (b, h, p, n) in place. x (b, h, p); dt (b, h) positive; B, C (b, g, n)."""
+    h = x.shape[1]
+    B = B.repeat_interleave(h // B.shape[1], dim=1).to(state.dtype)
+    C = C.repeat_interleave(h // C.shape[1], dim=1).to(state.dtype)
+    dt = dt.to(state.dtype)
+    xs = x.to(state.dtype)
+    new_state = state * torch.exp(dt * A.to(state.dtype))[..., None, None] + (dt[..., None] * xs)[..., None] * B[:, :, None]
+    state.copy_(new_state)
+    y = torch.einsum("bhpn,bhn->bhp", new_state, C)
+    if D is not None:
+        y = y + xs * D.to(state.dtype)[:, None]
+    return y.to(x.dtype)
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_kernel: bool = True):
+    """Chunked scan: mamba_ssm's Triton kernel on CUDA when available, else the reference. Same contract."""
+    if use_kernel and _chunk_scan_kernel is not None and x.is_cuda:
+        y, final_state = _chunk_scan_kernel(
+            x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=True
+        )
+        return y, final_state.float()
+    return ssd_scan_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+
+
+def ssd_step(state, x, dt, A, B, C, D, use_kernel: bool = True) -> torch.Tensor:
+    """One decode step (state updated in place): mamba_ssm's selective_state_update on CUDA, else the reference."""
+    if use_kernel and _state_update_kernel is not None and x.is_cuda:
+        p, n = x.shape[-1], B.shape[-1]
+        # broadcast views (stride 0) let the kernel take its tied-head-dim fast path; dt_bias and D must not be None
+        return _state_update_kernel(
+            state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n).float(),
+            B, C, D=D[:, None].expand(-1, p), dt_bias=torch.zeros_like(dt[0])[:, None].expand(-1, p),
+            dt_softplus=False,
+        )
+    return ssd_step_reference(state, x, dt, A, B, C, D)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True) -> torch.Tensor:
+    """Depthwise causal conv + SiLU over x (b, c, l) with weight (c, k); zero left context."""
+    if use_kernel and _conv_kernel is not None and x.is_cuda:
+        return _conv_kernel(x, weight, bias, activation="silu")
+    k = weight.shape[-1]
+    return F.silu(F.conv1d(x, weight[:, None], bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
+
+
+def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       use_kernel: bool = True) -> torch.Tensor:
+    """One conv step for x (b, c): shifts x into conv_state (b, c, k) in place, returns SiLU(conv) (b, c)."""
+    if use_kernel and _conv_update_kernel is not None and x.is_cuda:
+        return _conv_update_kernel(x, conv_state, weight, bias, activation="silu")
+    conv_state.copy_(torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1))
+    out = (conv_state * weight).sum(-1)
+    if bias is not None:
+        out = out + bias
+    return F.silu(out).to(x.dtype)
+
+
+def rmsnorm_gated(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
+                  use_kernel: bool = True) -> torch.Tensor:
+    """RMSNorm(x * SiLU(z)) over groups of `group_size` channels, times weight (Mamba-2, norm_before_gate=False)."""
+    if use_kernel and _rmsnorm_gated_kernel is not None and x.is_cuda:
+        return _rmsnorm_gated_kernel(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
+    dtype = x.dtype
+    x = x.float() * F.silu(z.float())
+    xg = x.unflatten(-1, (-1, group_size))
+    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+    return (xg.flatten(-2) * weight.float()).to(dtype)
