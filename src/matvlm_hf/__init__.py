@@ -4,17 +4,22 @@ Importing the package registers the classes with the Auto classes, and marks the
 saved checkpoint also loads with `trust_remote_code=True` where this package is not installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_matvlm import MaTVLMConfig, mamba_layer_indices
 from .modeling_matvlm import MaTVLMForConditionalGeneration, MaTVLMPreTrainedModel
+from .processing_matvlm import MaTVLMProcessor
 
 AutoConfig.register(MaTVLMConfig.model_type, MaTVLMConfig, exist_ok=True)
 AutoModel.register(MaTVLMConfig, MaTVLMForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(MaTVLMConfig, MaTVLMForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(MaTVLMConfig, MaTVLMProcessor, exist_ok=True)
+MaTVLMProcessor.register_for_auto_class("AutoProcessor")
 MaTVLMConfig.register_for_auto_class()
 MaTVLMForConditionalGeneration.register_for_auto_class("AutoModel")
 MaTVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
-__all__ = ["MaTVLMConfig", "MaTVLMForConditionalGeneration", "MaTVLMPreTrainedModel", "mamba_layer_indices"]
+__all__ = [
+    "MaTVLMConfig", "MaTVLMForConditionalGeneration", "MaTVLMPreTrainedModel", "MaTVLMProcessor", "mamba_layer_indices",
+]
 __version__ = "0.1.0"

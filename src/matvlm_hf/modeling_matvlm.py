@@ -30,7 +30,6 @@ class MaTVLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _keep_in_fp32_modules = ["A_log", "D", "dt_bias"]
 
     @torch.no_grad()
     def initialize_weights(self) -> None:

@@ -1,0 +1,441 @@
+"""TinyLLaVA checkpoint -> MaTVLM checkpoint (the paper's initialisation of the Mamba layers from attention).
+
+Streams the source shards tensor by tensor (never two copies of the model in memory), renames the TinyLLaVA keys to
+MaTVLM's, turns the attention weights of the chosen layers into Mamba-2 mixer weights (x <- W_V, B <- W_K, C <- W_Q,
+out_proj <- W_O, the rest freshly initialised) and writes safetensors shards, config with remote code, tokenizer,
+processor, generation config and a model card into a temporary folder that is renamed into place only when complete.
+
+    python conversion/convert_tinyllava_to_matvlm.py --input TINYLLAVA_DIR --output OUT_DIR --mamba-ratio 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, GenerationConfig
+from transformers.dynamic_module_utils import custom_object_save
+
+from .configuration_matvlm import SUPPORTED_TEXT_MODEL_TYPES, MaTVLMConfig, mamba_layer_indices
+from .mamba2_mixer import MaTVLMMamba2Mixer
+from .modeling_matvlm import MaTVLMForConditionalGeneration
+from .processing_matvlm import processor_from_tinyllava
+
+KEY_PREFIXES = {  # TinyLLaVA state-dict prefix -> MaTVLM prefix (transformers 5's SiglipVisionModel has no vision_model.)
+    "language_model.": "language_model.",
+    "vision_tower._vision_tower.vision_model.": "vision_tower.",
+    "vision_tower._vision_tower.": "vision_tower.",
+    "connector._connector.": "connector.",
+}
+ATTENTION_OUT = {"phi": "dense", "llama": "o_proj", "qwen2": "o_proj"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted (not a TinyLLaVA checkpoint, missing or damaged weights, bad options)."""
+
+
+# --- reading the source ------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(path_or_repo: str | Path) -> Path:
+    """A local folder, else a Hub repo id fetched through huggingface_hub (fails clearly when offline)."""
+    path = Path(path_or_repo)
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"{path} is a file; expected a TinyLLaVA checkpoint folder.")
+        return path
+    if str(path_or_repo).count("/") != 1:
+        raise ConversionError(f"{path_or_repo} is neither an existing folder nor a Hub repo id (owner/name).")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_repo), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as err:  # offline, unknown repo, no access: all say the same thing to the user
+        raise ConversionError(
+            f"Could not fetch {path_or_repo!r} from the Hugging Face Hub ({type(err).__name__}: {err}). Without network "
+            "access, download the checkpoint elsewhere and pass its local folder to --input."
+        ) from err
+
+
+def read_tinyllava_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{folder} has no config.json: not a TinyLLaVA checkpoint folder.")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{config_file} is not valid JSON: {err}") from err
+    archs = config.get("architectures") or []
+    if config.get("model_type") != "tinyllava" and not any("TinyLlava" in a for a in archs):
+        raise ConversionError(
+            f"{folder} is not a TinyLLaVA checkpoint: config.json has model_type {config.get('model_type')!r} "
+            "(expected 'tinyllava')."
+        )
+    for field in ("text_config", "vision_config"):
+        if not isinstance(config.get(field), dict):
+            raise ConversionError(f"{config_file} lacks the '{field}' dict that TinyLLaVA checkpoints carry.")
+    lm_type = config["text_config"].get("model_type")
+    if lm_type not in SUPPORTED_TEXT_MODEL_TYPES:
+        raise ConversionError(
+            f"Unsupported language model type {lm_type!r} in {config_file}: supported are "
+            f"{', '.join(SUPPORTED_TEXT_MODEL_TYPES)}."
+        )
+    if config.get("connector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise ConversionError(f"Unsupported connector_type {config['connector_type']!r}: only mlp2x_gelu.")
+    return config
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> file, from model.safetensors.index.json or a single model.safetensors; every file checked."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        key_to_file = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (folder / "model.safetensors").is_file():
+        key_to_file = {}
+        single = folder / "model.safetensors"
+    elif list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise ConversionError(f"{folder} holds pickle weights only; convert them to safetensors first (no pickle here).")
+    else:
+        raise ConversionError(f"{folder} has no model.safetensors or model.safetensors.index.json.")
+    files = sorted(set(key_to_file.values())) if key_to_file else [single]
+    for file in files:
+        if not file.is_file():
+            raise ConversionError(f"Weight file {file.name} listed in the index is missing from {folder}.")
+        try:
+            with safe_open(str(file), "pt") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError) as err:
+            raise ConversionError(f"Weight file {file} is damaged or truncated: {err}") from err
+        if not key_to_file:
+            key_to_file = dict.fromkeys(keys, file)
+        elif missing := [k for k, v in key_to_file.items() if v == file and k not in keys]:
+            raise ConversionError(f"{file.name} lacks {len(missing)} tensors the index lists, e.g. {missing[0]}.")
+    return key_to_file
+
+
+def iter_tensors(key_to_file: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields the source tensors file by file; only one tensor is materialised at a time."""
+    by_file: dict[Path, list[str]] = {}
+    for key, file in key_to_file.items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(str(file), "pt") as f:
+            for key in keys:
+                try:
+                    yield key, f.get_tensor(key)
+                except (SafetensorError, OSError, RuntimeError) as err:
+                    raise ConversionError(f"Could not read {key} from {file}: {err}") from err
+
+
+# --- the conversion --------------------------------------------------------------------------------------------
+
+def matvlm_config_from_tinyllava(tinyllava: dict, mamba_layers: list[int], processor_image_token_id: int | None = None,
+                                 **mamba_kwargs) -> MaTVLMConfig:
+    text = dict(tinyllava["text_config"])
+    vocab = text.get("vocab_size", tinyllava.get("vocab_size"))
+    return MaTVLMConfig(
+        text_config=text,
+        vision_config=dict(tinyllava["vision_config"]),
+        vision_feature_layer=tinyllava.get("vision_feature_layer", -2),
+        vision_feature_select_strategy=tinyllava.get("vision_feature_select_strategy", "patch"),
+        image_token_id=processor_image_token_id if processor_image_token_id is not None else vocab - 1,
+        mamba_layers=mamba_layers,
+        **mamba_kwargs,
+    )
+
+
+def rename_key(key: str) -> str:
+    for old, new in KEY_PREFIXES.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    raise ConversionError(f"Unexpected tensor {key!r}: not under language_model, vision_tower or connector.")
+
+
+def mixer_from_attention(config: MaTVLMConfig, layer: int, attention: dict[str, torch.Tensor] | None,
+                         generator_seed: int) -> dict[str, torch.Tensor]:
+    """State dict of the Mamba-2 mixer replacing attention layer `layer` (paper Eq. 6).
+
+    attention: {"q_proj.weight", "k_proj.weight", "v_proj.weight", "<out>.weight", and biases when present}; None
+    gives a wholly fresh mixer (the initialisation ablation). z, dt, A, D, conv and norm are freshly initialised.
+    """
+    torch.manual_seed(generator_seed + layer)
+    mixer = MaTVLMMamba2Mixer(config, layer)
+    mixer.init_ssm_parameters()
+    state = {k: v.detach().clone() for k, v in mixer.state_dict().items()}
+    if attention is None:
+        return state
+    d_inner, d_xb = mixer.d_inner, mixer.d_xb
+    out_name = ATTENTION_OUT[config.text_config.model_type]
+    rows = {"v_proj": slice(d_inner, d_inner + d_xb), "k_proj": slice(d_inner + d_xb, d_inner + 2 * d_xb),
+            "q_proj": slice(d_inner + 2 * d_xb, 2 * d_inner + 2 * d_xb)}
+    for name, sl in rows.items():
+        state["in_proj.weight"][sl] = attention[f"{name}.weight"].float()
+        if "in_proj.bias" in state:
+            bias = attention.get(f"{name}.bias")
+            state["in_proj.bias"][sl] = bias.float() if bias is not None else 0.0
+    if "in_proj.bias" in state:  # z and dt rows: no bias (dt has its own dt_bias)
+        state["in_proj.bias"][:d_inner] = 0.0
+        state["in_proj.bias"][2 * d_inner + 2 * d_xb:] = 0.0
+    state["out_proj.weight"] = attention[f"{out_name}.weight"].float().clone()
+    if "out_proj.bias" in state:
+        bias = attention.get(f"{out_name}.bias")
+        state["out_proj.bias"] = bias.float().clone() if bias is not None else torch.zeros_like(state["out_proj.bias"])
+    return state
+
+
+class _ShardWriter:
+    """Accumulates tensors and writes `model-0000i.safetensors` shards of at most `max_bytes`."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.buffer[key] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"model-{len(self.shards) + 1:05d}.safetensors"
+        save_file(self.buffer, str(self.folder / name), metadata={"format": "pt"})
+        self.shards.append(list(self.buffer))
+        self.weight_map.update(dict.fromkeys(self.buffer, name))
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        if len(self.shards) == 1:
+            (self.folder / "model-00001.safetensors").rename(self.folder / "model.safetensors")
+            return
+        total = len(self.shards)
+        renames = {f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)}
+        for old, new in renames.items():
+            (self.folder / old).rename(self.folder / new)
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {k: renames[v] for k, v in sorted(self.weight_map.items())}}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def convert_tinyllava_to_matvlm(
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    mamba_ratio: float | None = None,
+    mamba_layers: list[int] | None = None,
+    placement: str = "even",
+    init: str = "attention",
+    dtype: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    max_shard_size: int = 2 * 1024**3,
+    push_to_hub: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Convert a TinyLLaVA checkpoint folder (or Hub id) to a MaTVLM checkpoint folder; returns the output path.
+
+    mamba_ratio / mamba_layers: which layers become Mamba (ratio 0 repackages the teacher); placement: even | start |
+    middle | end; init: attention (paper) | random; dtype: float32 | bfloat16 | float16 (default: keep the source's).
+    """
+    output = Path(output_path)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise ConversionError(f"Output {output} exists and is not empty; pass --overwrite to replace it.")
+    if init not in ("attention", "random"):
+        raise ConversionError(f"init must be 'attention' or 'random', got {init!r}.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    source = resolve_checkpoint(input_path)
+    tinyllava = read_tinyllava_config(source)
+    n_layers = tinyllava["text_config"]["num_hidden_layers"]
+    if mamba_layers is None:
+        try:
+            mamba_layers = mamba_layer_indices(n_layers, 0.0 if mamba_ratio is None else mamba_ratio, placement)
+        except ValueError as err:
+            raise ConversionError(str(err)) from err
+    try:
+        config = matvlm_config_from_tinyllava(tinyllava, list(mamba_layers))
+    except ValueError as err:
+        raise ConversionError(str(err)) from err
+    key_to_file = weight_files(source)
+    target_dtype = DTYPES[dtype] if dtype else None
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        _write_weights(config, key_to_file, staging, target_dtype, init, seed, max_shard_size, progress)
+        _write_metadata(config, source, tinyllava, staging, init, placement, target_dtype or _source_dtype(key_to_file))
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if push_to_hub:
+        upload_folder(output, push_to_hub)
+    return output
+
+
+def _source_dtype(key_to_file: dict[str, Path]) -> torch.dtype:
+    key, file = next(iter(key_to_file.items()))
+    with safe_open(str(file), "pt") as f:
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[f.get_slice(key).get_dtype()]
+
+
+def _write_weights(config: MaTVLMConfig, key_to_file: dict[str, Path], folder: Path, dtype: torch.dtype | None,
+                   init: str, seed: int, max_shard_size: int, progress: bool) -> None:
+    out_name = ATTENTION_OUT[config.text_config.model_type]
+    attn_parts = ("q_proj", "k_proj", "v_proj", out_name)
+    mamba = set(config.mamba_layers)
+    pending: dict[int, dict[str, torch.Tensor]] = {}  # attention tensors of Mamba layers until complete
+    expected = {i: {k.split(".self_attn.", 1)[1] for k in key_to_file
+                    if k.startswith(f"language_model.model.layers.{i}.self_attn.")} for i in mamba}
+    for i, names in expected.items():
+        if not {f"{p}.weight" for p in attn_parts} <= names:
+            raise ConversionError(f"Layer {i}'s attention weights are incomplete in the checkpoint: found {sorted(names)}.")
+    writer = _ShardWriter(folder, max_shard_size)
+    seen = set()
+    for key, tensor in tqdm(iter_tensors(key_to_file), total=len(key_to_file), desc="converting", unit="tensor",
+                            disable=not progress):
+        new_key = rename_key(key)
+        seen.add(new_key)
+        layer = _mamba_layer_of(new_key, mamba)
+        if layer is None:
+            writer.add(new_key, tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor)
+            continue
+        pending.setdefault(layer, {})[key.split(".self_attn.", 1)[1]] = tensor
+        if set(pending[layer]) == expected[layer]:
+            attention = pending.pop(layer)
+            mixer = mixer_from_attention(config, layer, attention if init == "attention" else None, seed)
+            out_dtype = dtype or attention["q_proj.weight"].dtype
+            prefix = f"language_model.model.layers.{layer}.self_attn."
+            for name, value in mixer.items():
+                writer.add(prefix + name, value.to(out_dtype))
+    if pending:
+        raise ConversionError(f"Attention weights of layers {sorted(pending)} were incomplete.")
+    if not any(k.startswith("language_model.model.embed_tokens") for k in seen):
+        raise ConversionError("The checkpoint has no language_model.model.embed_tokens weights: not a TinyLLaVA LM.")
+    writer.finish()
+
+
+def _mamba_layer_of(key: str, mamba: set[int]) -> int | None:
+    prefix = "language_model.model.layers."
+    if not key.startswith(prefix) or ".self_attn." not in key:
+        return None
+    layer = int(key[len(prefix):].split(".", 1)[0])
+    return layer if layer in mamba else None
+
+
+def _write_metadata(config: MaTVLMConfig, source: Path, tinyllava: dict, folder: Path, init: str, placement: str,
+                    dtype: torch.dtype) -> None:
+    """Config + remote code, tokenizer, processor, generation config and model card."""
+    config.dtype = dtype
+    with torch.device("meta"):
+        shell = MaTVLMForConditionalGeneration(config)
+    custom_object_save(shell, folder, config=config)
+    config.architectures = [type(shell).__name__]
+    config.save_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as err:
+        raise ConversionError(f"Could not load the tokenizer files of {source}: {err}") from err
+    processor = processor_from_tinyllava(source, config.image_token_id, config.num_image_tokens)
+    processor.save_pretrained(folder)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
+                     max_new_tokens=256).save_pretrained(folder)
+    (folder / "README.md").write_text(model_card(config, tinyllava, source, init, placement))
+
+
+def model_card(config: MaTVLMConfig, tinyllava: dict, source: Path, init: str, placement: str) -> str:
+    n = config.text_config.num_hidden_layers
+    base = tinyllava.get("_name_or_path") or source.name
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [matvlm, mamba2, hybrid, tinyllava, distillation]
+base_model: {base}
+---
+# MaTVLM hybrid of {base}
+
+A [MaTVLM](https://arxiv.org/abs/2503.13440) hybrid made with `matvlm-hf`: {len(config.mamba_layers)} of {n}
+decoder layers ({len(config.mamba_layers) / n:.1%}) of the {config.text_config.model_type} language model had their
+attention replaced by a Mamba-2 mixer.
+
+| | |
+|---|---|
+| teacher | {base} |
+| language model | {config.text_config.model_type}, {n} layers, hidden {config.text_config.hidden_size} |
+| Mamba layers | {config.mamba_layers} (placement: {placement}) |
+| mixer | d_state {config.mamba_d_state}, {config.mamba_nheads} heads x {config.mamba_headdim}, d_xb {config.mamba_d_xb}, conv {config.mamba_d_conv} |
+| initialisation | {"x <- W_V, B <- W_K, C <- W_Q, out <- W_O (paper Eq. 6); z, dt, A, D, conv, norm fresh" if init == "attention" else "random (ablation)"} |
+| image tokens | {config.num_image_tokens} per image, id {config.image_token_id} |
+
+Converted, not yet distilled: distil it from its teacher (`matvlm distill`) before use; until then it answers only as
+well as softmax-free attention lets it.
+
+```python
+from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained("PATH", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("PATH", trust_remote_code=True)
+```
+"""
+
+
+def upload_folder(folder: Path, repo_id: str) -> None:
+    """Push the whole folder (weights, remote code, processor, model card) to the Hub as one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(folder.iterdir())
+                  if p.is_file()]
+    api.create_commit(repo_id, operations=operations, commit_message="Upload MaTVLM hybrid (matvlm-hf)")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="TinyLLaVA checkpoint folder (or Hub repo id)")
+    parser.add_argument("--output", required=True, help="output folder for the MaTVLM checkpoint")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--mamba-ratio", type=float, default=None, help="fraction of layers to turn into Mamba (0 = teacher)")
+    which.add_argument("--mamba-layers", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=None,
+                       help="explicit comma-separated layer list, e.g. 0,4,8")
+    parser.add_argument("--placement", choices=["even", "start", "middle", "end"], default="even")
+    parser.add_argument("--init", choices=["attention", "random"], default="attention")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the source's dtype")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-shard-size", type=int, default=2 * 1024**3, help="bytes per output shard")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
+    args = parser.parse_args(argv)
+    try:
+        out = convert_tinyllava_to_matvlm(
+            args.input, args.output, mamba_ratio=args.mamba_ratio, mamba_layers=args.mamba_layers,
+            placement=args.placement, init=args.init, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, push_to_hub=args.push_to_hub,
+        )
+    except ConversionError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Write a random TinyLLaVA checkpoint in the published on-disk layout (no download, no hub).
+
+    from matvlm_hf.fabricate import write_tinyllava_checkpoint
+    path = write_tinyllava_checkpoint(tmp_path / "tinyllava", lm_type="phi", size="tiny")
+
+The folder holds what `tinyllava/TinyLLaVA-Phi-2-SigLIP-3.1B` holds (minus its remote code):
+- `config.json`: model_type "tinyllava" with the full `text_config` / `vision_config` dicts;
+- weights as safetensors (`model.safetensors`, or `model-0000i-of-0000n.safetensors` shards plus
+  `model.safetensors.index.json`) under the TinyLLaVA prefixes:
+  `language_model.` + the transformers CausalLM state dict,
+  `vision_tower._vision_tower.vision_model.` + the SigLIP vision state dict (head included),
+  `connector._connector.{0,2}.{weight,bias}` (mlp2x_gelu);
+- tokenizer files built here with `tokenizers` (byte-level BPE trained on a small built-in corpus),
+  loadable offline with `AutoTokenizer.from_pretrained(folder)`; `generation_config.json`.
+
+Note: transformers 5 dropped the `vision_model.` level from `SiglipVisionModel`'s own state dict
+(`embeddings.patch_embedding.weight`); checkpoints written by transformers 4 (TinyLLaVA's) keep it
+(`vision_model.embeddings.patch_embedding.weight`), so it is added back here.
+
+Weights never exist as one model: the key list and shapes come from the transformers modules built on the
+`meta` device, and tensors are filled shard by shard (one shard in memory at a time), so size="full"
+(3.1B parameters) runs in a few GB of RAM. Every tensor is drawn from its own generator seeded from
+(seed, key): the weights do not depend on the shard layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------------
+# Sizes. "tiny" is for CPU tests; "full" is TinyLLaVA-Phi-2-SigLIP-3.1B.
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8)  # 4 x 4 = 16 patches -> 15 image tokens
+TINY_LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+               vocab_size=1280)  # embedding rows; the tokenizer has fewer tokens
+TINY_NUM_KV_HEADS = 2  # llama / qwen2: GQA (2 kv heads for 4 query heads)
+TINY_TOKENIZER_VOCAB = 1000  # BPE target (byte alphabet + merges), before special tokens
+TINY_INIT_STD = 0.1  # larger than 0.02 so that tiny conversion tests compare non-negligible values
+
+FULL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                   image_size=384, patch_size=14)  # google/siglip-so400m-patch14-384
+FULL_PHI = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=51200)  # microsoft/phi-2
+FULL_PHI_EOS_ID = 50256  # Phi-2: <|endoftext|> = 50256, 50295 tokens in all
+FULL_PHI_TOKENIZER_LEN = 50295
+FULL_INIT_STD = 0.02
+FULL_SHARD_SIZE = 2 * 1024**3
+
+LM_NAMES = {"phi": "microsoft/phi-2", "llama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "qwen2": "Qwen/Qwen2-0.5B"}
+VISION_NAME = "google/siglip-so400m-patch14-384"
+TOKENIZER_MODEL_MAX_LENGTH = 3072
+
+LM_PREFIX = "language_model."
+VISION_PREFIX = "vision_tower._vision_tower.vision_model."
+CONNECTOR_PREFIX = "connector._connector."
+
+# A small built-in English corpus for the tokenizer (conversation words, image descriptions, digits).
+CORPUS = """
+A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed,
+and polite answers to the user's questions. USER: What is shown in the image? ASSISTANT: The image shows a cat.
+USER: Describe the picture in detail. ASSISTANT: In the picture, a brown dog is running across a green field
+while a child throws a red ball. The sky is blue with a few white clouds, and trees line the horizon.
+What color is the car? The car is red. How many people are in the photo? There are three people in the photo.
+Is there a person riding a bicycle? Yes, a woman in a yellow jacket is riding a bicycle along the street.
+Where is this photo taken? It appears to be taken in a busy city street with tall buildings and shops.
+What is the man holding? He is holding an umbrella because it is raining. What time of day is it? It is evening.
+The kitchen has a wooden table, four chairs, a white refrigerator and a window above the sink.
+A plate of food with rice, vegetables and grilled chicken sits on the table next to a glass of water.
+Two giraffes stand near a tree in a zoo enclosure; one of them is eating leaves from a high branch.
+A train is arriving at the station. Passengers wait on the platform with their bags and suitcases.
+The sign says "STOP". The clock on the tower reads 10:45. The bus number is 27 and the street is Main Street.
+Please answer the question with a single word or phrase. Answer: yes. Answer: no. Answer: two. Answer: blue.
+What is the relationship between the objects? The laptop is on the desk, and the mouse is to its right.
+Can you explain why the scene is unusual? The elephant is standing in a swimming pool, which is not common.
+The quick brown fox jumps over the lazy dog. Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 15 20 25 50 100 2024 3.14.
+Write a short story about the image. Once upon a time, a small boat sailed across a calm lake at sunset.
+The teddy bear is sitting on a bed with blue sheets. A vase of flowers is placed on the windowsill.
+People are skiing down a snowy mountain. A snowboarder jumps off a ramp. The slope is steep and white.
+A man is surfing on a large wave in the ocean. Birds fly over the beach where children build sandcastles.
+Question: What is the main object? Options: (A) a horse (B) a cow (C) a sheep (D) a goat. Answer with the letter.
+This is a photograph of a living room with a sofa, a television, a lamp and a bookshelf full of books.
+The pizza has cheese, tomatoes, olives and mushrooms. It has been cut into eight slices on a wooden board.
+""".strip()
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """'2GB' / '500MB' / '20KB' / 1234 -> bytes (decimal prefixes as transformers: 1GB = 10**9)."""
+    if size is None or isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMG]i?B)?\s*", size.upper().replace("IB", "iB"))
+    if not m:
+        raise ValueError(f"cannot parse shard size {size!r}: use an int (bytes) or e.g. '2GB', '500MB'")
+    unit = {None: 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[m.group(2)]
+    return int(float(m.group(1)) * unit)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def _vision_config(size: str):
+    from transformers import SiglipVisionConfig
+
+    dims = TINY_VISION if size == "tiny" else FULL_VISION
+    return SiglipVisionConfig(**dims, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3,
+                              attention_dropout=0.0)
+
+
+def _lm_config(lm_type: str, size: str, special: dict[str, int | None], dtype: torch.dtype):
+    from transformers import LlamaConfig, PhiConfig, Qwen2Config
+
+    if lm_type == "phi":
+        dims = dict(TINY_LM) if size == "tiny" else dict(FULL_PHI)
+        cfg = PhiConfig(**dims, num_key_value_heads=dims["num_attention_heads"], hidden_act="gelu_new",
+                        max_position_embeddings=2048, layer_norm_eps=1e-5, partial_rotary_factor=0.4,
+                        resid_pdrop=0.1 if size == "full" else 0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                        qk_layernorm=False, tie_word_embeddings=False, use_cache=True,
+                        bos_token_id=special["bos"], eos_token_id=special["eos"])
+    elif lm_type == "llama":
+        cfg = LlamaConfig(**TINY_LM, num_key_value_heads=TINY_NUM_KV_HEADS, hidden_act="silu",
+                          max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                          use_cache=True, bos_token_id=special["bos"], eos_token_id=special["eos"])
+    elif lm_type == "qwen2":
+        cfg = Qwen2Config(**TINY_LM, num_key_value_heads=TINY_NUM_KV_HEADS, hidden_act="silu",
+                          max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                          use_cache=True, bos_token_id=special["bos"], eos_token_id=special["eos"])
+    else:
+        raise ValueError(f"lm_type must be 'phi', 'llama' or 'qwen2', got {lm_type!r}")
+    cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
+    cfg._name_or_path = LM_NAMES[lm_type]
+    cfg.dtype = dtype
+    return cfg
+
+
+def _tinyllava_config(lm_type: str, text_config, vision_config, tokenizer, image_aspect_ratio: str,
+                      dtype: torch.dtype) -> dict[str, Any]:
+    import transformers
+
+    text = text_config.to_dict()
+    vision = vision_config.to_dict()
+    vision["model_name_or_path"] = VISION_NAME  # TinyLLaVA stores these in its vision_config
+    vision["model_name_or_path2"] = ""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["TinyLlavaForConditionalGeneration"],
+        "model_type": "tinyllava",
+        "llm_model_name_or_path": LM_NAMES[lm_type],
+        "tokenizer_name_or_path": LM_NAMES[lm_type],
+        "vision_model_name_or_path": VISION_NAME,
+        "vision_model_name_or_path2": "",
+        "connector_type": "mlp2x_gelu",
+        "text_config": text,
+        "vision_config": vision,
+        "hidden_size": text_config.hidden_size,
+        "vocab_size": text_config.vocab_size,
+        "vision_hidden_size": vision_config.hidden_size,
+        "ignore_index": -100,
+        "image_token_index": -200,
+        "pad_token": tokenizer.pad_token,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tokenizer_padding_side": "right",
+        "tokenizer_model_max_length": TOKENIZER_MODEL_MAX_LENGTH,
+        "tokenizer_use_fast": False,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "patch",
+        "image_aspect_ratio": image_aspect_ratio,
+        "resampler_hidden_size": None,
+        "num_queries": None,
+        "num_resampler_layers": None,
+        "use_cache": True,
+        "cache_dir": None,
+        "tune_type_llm": "full",
+        "tune_type_connector": "full",
+        "tune_type_vision_tower": "frozen",
+        "tune_vision_tower_from_layer": 0,
+        "torch_dtype": dtype_name,
+        "transformers_version": transformers.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def build_tokenizer(lm_type: str = "phi", *, vocab_size: int = TINY_TOKENIZER_VOCAB,
+                    phi2_ids: bool = False, model_max_length: int = TOKENIZER_MODEL_MAX_LENGTH):
+    """A byte-level BPE trained in-process on CORPUS, wrapped as a transformers fast tokenizer.
+
+    phi: `<|endoftext|>` after the BPE vocab (as GPT-2/Phi-2), eos = bos = unk = pad. With `phi2_ids` the BPE
+    vocab is padded with unreachable filler entries so that `<|endoftext|>` = 50256 and the tokenizer has
+    50295 tokens, as Phi-2's. llama: `<unk>`, `<s>`, `</s>` = 0, 1, 2, a BOS on every sequence, pad = unk.
+    qwen2: `<|endoftext|>` (eos, pad), `<|im_start|>`, `<|im_end|>` after the BPE vocab, no BOS.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    leading_special = ["<unk>", "<s>", "</s>"] if lm_type == "llama" else []
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + len(leading_special), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=leading_special)
+    tok.train_from_iterator(CORPUS.splitlines(), trainer)
+
+    if phi2_ids:  # pad the BPE vocab with entries no merge produces, to reach Phi-2's ids
+        data = json.loads(tok.to_str())
+        vocab = data["model"]["vocab"]
+        for i in range(len(vocab), FULL_PHI_EOS_ID):
+            vocab[f"<|unused_{i}|>"] = i
+        tok = Tokenizer.from_str(json.dumps(data))
+
+    if lm_type == "phi":
+        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+        if phi2_ids:  # Phi-2 has 38 added (non-special) tokens after <|endoftext|>
+            n_extra = FULL_PHI_TOKENIZER_LEN - tok.get_vocab_size()
+            tok.add_tokens([AddedToken(f"<|extra_{i}|>", normalized=False) for i in range(n_extra)])
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        names = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                     pad_token="<|endoftext|>")
+    elif lm_type == "llama":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    elif lm_type == "qwen2":
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        names = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    else:
+        raise ValueError(f"lm_type must be 'phi', 'llama' or 'qwen2', got {lm_type!r}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
+                                   padding_side="right", clean_up_tokenization_spaces=False, **names)
+
+
+def _save_tokenizer(tokenizer, lm_type: str, out_dir: Path) -> None:
+    tokenizer.save_pretrained(out_dir)
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    # Phi-2 (and TinyLLaVA-Phi-2) name CodeGenTokenizer; transformers 5 rebuilds it from the vocab/merges
+    # with the same byte-level pipeline. Llama/Qwen2 tokenizer classes in transformers 5 rebuild their own
+    # pre-tokenizers, so the generic class keeps tokenizer.json as written.
+    cfg["tokenizer_class"] = "CodeGenTokenizer" if lm_type == "phi" else "PreTrainedTokenizerFast"
+    cfg["add_bos_token"] = lm_type == "llama"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+               if getattr(tokenizer, k) is not None}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    if lm_type == "phi":  # Phi-2 also ships vocab.json + merges.txt
+        tokenizer.backend_tokenizer.model.save(str(out_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def _param_specs(text_config, vision_config) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, kind) in the published order; kind in {"norm", "bias", "weight"}."""
+    from transformers import AutoModelForCausalLM, SiglipVisionModel
+
+    specs: list[tuple[str, tuple[int, ...], str]] = []
+
+    def collect(module: torch.nn.Module, prefix: str) -> None:
+        norm_params = {f"{n}.{p}" if n else p
+                       for n, m in module.named_modules() if "Norm" in type(m).__name__
+                       for p, _ in m.named_parameters(recurse=False)}
+        for key, t in module.state_dict().items():
+            kind = "norm" if key in norm_params and key.endswith("weight") else (
+                "bias" if key.endswith("bias") else "weight")
+            specs.append((prefix + key, tuple(t.shape), kind))
+
+    with torch.device("meta"):
+        collect(AutoModelForCausalLM.from_config(text_config), LM_PREFIX)
+        collect(SiglipVisionModel(vision_config), VISION_PREFIX)
+    vh, h = vision_config.hidden_size, text_config.hidden_size
+    specs += [(CONNECTOR_PREFIX + "0.weight", (h, vh), "weight"), (CONNECTOR_PREFIX + "0.bias", (h,), "bias"),
+              (CONNECTOR_PREFIX + "2.weight", (h, h), "weight"), (CONNECTOR_PREFIX + "2.bias", (h,), "bias")]
+    return specs
+
+
+def _make_tensor(key: str, shape: tuple[int, ...], kind: str, *, seed: int, size: str,
+                 dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+    t = torch.empty(shape, dtype=dtype)
+    if size == "full":  # LayerNorm weights 1, biases 0, the rest N(0, 0.02)
+        if kind == "norm":
+            return t.fill_(1.0)
+        if kind == "bias":
+            return t.zero_()
+        return t.normal_(0.0, FULL_INIT_STD, generator=gen)
+    # tiny: everything random (norm weights near 1, small random biases), so that a conversion that
+    # drops or swaps a bias or a norm fails the tests
+    if kind == "norm":
+        return t.normal_(1.0, 0.1, generator=gen)
+    if kind == "bias":
+        return t.normal_(0.0, 0.02, generator=gen)
+    return t.normal_(0.0, TINY_INIT_STD, generator=gen)
+
+
+def _plan_shards(specs, itemsize: int, max_shard_size: int | None) -> list[list[tuple[str, tuple, str]]]:
+    if max_shard_size is None:
+        return [list(specs)]
+    shards: list[list] = [[]]
+    used = 0
+    for spec in specs:
+        nbytes = itemsize * int(torch.Size(spec[1]).numel())
+        if shards[-1] and used + nbytes > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(spec)
+        used += nbytes
+    return shards
+
+
+def _write_weights(out_dir: Path, specs, *, seed: int, size: str, dtype: torch.dtype,
+                   max_shard_size: int | None) -> None:
+    from safetensors.torch import save_file
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = _plan_shards(specs, itemsize, max_shard_size)
+    if len(shards) == 1:
+        tensors = {k: _make_tensor(k, s, kind, seed=seed, size=size, dtype=dtype) for k, s, kind in shards[0]}
+        save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {k: _make_tensor(k, s, kind, seed=seed, size=size, dtype=dtype) for k, s, kind in shard}
+        total += sum(t.numel() * itemsize for t in tensors.values())
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+        del tensors  # one shard in memory at a time
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_tinyllava_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    lm_type: str = "phi",
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
+    image_aspect_ratio: str = "square",
+) -> Path:
+    """Write a random TinyLLaVA checkpoint (config, safetensors weights, tokenizer) to `out_dir`.
+
+    lm_type: "phi" (Phi-2), "llama" or "qwen2" (both GQA in the tiny size). size: "tiny" (CPU tests) or
+    "full" (TinyLLaVA-Phi-2-SigLIP-3.1B dimensions, phi only). dtype: float32 for tiny, bfloat16 for full
+    when None. max_shard_size: bytes or "2GB"-style; None = one file for tiny, 2 GiB shards for full.
+    image_aspect_ratio: "square" or "pad" (stored in config.json for the preprocessing).
+    """
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+    if lm_type not in LM_NAMES:
+        raise ValueError(f"lm_type must be one of {sorted(LM_NAMES)}, got {lm_type!r}")
+    if size == "full" and lm_type != "phi":
+        raise NotImplementedError("only lm_type='phi' has a full size (TinyLLaVA-Phi-2-SigLIP-3.1B)")
+    if image_aspect_ratio not in ("square", "pad"):
+        raise ValueError(f"image_aspect_ratio must be 'square' or 'pad', got {image_aspect_ratio!r}")
+    if dtype is None:
+        dtype = torch.bfloat16 if size == "full" else torch.float32
+    max_shard_size = parse_size(max_shard_size)
+    if max_shard_size is None and size == "full":
+        max_shard_size = FULL_SHARD_SIZE
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer(lm_type, phi2_ids=(size == "full"))
+    special = {"bos": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+               "eos": tokenizer.eos_token_id}
+    text_config = _lm_config(lm_type, size, special, dtype)
+    vision_config = _vision_config(size)
+    if len(tokenizer) >= text_config.vocab_size:
+        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens, not fewer than {text_config.vocab_size} rows")
+
+    _save_tokenizer(tokenizer, lm_type, out)
+    config = _tinyllava_config(lm_type, text_config, vision_config, tokenizer, image_aspect_ratio, dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"_from_model_config": True, "bos_token_id": special["bos"], "eos_token_id": special["eos"],
+                  "transformers_version": config["transformers_version"]}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    specs = _param_specs(text_config, vision_config)
+    _write_weights(out, specs, seed=seed, size=size, dtype=dtype, max_shard_size=max_shard_size)
+    return out

@@ -1,0 +1,76 @@
+"""mamba_ssm kernel path against the PyTorch reference path on the GPU (bf16 tolerances). Marked `gpu`."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from conftest import image_prompt, tiny_model
+from matvlm_hf import mamba2_ops
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not mamba2_ops.HAS_MAMBA_SSM, reason="mamba_ssm is not installed")]
+
+
+def ssm_inputs(b=2, l=300, h=8, p=64, g=8, n=64, dtype=torch.bfloat16):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=gen)
+    x, B, C = r(b, l, h, p).to(dtype), r(b, l, g, n).to(dtype), r(b, l, g, n).to(dtype)
+    dt = F.softplus(r(b, l, h) - 2)
+    dt[0, :17] = 0  # left padding of the first sequence
+    A = -torch.rand(h, device="cuda") * 4 - 0.5
+    D = r(h)
+    return x, dt, A, B, C, D
+
+
+def close(a, b, tol):
+    err = (a.float() - b.float()).norm() / b.float().norm()
+    assert err < tol, f"relative error {err:.2e} >= {tol}"
+
+
+@pytest.mark.parametrize("length", [64, 300, 1100])
+def test_chunk_scan_kernel_matches_reference(length):
+    x, dt, A, B, C, D = ssm_inputs(l=length)
+    init = torch.randn(2, 8, 64, 64, device="cuda") * 0.1
+    y_k, s_k = mamba2_ops.ssd_scan(x, dt, A, B, C, 256, D=D, initial_state=init, use_kernel=True)
+    y_r, s_r = mamba2_ops.ssd_scan_reference(x, dt, A, B, C, 256, D=D, initial_state=init)
+    close(y_k, y_r, 1e-2)
+    close(s_k, s_r, 1e-2)
+
+
+def test_state_update_kernel_matches_reference():
+    x, dt, A, B, C, D = ssm_inputs(l=8)
+    s_k = torch.randn(2, 8, 64, 64, device="cuda")
+    s_r = s_k.clone()
+    for t in range(8):
+        y_k = mamba2_ops.ssd_step(s_k, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, use_kernel=True)
+        y_r = mamba2_ops.ssd_step_reference(s_r, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        close(y_k, y_r, 1e-2)
+    close(s_k, s_r, 1e-3)
+
+
+def test_gated_norm_kernel_matches_reference():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x, z = (torch.randn(3, 50, 512, device="cuda", generator=gen).bfloat16() for _ in range(2))
+    w = torch.rand(512, device="cuda") + 0.5
+    close(mamba2_ops.rmsnorm_gated(x, z, w, 1e-5, 64, use_kernel=True),
+          mamba2_ops.rmsnorm_gated(x, z, w, 1e-5, 64, use_kernel=False), 1e-2)
+
+
+@pytest.mark.parametrize("lm_type", ["phi", "llama"])
+def test_model_kernel_path_matches_torch_path_prefill_and_decode(lm_type):
+    model = tiny_model(lm_type, (0, 2, 5), dtype=torch.bfloat16).cuda()
+    ids = image_prompt(model.config, text_len=40).cuda()
+    pixels = torch.randn(1, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
+    outputs = {}
+    for use_kernels in (True, False):
+        for layer in model.decoder_layers:
+            if hasattr(layer.self_attn, "use_kernels"):
+                layer.self_attn.use_kernels = use_kernels
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            steps = [model(input_ids=ids[:, :30], pixel_values=pixels, past_key_values=cache).logits]
+            for t in range(30, ids.shape[1]):
+                steps.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits)
+        outputs[use_kernels] = torch.cat(steps, 1)
+    close(outputs[True], outputs[False], 2e-2)
