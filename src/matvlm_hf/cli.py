@@ -1,0 +1,27 @@
+"""The `matvlm` command: `matvlm demo | convert | data | distill ...` (each subcommand has its own --help)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("matvlm_hf.demo", "fabricate a tiny TinyLLaVA, convert it, compare teacher and hybrid"),
+    "convert": ("matvlm_hf.conversion", "convert a TinyLLaVA checkpoint to a MaTVLM hybrid"),
+    "data": ("matvlm_hf.synthetic_vqa", "write the synthetic visual-QA data set"),
+    "distill": ("matvlm_hf.train_cli", "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
+        print(f"usage: matvlm COMMAND [options]\n\ncommands:\n{lines}")
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()
