@@ -74,3 +74,36 @@ def test_model_kernel_path_matches_torch_path_prefill_and_decode(lm_type):
                 steps.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits)
         outputs[use_kernels] = torch.cat(steps, 1)
     close(outputs[True], outputs[False], 2e-2)
+
+
+# --- the CUDA-graph decode path (fast_decode) against transformers' generate on the same GPU --------------------
+
+@pytest.mark.parametrize("mamba_layers", [(0, 2, 5), ()])
+def test_cuda_graph_greedy_equals_generate_for_80_steps(mamba_layers):
+    model = tiny_model("phi", mamba_layers).cuda()
+    cfg = model.config
+    prompts = [image_prompt(cfg, text_len=n, seed=n)[0] for n in (5, 12)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), pixel_values=pixels.cuda(), max_new_tokens=80,
+              do_sample=False, pad_token_id=0, eos_token_id=None)
+    fast = model.generate(**kw, fast_decode=True)
+    assert model._static_decoders and next(iter(model._static_decoders.values())).graph is not None
+    assert torch.equal(fast, model.generate(**kw))
+
+
+def test_cuda_graph_sampling_is_seeded_and_valid():
+    model = tiny_model("phi", (0, 2, 5)).cuda()
+    ids = image_prompt(model.config).cuda()
+    pixels = torch.randn(1, 3, 32, 32, device="cuda")
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        draws.append(model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=40, do_sample=True, top_k=20,
+                                    top_p=0.9, temperature=1.3, fast_decode=True))
+    assert torch.equal(draws[0], draws[1])
+    assert (draws[0] < model.config.text_config.vocab_size).all()

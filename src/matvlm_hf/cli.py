@@ -9,6 +9,7 @@ COMMANDS = {
     "demo": ("matvlm_hf.demo", "fabricate a tiny TinyLLaVA, convert it, compare teacher and hybrid"),
     "convert": ("matvlm_hf.conversion", "convert a TinyLLaVA checkpoint to a MaTVLM hybrid"),
     "data": ("matvlm_hf.synthetic_vqa", "write the synthetic visual-QA data set"),
+    "bench": ("matvlm_hf.benchmark", "decode/prefill speed and memory, teacher vs hybrids (GPU; --size tiny on CPU)"),
     "distill": ("matvlm_hf.train_cli", "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)"),
 }
 

@@ -8,6 +8,8 @@ Self-contained (relative imports only) so it can be saved beside the weights as 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -15,6 +17,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from .configuration_matvlm import MaTVLMConfig
+from .fast_generation import SamplingParams, fast_generate
 from .mamba2_mixer import MaTVLMMamba2Mixer
 
 
@@ -121,7 +124,9 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values)
+            decoding = pixel_values is None and past_key_values is not None and past_key_values.get_seq_length() > 0
+            # after the prompt, a generated image-token id is just a token: only prompts must match their images
+            inputs_embeds = self.get_input_embeddings()(input_ids) if decoding else self.embed_inputs(input_ids, pixel_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -145,6 +150,31 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
+
+    def generate(self, *args, fast_decode: bool | None = None, **kwargs):
+        """transformers' `generate`, or with `fast_decode=True` (argument or generation config attribute) the static
+        hybrid cache + one CUDA graph per decode step (greedy and sampling; see fast_generation.py)."""
+        config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
+        unused = config.update(**kwargs)
+        if not (fast_decode if fast_decode is not None else getattr(config, "fast_decode", False)):
+            return super().generate(*args, generation_config=config, **unused)
+        input_ids = args[0] if args else unused.pop("input_ids")
+        pixel_values, attention_mask = unused.pop("pixel_values", None), unused.pop("attention_mask", None)
+        if unused:
+            raise ValueError(f"fast_decode does not take {sorted(unused)}; use the regular generate() for them.")
+        unsupported = {name: getattr(config, name) for name, default in self._FAST_DEFAULTS.items()
+                       if getattr(config, name, default) not in (default, None)}
+        if unsupported:
+            raise ValueError(f"fast_decode supports greedy and sampling only; got {unsupported}.")
+        if config.max_new_tokens is None:
+            raise ValueError("fast_decode needs max_new_tokens.")
+        params = SamplingParams(bool(config.do_sample), float(config.temperature or 1.0), config.top_k or None,
+                                config.top_p if config.top_p not in (None, 1.0) else None)
+        return fast_generate(self, input_ids, attention_mask, pixel_values, max_new_tokens=config.max_new_tokens,
+                             params=params, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+
+    _FAST_DEFAULTS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+                      "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_alpha": None}
 
 
 __all__ = ["MaTVLMPreTrainedModel", "MaTVLMForConditionalGeneration"]

@@ -1,0 +1,145 @@
+"""Fast decoding: a preallocated hybrid cache and one CUDA graph per decode step.
+
+Reached from plain `model.generate(..., fast_decode=True)` (or `model.generation_config.fast_decode = True`).
+The cache is transformers' `StaticCache` built from the config's layer types: key/value tensors of `max_length` for
+attention layers, fixed-size conv and SSM states for Mamba layers, all updated in place, so one decode step (embed,
+decoder, LM head, token choice, mask and position update) is captured once as a CUDA graph per (batch size, cache
+length bucket) and replayed. The teacher (no Mamba layers) takes the very same path. On a CPU the same static-cache
+step runs without a graph, which is how the CPU tests check it against `generate()`.
+
+Supports greedy and sampling (temperature, top-k, top-p), EOS stopping, left-padded batches and images. Beam search
+and other generate() features go through the regular path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import StaticCache
+
+BUCKET = 256  # cache lengths are rounded up to a multiple of this, so nearby lengths reuse one graph
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(b, vocab) float logits -> (b,) next tokens; graph-safe (no host synchronisation)."""
+    if not params.do_sample:
+        return logits.argmax(-1)
+    logits = logits / max(params.temperature, 1e-5)
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > params.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+class StaticDecoder:
+    """A static hybrid cache plus the buffers and (on CUDA) the CUDA graph of one decode step."""
+
+    def __init__(self, model, batch_size: int, max_length: int, params: SamplingParams):
+        self.model, self.batch_size, self.params = model, batch_size, params
+        self.max_length = -(-max_length // BUCKET) * BUCKET
+        device, dtype = model.device, model.dtype
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_length)
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the token fed to the next step
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.mask = torch.full((batch_size, 1, 1, self.max_length), torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.use_graph = device.type == "cuda"
+
+    def _attention_layer(self):
+        return next(layer for layer in self.cache.layers if hasattr(layer, "cumulative_length"))
+
+    def _step(self) -> None:
+        """One decode step on the static buffers: write the mask slot, run the LM, choose, advance."""
+        slot = self._attention_layer().cumulative_length.view(1)
+        self.mask.index_fill_(-1, slot, 0.0)
+        lm = self.model.language_model
+        out = lm(inputs_embeds=lm.get_input_embeddings()(self.tokens), attention_mask=self.mask,
+                 position_ids=self.positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.tokens.copy_(choose_tokens(out.logits[:, -1].float(), self.params)[:, None])
+        self.positions.add_(1)
+
+    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None):
+        """Runs the prompt through the model into the static cache; returns the first generated tokens (b,)."""
+        self.cache.reset()
+        self.mask.fill_(torch.finfo(self.mask.dtype).min)
+        length = input_ids.shape[1]
+        self.mask[:, 0, 0, :length].masked_fill_(attention_mask.bool(), 0.0)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                             position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        first = choose_tokens(out.logits[:, -1].float(), self.params)
+        self.tokens.copy_(first[:, None])
+        self.positions.copy_(positions[:, -1:] + 1)
+        return first
+
+    @torch.no_grad()
+    def decode(self, steps: int) -> torch.Tensor:
+        """`steps` decode steps; returns the chosen tokens (b, steps). Captures the graph on first use."""
+        out = torch.empty(self.batch_size, steps, dtype=torch.long, device=self.tokens.device)
+        done = 0
+        if self.use_graph and self.graph is None and steps > 3:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up (Triton autotuning, allocator) on real steps
+                for _ in range(2):
+                    self._step()
+                    out[:, done] = self.tokens[:, 0]
+                    done += 1
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+        for i in range(done, steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            out[:, i] = self.tokens[:, 0]
+        return out
+
+
+def fast_generate(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                  pixel_values: torch.Tensor | None = None, *, max_new_tokens: int, params: SamplingParams,
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.LongTensor:
+    """Prompt + up to max_new_tokens new tokens (b, prompt + new), like `generate()`; after EOS, pad_token_id."""
+    b, prompt_length = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    total = prompt_length + max_new_tokens
+    decoders = model.__dict__.setdefault("_static_decoders", {})
+    key = (b, -(-total // BUCKET) * BUCKET, params)
+    if key not in decoders:
+        decoders.clear()  # one at a time: a decoder holds a full-length KV cache
+        decoders[key] = StaticDecoder(model, b, total, params)
+    decoder = decoders[key]
+    eos = None if eos_token_id is None else torch.tensor(
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+    chunks = [decoder.prefill(input_ids, attention_mask, pixel_values)[:, None]]
+    remaining = max_new_tokens - 1
+    while remaining > 0:  # chunks of steps between checks, so finished batches stop early without a sync per step
+        chunks.append(decoder.decode(min(remaining, 64)))
+        remaining -= chunks[-1].shape[1]
+        if eos is not None and bool(torch.isin(torch.cat(chunks, 1), eos).any(1).all()):
+            break
+    new = torch.cat(chunks, dim=1)
+    if eos is not None:
+        finished = torch.isin(new, eos).cumsum(1) - torch.isin(new, eos).long() > 0  # strictly after the first EOS
+        new = new.masked_fill(finished, pad_token_id if pad_token_id is not None else eos[0].item())
+        last = int((~finished).sum(1).max())  # trim columns where every sequence had finished
+        new = new[:, :last]
+    return torch.cat([input_ids, new], dim=1)

@@ -1,0 +1,30 @@
+"""The benchmark CLI's CPU mode runs end to end, so the GPU benchmark cannot silently rot."""
+
+import json
+
+import torch
+
+from matvlm_hf.benchmark import build_model, main, roofline_ms
+
+
+def test_tiny_benchmark_writes_json_and_plots(tmp_path):
+    main(["--size", "tiny", "--out", str(tmp_path), "--models", "teacher,hybrid-50"])
+    results = json.loads((tmp_path / "benchmark.json").read_text())
+    assert set(results["models"]) == {"teacher", "hybrid-50"}
+    hybrid = results["models"]["hybrid-50"]
+    assert hybrid["mamba_layers"] == [0, 2]
+    assert all(v["tokens_per_s"] > 0 for v in hybrid["decode"].values())
+    assert all(v["tokens_per_s"] > 0 for v in results["models"]["teacher"]["eager"].values())
+    assert hybrid["largest_batch"]["batch"] >= 1
+    assert (tmp_path / "decode_throughput.png").stat().st_size > 10_000
+    assert (tmp_path / "memory_prefill.png").stat().st_size > 10_000
+    main(["--out", str(tmp_path), "--plot-only"])
+
+
+def test_roofline_counts_weights_kv_and_states():
+    teacher, hybrid = build_model(0.0, "tiny", "cpu", torch.float32), build_model(0.5, "tiny", "cpu", torch.float32)
+    # tiny: 4 layers, hidden 64, fp32: KV = layers x 2 x 64 x 4 bytes per token
+    t = roofline_ms(teacher, 1, 1000, 1e9) - roofline_ms(teacher, 1, 0, 1e9)
+    assert abs(t - 4 * 2 * 64 * 4 * 1000 / 1e9 * 1e3) < 1e-9
+    h = roofline_ms(hybrid, 1, 1000, 1e9) - roofline_ms(hybrid, 1, 0, 1e9)
+    assert abs(h - t / 2) < 1e-9
