@@ -303,3 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({name: {"largest_batch": r["largest_batch"].get("batch"), "decode": r["decode"]}
                       for name, r in results["models"].items()}, indent=1)[:4000])
     return results
+
+
+if __name__ == "__main__":
+    main()
