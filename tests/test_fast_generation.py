@@ -74,3 +74,29 @@ def test_unsupported_options_are_clear_errors(pixel_values):
     ids = image_prompt(model.config)
     with pytest.raises(ValueError, match="greedy and sampling only.*num_beams"):
         model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=4, num_beams=2, fast_decode=True)
+
+
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_chunked_prefill_equals_whole_prefill(chunk):
+    from matvlm_hf.fast_generation import StaticDecoder
+    model = tiny_model("phi", (0, 2, 5), dtype=torch.float64)
+    ids, mask = left_padded(model.config, (3, 14))  # the image block spans chunk boundaries
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole, chunked = (StaticDecoder(model, 2, 64, SamplingParams()) for _ in range(2))
+    first = whole.prefill(ids, mask, pixels)
+    assert torch.equal(chunked.prefill(ids, mask, pixels, chunk_size=chunk), first)
+    for a, b in zip(whole.cache.layers, chunked.cache.layers):
+        for name in ("keys", "values"):
+            if getattr(a, name, None) is not None:
+                torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-9, atol=1e-9)
+        if hasattr(a, "recurrent_states"):
+            torch.testing.assert_close(b.recurrent_states[0], a.recurrent_states[0], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(b.conv_states[0], a.conv_states[0], rtol=1e-9, atol=1e-9)
+    assert torch.equal(whole.decode(10), chunked.decode(10))
+
+
+def test_generate_fast_decode_with_small_prefill_chunks(pixel_values):
+    model = tiny_model("phi", (0, 2, 5))
+    ids = image_prompt(model.config)
+    kw = dict(input_ids=ids, pixel_values=pixel_values, max_new_tokens=20, do_sample=False)
+    assert torch.equal(model.generate(**kw, fast_decode=True, prefill_chunk_size=7), model.generate(**kw))

@@ -28,7 +28,7 @@ from transformers import PhiConfig, SiglipVisionConfig, StoppingCriteria, Stoppi
 
 from .configuration_matvlm import MaTVLMConfig, mamba_layer_indices
 from .fabricate import FULL_PHI, FULL_VISION, TINY_LM, TINY_VISION
-from .fast_generation import SamplingParams, StaticDecoder
+from .fast_generation import PREFILL_CHUNK, SamplingParams, StaticDecoder
 from .modeling_matvlm import MaTVLMForConditionalGeneration
 
 # --- knobs -------------------------------------------------------------------------------------------------------
@@ -36,8 +36,10 @@ MODELS = {"teacher": 0.0, "hybrid-12.5": 0.125, "hybrid-25": 0.25, "hybrid-50": 
 SIZES = {  # contexts, batches, prefill lengths, memory totals, decode steps timed, eager contexts
     "full": dict(contexts=[256, 1024, 4096, 8192, 16384], batches=[1, 16, 64], prefill=[1024, 4096, 8192, 16384, 32768],
                  memory=[1024, 4096, 8192, 16384, 32768], steps=64, eager=[(1, 1024), (16, 1024), (1, 8192)],
+                 compiled=[(1, 1024), (16, 8192)],
                  max_batch_context=16384, max_batch_cap=512, hbm_bytes_per_s=3.35e12),
     "tiny": dict(contexts=[32, 128], batches=[1, 4], prefill=[32, 128], memory=[64, 256], steps=8, eager=[(1, 32)],
+                 compiled=[],
                  max_batch_context=128, max_batch_cap=8, hbm_bytes_per_s=None),
 }
 
@@ -73,9 +75,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decoder_at_context(model, batch: int, context: int, steps: int) -> StaticDecoder:
+def decoder_at_context(model, batch: int, context: int, steps: int, compile: bool = False) -> StaticDecoder:
     """A static decoder whose cache holds `context` tokens (values not computed; see the module docstring)."""
-    decoder = StaticDecoder(model, batch, context + steps + 16, SamplingParams())
+    decoder = StaticDecoder(model, batch, context + steps + 16, SamplingParams(), compile=compile)
     ids = torch.randint(0, 1000, (batch, 16), device=model.device)
     decoder.prefill(ids, torch.ones_like(ids), None)
     for layer in decoder.cache.layers:
@@ -86,8 +88,8 @@ def decoder_at_context(model, batch: int, context: int, steps: int) -> StaticDec
     return decoder
 
 
-def time_decode(model, batch: int, context: int, steps: int, device: str) -> dict:
-    decoder = decoder_at_context(model, batch, context, steps + 8)
+def time_decode(model, batch: int, context: int, steps: int, device: str, compile: bool = False) -> dict:
+    decoder = decoder_at_context(model, batch, context, steps + 8, compile)
     decoder.decode(8)  # captures the graph (CUDA) and warms up
     sync(device)
     start = time.perf_counter()
@@ -121,9 +123,10 @@ def time_eager(model, batch: int, context: int, steps: int, device: str) -> dict
 
 
 def time_prefill(model, length: int, device: str) -> float:
+    """One unchunked prefill of `length` tokens at batch 1 (after a warm-up of the same length: Triton autotuning)."""
     decoder = StaticDecoder(model, 1, length + 1, SamplingParams())
     ids = torch.randint(0, 1000, (1, length), device=model.device)
-    decoder.prefill(ids[:, :256], torch.ones_like(ids[:, :256]), None)  # warm-up
+    decoder.prefill(ids, torch.ones_like(ids), None)
     sync(device)
     start = time.perf_counter()
     decoder.prefill(ids, torch.ones_like(ids), None)
@@ -132,13 +135,14 @@ def time_prefill(model, length: int, device: str) -> float:
 
 
 def peak_memory(model, total: int, device: str) -> float | None:
-    """Peak GPU memory (GiB) of prefilling total-128 tokens and decoding 128 at batch 1."""
+    """Peak GPU memory (GiB) of prefilling total-128 tokens (in chunks, as generate(fast_decode=True) does) and
+    decoding 128 at batch 1."""
     if device != "cuda":
         return None
     torch.cuda.reset_peak_memory_stats()
     decoder = StaticDecoder(model, 1, total, SamplingParams())
     ids = torch.randint(0, 1000, (1, total - 128), device=model.device)
-    decoder.prefill(ids, torch.ones_like(ids), None)
+    decoder.prefill(ids, torch.ones_like(ids), None, PREFILL_CHUNK)
     decoder.decode(127)
     sync(device)
     return torch.cuda.max_memory_allocated() / 2**30
@@ -182,7 +186,11 @@ def guarded(fn, *args):
         return "OOM"
 
 
-def run(size: str, out: Path, device: str, models: dict[str, float], append: bool = False) -> dict:
+PARTS = ("decode", "eager", "compiled", "prefill", "memory", "max_batch")
+
+
+def run(size: str, out: Path, device: str, models: dict[str, float], append: bool = False,
+        parts: tuple[str, ...] = PARTS) -> dict:
     knobs = SIZES[size]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results = {"size": size, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -195,13 +203,15 @@ def run(size: str, out: Path, device: str, models: dict[str, float], append: boo
     out.mkdir(parents=True, exist_ok=True)
     for name, ratio in models.items():
         model = build_model(ratio, size, device, dtype)
-        r = results["models"][name] = {"ratio": ratio, "mamba_layers": model.config.mamba_layers,
-                                       "lm_weight_bytes": lm_bytes(model), "decode": {}, "eager": {}, "prefill_ms": {},
-                                       "peak_gib": {}}
+        r = results["models"].setdefault(name, {})
+        r.update({"ratio": ratio, "mamba_layers": model.config.mamba_layers, "lm_weight_bytes": lm_bytes(model)})
+        for field in ("decode", "eager", "compiled", "prefill_ms", "peak_gib"):
+            r.setdefault(field, {})
         jobs = [("decode", b, c) for b in knobs["batches"] for c in knobs["contexts"]]
         jobs += [("prefill", 1, n) for n in knobs["prefill"]] + [("memory", 1, n) for n in knobs["memory"]]
         if name in ("teacher", "hybrid-50"):
-            jobs += [("eager", b, c) for b, c in knobs["eager"]]
+            jobs += [("eager", b, c) for b, c in knobs["eager"]] + [("compiled", b, c) for b, c in knobs["compiled"]]
+        jobs = [job for job in jobs if job[0] in parts]
         for kind, batch, n in tqdm(jobs, desc=name, unit="point"):
             release(model)
             key = f"{batch}x{n}"
@@ -210,6 +220,10 @@ def run(size: str, out: Path, device: str, models: dict[str, float], append: boo
                 if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
                     point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
                 r["decode"][key] = point
+            elif kind == "compiled":
+                point = r["compiled"][key] = guarded(time_decode, model, batch, n, knobs["steps"], device, True)
+                if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
+                    point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
             elif kind == "eager":
                 r["eager"][key] = guarded(time_eager, model, batch, n, min(knobs["steps"], 32), device)
             elif kind == "prefill":
@@ -217,8 +231,9 @@ def run(size: str, out: Path, device: str, models: dict[str, float], append: boo
             else:
                 r["peak_gib"][str(n)] = guarded(peak_memory, model, n, device)
         release(model)
-        r["largest_batch"] = largest_batch(model, knobs["max_batch_context"], knobs["steps"] // 2, device,
-                                           knobs["max_batch_cap"])
+        if "max_batch" in parts:
+            r["largest_batch"] = largest_batch(model, knobs["max_batch_context"], knobs["steps"] // 2, device,
+                                               knobs["max_batch_cap"])
         del model
         release_all()
         (out / "benchmark.json").write_text(json.dumps(results, indent=2))  # partial results survive a timeout
@@ -248,6 +263,10 @@ def plot(results: dict, out: Path) -> list[Path]:
                    if k.startswith(f"{batch}x") and isinstance(v, dict)]
             if pts:
                 ax.plot(*zip(*sorted(pts)), marker="o", label=f"{name} (graph)")
+            comp = [(int(k.split("x")[1]), v["tokens_per_s"]) for k, v in r.get("compiled", {}).items()
+                    if k.startswith(f"{batch}x") and isinstance(v, dict)]
+            if comp:
+                ax.scatter(*zip(*sorted(comp)), marker="*", s=120, label=f"{name} (graph + compile)")
         eager = [(int(k.split("x")[1]), v["tokens_per_s"]) for k, v in models.get("teacher", {}).get("eager", {}).items()
                  if k.startswith(f"{batch}x") and isinstance(v, dict)]
         if eager:
@@ -288,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plots from OUT/benchmark.json")
-    parser.add_argument("--append", action="store_true", help="add these models to OUT/benchmark.json (same device)")
+    parser.add_argument("--append", action="store_true", help="add to OUT/benchmark.json (same device)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.plot_only:
@@ -299,8 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.size == "full" and device != "cuda":
         parser.error("--size full needs a CUDA GPU; use --size tiny on a CPU")
     models = {m: MODELS[m] for m in args.models.split(",")}
-    results = run(args.size, out, device, models, append=args.append)
-    print(json.dumps({name: {"largest_batch": r["largest_batch"].get("batch"), "decode": r["decode"]}
+    results = run(args.size, out, device, models, append=args.append, parts=tuple(args.parts.split(",")))
+    print(json.dumps({name: {"largest_batch": r.get("largest_batch", {}).get("batch"), "compiled": r["compiled"]}
                       for name, r in results["models"].items()}, indent=1)[:4000])
     return results
 

@@ -19,6 +19,7 @@ import torch
 from transformers import StaticCache
 
 BUCKET = 256  # cache lengths are rounded up to a multiple of this, so nearby lengths reuse one graph
+PREFILL_CHUNK = 4096  # default prompt chunk: bounds prefill activations, so the cache dominates peak memory
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 class StaticDecoder:
     """A static hybrid cache plus the buffers and (on CUDA) the CUDA graph of one decode step."""
 
-    def __init__(self, model, batch_size: int, max_length: int, params: SamplingParams):
+    def __init__(self, model, batch_size: int, max_length: int, params: SamplingParams, compile: bool = False):
         self.model, self.batch_size, self.params = model, batch_size, params
         self.max_length = -(-max_length // BUCKET) * BUCKET
         device, dtype = model.device, model.dtype
@@ -58,6 +59,8 @@ class StaticDecoder:
         self.mask = torch.full((batch_size, 1, 1, self.max_length), torch.finfo(dtype).min, dtype=dtype, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_graph = device.type == "cuda"
+        # optional: inductor fuses the step's small kernels; the fused step is still captured in our own graph
+        self.step = torch.compile(self._step, dynamic=False) if compile else self._step
 
     def _attention_layer(self):
         return next(layer for layer in self.cache.layers if hasattr(layer, "cumulative_length"))
@@ -72,16 +75,23 @@ class StaticDecoder:
         self.tokens.copy_(choose_tokens(out.logits[:, -1].float(), self.params)[:, None])
         self.positions.add_(1)
 
-    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None):
-        """Runs the prompt through the model into the static cache; returns the first generated tokens (b,)."""
+    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """Runs the prompt into the static cache, `chunk_size` tokens at a time (bounding activation memory; the
+        Mamba states carry across chunks); returns the first generated tokens (b,)."""
         self.cache.reset()
         self.mask.fill_(torch.finfo(self.mask.dtype).min)
         length = input_ids.shape[1]
         self.mask[:, 0, 0, :length].masked_fill_(attention_mask.bool(), 0.0)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        chunk_size = chunk_size or length
         with torch.no_grad():
-            out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                             position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            embeds = self.model.embed_inputs(input_ids, pixel_values)  # images scattered before chunking
+            for start in range(0, length, chunk_size):
+                end = min(start + chunk_size, length)
+                out = self.model(inputs_embeds=embeds[:, start:end], attention_mask=attention_mask[:, :end],
+                                 position_ids=positions[:, start:end], past_key_values=self.cache, use_cache=True,
+                                 logits_to_keep=1)
         first = choose_tokens(out.logits[:, -1].float(), self.params)
         self.tokens.copy_(first[:, None])
         self.positions.copy_(positions[:, -1:] + 1)
@@ -95,41 +105,42 @@ class StaticDecoder:
         if self.use_graph and self.graph is None and steps > 3:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up (Triton autotuning, allocator) on real steps
+            with torch.cuda.stream(stream):  # warm-up (Triton autotuning, compilation, allocator) on real steps
                 for _ in range(2):
-                    self._step()
+                    self.step()
                     out[:, done] = self.tokens[:, 0]
                     done += 1
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self._step()
+                self.step()
         for i in range(done, steps):
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self._step()
+                self.step()
             out[:, i] = self.tokens[:, 0]
         return out
 
 
 def fast_generate(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                   pixel_values: torch.Tensor | None = None, *, max_new_tokens: int, params: SamplingParams,
-                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.LongTensor:
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                  prefill_chunk_size: int | None = PREFILL_CHUNK, compile: bool = False) -> torch.LongTensor:
     """Prompt + up to max_new_tokens new tokens (b, prompt + new), like `generate()`; after EOS, pad_token_id."""
     b, prompt_length = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     total = prompt_length + max_new_tokens
     decoders = model.__dict__.setdefault("_static_decoders", {})
-    key = (b, -(-total // BUCKET) * BUCKET, params)
+    key = (b, -(-total // BUCKET) * BUCKET, params, compile)
     if key not in decoders:
         decoders.clear()  # one at a time: a decoder holds a full-length KV cache
-        decoders[key] = StaticDecoder(model, b, total, params)
+        decoders[key] = StaticDecoder(model, b, total, params, compile=compile)
     decoder = decoders[key]
     eos = None if eos_token_id is None else torch.tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
-    chunks = [decoder.prefill(input_ids, attention_mask, pixel_values)[:, None]]
+    chunks = [decoder.prefill(input_ids, attention_mask, pixel_values, prefill_chunk_size)[:, None]]
     remaining = max_new_tokens - 1
     while remaining > 0:  # chunks of steps between checks, so finished batches stop early without a sync per step
         chunks.append(decoder.decode(min(remaining, 64)))

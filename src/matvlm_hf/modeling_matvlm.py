@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from .configuration_matvlm import MaTVLMConfig
-from .fast_generation import SamplingParams, fast_generate
+from .fast_generation import PREFILL_CHUNK, SamplingParams, fast_generate
 from .mamba2_mixer import MaTVLMMamba2Mixer
 
 
@@ -151,9 +151,11 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             attentions=out.attentions,
         )
 
-    def generate(self, *args, fast_decode: bool | None = None, **kwargs):
+    def generate(self, *args, fast_decode: bool | None = None, fast_decode_compile: bool | None = None, **kwargs):
         """transformers' `generate`, or with `fast_decode=True` (argument or generation config attribute) the static
-        hybrid cache + one CUDA graph per decode step (greedy and sampling; see fast_generation.py)."""
+        hybrid cache + one CUDA graph per decode step (greedy and sampling; see fast_generation.py). Generation config
+        attribute `prefill_chunk_size` (default 4096) and `fast_decode_compile` (argument or attribute: torch.compile the
+        step before capturing it) tune it."""
         config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
         unused = config.update(**kwargs)
         if not (fast_decode if fast_decode is not None else getattr(config, "fast_decode", False)):
@@ -171,7 +173,10 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
         params = SamplingParams(bool(config.do_sample), float(config.temperature or 1.0), config.top_k or None,
                                 config.top_p if config.top_p not in (None, 1.0) else None)
         return fast_generate(self, input_ids, attention_mask, pixel_values, max_new_tokens=config.max_new_tokens,
-                             params=params, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+                             params=params, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                             prefill_chunk_size=config.prefill_chunk_size or PREFILL_CHUNK,
+                             compile=bool(fast_decode_compile if fast_decode_compile is not None
+                                          else getattr(config, "fast_decode_compile", False)))
 
     _FAST_DEFAULTS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
                       "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_alpha": None}
