@@ -112,7 +112,7 @@ def test_initialised_mixer_computes_softmax_free_attention(phi_ckpt, monkeypatch
         mixer.in_proj.bias[-mixer.nheads:] = 0
         mixer.dt_bias.fill_(torch.log(torch.expm1(torch.tensor(1.0))))
         mixer.D.zero_()
-    monkeypatch.setattr(mixer_module, "causal_conv1d", lambda x, w, b, use_kernel=True: x)
+    monkeypatch.setattr(mixer_module, "causal_conv1d_blc", lambda x, w, b, use_kernel=True: x)
     monkeypatch.setattr(mixer_module, "rmsnorm_gated", lambda y, z, w, eps, g, use_kernel=True: y)
     u = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

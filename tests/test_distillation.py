@@ -89,10 +89,11 @@ def test_all_distillation_losses_zero_when_student_is_teacher(tmp_path):
     assert terms["loss"].item() == pytest.approx(ref.item())
 
 
-def test_layer_loss_zero_for_identical_hybrid_layers():
+@pytest.mark.parametrize("lm_type", ["phi", "llama", "qwen2"])
+def test_layer_loss_zero_for_identical_hybrid_layers(lm_type):
     """Student layer i on the captured teacher input reproduces the captured teacher output exactly when the two
     layers are the same (a hybrid 'teacher' = copy of the student)."""
-    _, student = make_pair(mamba_layers=(1, 5))
+    _, student = make_pair(mamba_layers=(1, 5), lm_type=lm_type)
     other = copy.deepcopy(student)
     batch = batch_of(make_items(student.config))
     with torch.no_grad(), capture_layer_io(other.decoder_layers, [1, 5]) as cap:
@@ -297,3 +298,38 @@ def test_answer_kl_and_mse_variants(tmp_path):
     assert terms["loss"] == pytest.approx(terms["l_layer"] + terms["l_prob"] + 0.5 * terms["l_ce"], rel=1e-5)
     with pytest.raises(ValueError, match="kl_positions"):
         DistillationArguments(kl_positions="prompt")
+
+
+def test_cli_config_yaml_and_flags(tmp_path):
+    import json
+    from pathlib import Path
+
+    from matvlm_hf.train_cli import DEFAULTS, gradient_accumulation, parse_config
+
+    root = Path(__file__).resolve().parents[1]
+    paths = ["--student", "s", "--teacher", "t", "--data", "d.json", "--output", "o"]
+    cfg = parse_config(["--config", str(root / "examples/configs/distill_paper.yaml"), *paths])
+    # the paper's recipe
+    assert (cfg["alpha"], cfg["beta"], cfg["gamma"], cfg["temperature"]) == (1.0, 1.0, 0.0, 1.0)
+    assert (cfg["learning_rate"], cfg["weight_decay"], cfg["adam_beta1"], cfg["adam_beta2"]) == (2e-4, 0.01, 0.9, 0.95)
+    assert (cfg["lr_scheduler"], cfg["warmup_ratio"], cfg["decay_ratio"]) == ("warmup_stable_decay", 0.1, 0.1)
+    assert (cfg["global_batch_size"], cfg["max_length"], cfg["max_grad_norm"], cfg["num_epochs"]) == (64, 1428, 0.1, 1.0)
+    assert cfg["train_mode"] == "mamba+connector" and cfg["gradient_checkpointing"] is True
+    assert {k: DEFAULTS[k] for k in ("alpha", "learning_rate", "global_batch_size")} == {
+        k: cfg[k] for k in ("alpha", "learning_rate", "global_batch_size")}
+    # flags override the YAML
+    cfg = parse_config(["--config", str(root / "examples/configs/distill_paper.yaml"), *paths, "--learning-rate",
+                        "1e-3", "--gradient-checkpointing", "false", "--kl-positions", "answer", "--resume"])
+    assert cfg["learning_rate"] == 1e-3 and cfg["gradient_checkpointing"] is False
+    assert cfg["kl_positions"] == "answer" and cfg["resume"] is True
+    assert gradient_accumulation(64, 1, 4) == 16 and gradient_accumulation(64, 2, 1) == 32
+    with pytest.raises(SystemExit, match="not a multiple"):
+        gradient_accumulation(64, 3, 1)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 1e-3\n")
+    with pytest.raises(SystemExit, match="unknown key"):
+        parse_config(["--config", str(bad), *paths])
+    with pytest.raises(SystemExit, match="--teacher"):
+        parse_config(["--student", "s", "--data", "d", "--output", "o"])
+    ds = json.loads((root / "examples/configs/ds_zero2.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2

@@ -107,3 +107,14 @@ def test_cuda_graph_sampling_is_seeded_and_valid():
                                     top_p=0.9, temperature=1.3, fast_decode=True))
     assert torch.equal(draws[0], draws[1])
     assert (draws[0] < model.config.text_config.vocab_size).all()
+
+
+@pytest.mark.parametrize("length", [5, 300, 4100])
+def test_blc_conv_kernel_matches_reference(length):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    packed = torch.randn(2, length, 7700, device="cuda", generator=gen).bfloat16()
+    x = packed[:, :, 2560:2560 + 7680]  # xBC as a column slice of in_proj's output
+    w = torch.randn(7680, 4, device="cuda", generator=gen).bfloat16()
+    bias = torch.randn(7680, device="cuda", generator=gen).bfloat16()
+    close(mamba2_ops.causal_conv1d_blc(x, w, bias, use_kernel=True),
+          mamba2_ops.causal_conv1d_blc(x.float(), w.float(), bias.float(), use_kernel=False), 1e-2)

@@ -1,5 +1,10 @@
 """The chunked SSD scan and the one-step paths against a naive step-by-step recurrence (float64)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,3 +98,33 @@ def test_rmsnorm_gated_per_group():
         part = gated[:, grp * 4:(grp + 1) * 4]
         expected = part / torch.sqrt(part.pow(2).mean(-1, keepdim=True) + 1e-5) * w[0, grp * 4:(grp + 1) * 4]
         torch.testing.assert_close(out[:, grp * 4:(grp + 1) * 4], expected)
+
+
+def test_blc_conv_reference_matches_channel_first_conv():
+    from matvlm_hf.mamba2_ops import causal_conv1d_blc
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 13, 6, generator=gen, dtype=torch.float64)
+    w, bias = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(causal_conv1d_blc(x, w, bias, use_kernel=False),
+                               causal_conv1d(x.transpose(1, 2), w, bias).transpose(1, 2))
+
+
+def test_blc_conv_triton_kernel_in_the_interpreter():
+    """The Triton kernel's body, run on the CPU by Triton's interpreter (set before triton is imported, hence a
+    subprocess), on a strided (b, l, c) view like in_proj's output."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        import matvlm_hf.mamba2_ops as ops
+        gen = torch.Generator().manual_seed(0)
+        packed = torch.randn(2, 70, 200, generator=gen)
+        x = packed[:, :, 10:140]
+        w, bias = torch.randn(130, 4, generator=gen), torch.randn(130, generator=gen)
+        out = ops.causal_conv1d_blc(x, w, bias, interpret=True)
+        ref = ops.causal_conv1d_blc(x, w, bias, use_kernel=False)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        print("OK")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]

@@ -87,23 +87,21 @@ class DistillationArguments:
 # Trainable parameters and weight decay
 
 
-def _unreachable_vision_prefixes(model: nn.Module) -> list[str]:
+def _unreachable_vision_parameters(model: nn.Module) -> list[str]:
     """Vision-tower parameters that cannot reach the LM: the pooling head, post_layernorm and the encoder layers
     after `vision_feature_layer` (hidden_states[-2] skips the last one). Training them would give DDP unused
     parameters."""
     config = model.config
     n_layers = config.vision_config.num_hidden_layers
     last_used = config.vision_feature_layer % (n_layers + 1)  # hidden_states has n_layers + 1 entries
-    prefixes = []
+    unused = []
     for name, _ in model.vision_tower.named_parameters():
         parts = name.split(".")
         if "head" in parts or "post_layernorm" in parts:
-            prefixes.append("vision_tower." + name)
-        elif "layers" in parts:
-            layer = int(parts[parts.index("layers") + 1])
-            if layer >= last_used:
-                prefixes.append("vision_tower." + name)
-    return prefixes
+            unused.append("vision_tower." + name)
+        elif "layers" in parts and int(parts[parts.index("layers") + 1]) >= last_used:
+            unused.append("vision_tower." + name)
+    return unused
 
 
 def trainable_parameter_names(model: nn.Module, mode: str = "mamba+connector") -> list[str]:
@@ -113,7 +111,7 @@ def trainable_parameter_names(model: nn.Module, mode: str = "mamba+connector") -
     mamba = list(model.config.mamba_layers)
     names = [n for n, _ in model.named_parameters()]
     if mode == "all":
-        skip = set(_unreachable_vision_prefixes(model))
+        skip = set(_unreachable_vision_parameters(model))
         return [n for n in names if n not in skip]
     if not mamba:
         raise ValueError(f"train mode {mode!r} needs Mamba layers, but the student has none (config.mamba_layers)")

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
-from .mamba2_ops import causal_conv1d, causal_conv1d_step, rmsnorm_gated, ssd_scan, ssd_step
+from .mamba2_ops import causal_conv1d_blc, causal_conv1d_step, rmsnorm_gated, ssd_scan, ssd_step
 
 
 class MaTVLMMamba2Mixer(nn.Module):
@@ -75,20 +75,23 @@ class MaTVLMMamba2Mixer(nn.Module):
         if decoding:
             xBC = causal_conv1d_step(xBC[:, 0], cache_layer.conv_states[0], self.conv1d.weight[:, 0],
                                      self.conv1d.bias, self.use_kernels)[:, None]
-        elif cache_layer is not None:
-            full = past_key_values.update_conv_state(xBC.transpose(1, 2), self.layer_idx, conv_kernel_size=self.d_conv)
-            xBC = causal_conv1d(full, self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels)[..., -l:]
-            xBC = xBC.transpose(1, 2)
         else:
-            xBC = causal_conv1d(xBC.transpose(1, 2).contiguous(), self.conv1d.weight[:, 0], self.conv1d.bias,
-                                self.use_kernels).transpose(1, 2)
+            conv_input = xBC
+            if cache_layer is not None:  # keep the last d_conv inputs; a continued prompt needs the previous ones
+                previous = cache_layer.conv_states[0].clone() if cache_layer.has_previous_state[0] else None
+                past_key_values.update_conv_state(xBC.transpose(1, 2), self.layer_idx, conv_kernel_size=self.d_conv)
+                if previous is not None:
+                    conv_input = torch.cat([previous.transpose(1, 2).to(xBC.dtype), xBC], dim=1)
+            xBC = causal_conv1d_blc(conv_input, self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels)[:, -l:]
         if mask is not None:
             xBC = xBC * mask
         x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
-        rep = self.d_inner // self.d_xb  # key/value heads -> heads, as repeat_kv does
-        x = x.unflatten(-1, (-1, self.headdim)).repeat_interleave(rep, dim=-2)  # (b, l, h, p)
-        B = B.unflatten(-1, (-1, self.d_state)).repeat_interleave(rep, dim=-2)  # (b, l, g, n)
+        x = x.unflatten(-1, (-1, self.headdim))  # (b, l, h, p)
+        B = B.unflatten(-1, (-1, self.d_state))  # (b, l, g, n)
         C = C.unflatten(-1, (self.ngroups, self.d_state))
+        if self.d_xb < self.d_inner:  # key/value heads -> heads, as repeat_kv does
+            x = x.repeat_interleave(self.d_inner // self.d_xb, dim=-2)
+            B = B.repeat_interleave(self.d_inner // self.d_xb, dim=-2)
         dt = nn.functional.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
         if mask is not None:
             dt = dt * mask.float()
@@ -100,8 +103,8 @@ class MaTVLMMamba2Mixer(nn.Module):
         else:
             has_state = cache_layer is not None and cache_layer.is_recurrent_states_initialized[0]
             initial = cache_layer.recurrent_states[0] if has_state else None
-            y, final_state = ssd_scan(x.contiguous(), dt, A, B.contiguous(), C.contiguous(), self.chunk_size,
-                                      D=self.D, initial_state=initial, use_kernel=self.use_kernels)
+            y, final_state = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial,
+                                      use_kernel=self.use_kernels)
             if cache_layer is not None:
                 past_key_values.update_recurrent_state(final_state, self.layer_idx)
         y = rmsnorm_gated(y.flatten(-2), z, self.norm_weight, self.eps, self.d_inner // self.ngroups, self.use_kernels)

@@ -22,6 +22,12 @@ try:
 except ImportError:
     _conv_kernel = _conv_update_kernel = None
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 HAS_MAMBA_SSM = _chunk_scan_kernel is not None
 HAS_CAUSAL_CONV1D = _conv_kernel is not None
 
@@ -139,6 +145,48 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return _conv_kernel(x, weight, bias, activation="silu")
     k = weight.shape[-1]
     return F.silu(F.conv1d(x, weight[:, None], bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_silu_blc_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, C, stride_xb, stride_xl, stride_ob, stride_ol,
+                              K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+        """out[b, t, c] = silu(bias[c] + sum_k w[c, k] x[b, t - K + 1 + k, c]) on (batch, length, channel) layout."""
+        pid_b, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        acc = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+        for k in tl.static_range(K):
+            src = offs_l - (K - 1) + k
+            m = (src >= 0) & (src < L)
+            xk = tl.load(x_ptr + pid_b * stride_xb + src[:, None] * stride_xl + offs_c[None, :],
+                         mask=m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+            wk = tl.load(w_ptr + offs_c * K + k, mask=mask_c, other=0.0).to(tl.float32)
+            acc += xk * wk[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        acc = acc * tl.sigmoid(acc)
+        tl.store(out_ptr + pid_b * stride_ob + offs_l[:, None] * stride_ol + offs_c[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=(offs_l < L)[:, None] & mask_c[None, :])
+
+
+def causal_conv1d_blc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True,
+                      interpret: bool = False) -> torch.Tensor:
+    """causal_conv1d on the (b, l, c) layout in_proj produces (channels contiguous, any length stride): a Triton
+    kernel on CUDA (no transposes, one pass), else the reference. `interpret` runs the kernel body on the CPU
+    through Triton's interpreter (TRITON_INTERPRET=1), for tests."""
+    if use_kernel and triton is not None and (x.is_cuda or interpret) and x.stride(-1) == 1:
+        b, l, c = x.shape
+        out = torch.empty(b, l, c, dtype=x.dtype, device=x.device)
+        w = weight.contiguous()
+        grid = (b, triton.cdiv(l, 64), triton.cdiv(c, 128))
+        _conv_silu_blc_kernel[grid](x, w, bias if bias is not None else w, out, l, c, x.stride(0), x.stride(1),
+                                    out.stride(0), out.stride(1), K=w.shape[-1], HAS_BIAS=bias is not None,
+                                    BLOCK_L=64, BLOCK_C=128)
+        return out
+    return causal_conv1d(x.transpose(1, 2).contiguous(), weight, bias, use_kernel).transpose(1, 2)
 
 
 def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

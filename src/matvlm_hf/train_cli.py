@@ -23,8 +23,9 @@ Several GPUs (one process per GPU; the accumulation shrinks so the effective bat
     # DeepSpeed ZeRO-2 (the authors' setup: pip install deepspeed), optimizer states sharded across GPUs:
     accelerate launch --num_processes 4 examples/train_distill.py --deepspeed examples/configs/ds_zero2.json ...
 
-On CPU (tests, smoke runs): `accelerate launch --cpu --num_processes 2 ...` or `torchrun --nproc_per_node 2 ...`
-(gloo). Checkpoints (`checkpoint-N`, every --save-steps optimizer steps) hold the student, the optimizer, the
+On a machine without CUDA (tests, smoke runs) the script trains on the CPU and several processes talk over gloo:
+`torchrun --standalone --nproc_per_node 2 ...` or `accelerate launch --multi_gpu --num_processes 2 ...` (note:
+`accelerate launch --cpu --num_processes 2` starts a single process). Checkpoints (`checkpoint-N`, every --save-steps optimizer steps) hold the student, the optimizer, the
 scheduler and RNG states; `--resume` continues from the latest one in --output (or `--resume DIR`). The final
 student is written to --output with `save_pretrained` (safetensors, remote code, processor): it loads with
 `AutoModel.from_pretrained(output)` (import matvlm_hf first, or pass trust_remote_code=True).
