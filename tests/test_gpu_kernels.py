@@ -112,7 +112,7 @@ def test_cuda_graph_sampling_is_seeded_and_valid():
 @pytest.mark.parametrize("length", [5, 300, 4100])
 def test_blc_conv_kernel_matches_reference(length):
     gen = torch.Generator(device="cuda").manual_seed(0)
-    packed = torch.randn(2, length, 7700, device="cuda", generator=gen).bfloat16()
+    packed = torch.randn(2, length, 12832, device="cuda", generator=gen).bfloat16()  # in_proj's width
     x = packed[:, :, 2560:2560 + 7680]  # xBC as a column slice of in_proj's output
     w = torch.randn(7680, 4, device="cuda", generator=gen).bfloat16()
     bias = torch.randn(7680, device="cuda", generator=gen).bfloat16()

@@ -67,7 +67,8 @@ class MaTVLMMamba2Mixer(nn.Module):
         b, l, _ = hidden_states.shape
         mask = mamba_mask[:, -l:, None].to(hidden_states.dtype) if mamba_mask is not None else None
         cache_layer = self._cache_layer(past_key_values)
-        decoding = cache_layer is not None and cache_layer.has_previous_state[0] and l == 1
+        continuing = cache_layer is not None and cache_layer.has_previous_state[0]  # states hold earlier tokens
+        decoding = continuing and l == 1
 
         z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         if mask is not None:  # pad positions must leave the conv and SSM states untouched
@@ -77,11 +78,10 @@ class MaTVLMMamba2Mixer(nn.Module):
                                      self.conv1d.bias, self.use_kernels)[:, None]
         else:
             conv_input = xBC
-            if cache_layer is not None:  # keep the last d_conv inputs; a continued prompt needs the previous ones
-                previous = cache_layer.conv_states[0].clone() if cache_layer.has_previous_state[0] else None
+            if continuing:  # a continued prompt (chunked prefill) needs the previous conv inputs as left context
+                conv_input = torch.cat([cache_layer.conv_states[0].transpose(1, 2).to(xBC.dtype), xBC], dim=1)
+            if cache_layer is not None:  # keep the last d_conv inputs
                 past_key_values.update_conv_state(xBC.transpose(1, 2), self.layer_idx, conv_kernel_size=self.d_conv)
-                if previous is not None:
-                    conv_input = torch.cat([previous.transpose(1, 2).to(xBC.dtype), xBC], dim=1)
             xBC = causal_conv1d_blc(conv_input, self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels)[:, -l:]
         if mask is not None:
             xBC = xBC * mask
@@ -101,8 +101,8 @@ class MaTVLMMamba2Mixer(nn.Module):
             y = ssd_step(cache_layer.recurrent_states[0], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
                          self.use_kernels)[:, None]
         else:
-            has_state = cache_layer is not None and cache_layer.is_recurrent_states_initialized[0]
-            initial = cache_layer.recurrent_states[0] if has_state else None
+            # a fresh prompt starts from None (not a zero tensor: the kernels specialise on it)
+            initial = cache_layer.recurrent_states[0] if continuing else None
             y, final_state = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial,
                                       use_kernel=self.use_kernels)
             if cache_layer is not None:
