@@ -250,6 +250,7 @@ def release_all() -> None:
 def plot(results: dict, out: Path) -> list[Path]:
     """Decode tokens/s vs context (one panel per batch), peak memory vs length, prefill time vs length."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -261,18 +262,23 @@ def plot(results: dict, out: Path) -> list[Path]:
         for name, r in models.items():
             pts = [(int(k.split("x")[1]), v["tokens_per_s"]) for k, v in r["decode"].items()
                    if k.startswith(f"{batch}x") and isinstance(v, dict)]
-            if pts:
-                ax.plot(*zip(*sorted(pts)), marker="o", label=f"{name} (graph)")
+            if not pts:
+                continue
+            (line,) = ax.plot(*zip(*sorted(pts)), marker="o", label=f"{name} (graph)")
             comp = [(int(k.split("x")[1]), v["tokens_per_s"]) for k, v in r.get("compiled", {}).items()
                     if k.startswith(f"{batch}x") and isinstance(v, dict)]
             if comp:
-                ax.scatter(*zip(*sorted(comp)), marker="*", s=120, label=f"{name} (graph + compile)")
+                ax.scatter(*zip(*sorted(comp)), marker="*", s=140, color=line.get_color(), edgecolor="black",
+                           zorder=3, label=f"{name} (graph + compile)")
         eager = [(int(k.split("x")[1]), v["tokens_per_s"]) for k, v in models.get("teacher", {}).get("eager", {}).items()
                  if k.startswith(f"{batch}x") and isinstance(v, dict)]
         if eager:
             ax.plot(*zip(*sorted(eager)), marker="x", linestyle="--", color="gray", label="teacher (HF eager)")
         ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="decode tokens/s",
                title=f"batch {batch}")
+        ax.set_xticks(results["knobs"]["contexts"], [f"{c // 1024}K" if c >= 1024 else str(c)
+                                                     for c in results["knobs"]["contexts"]])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Decode throughput, {results['device']}, {results['dtype']}")
