@@ -181,3 +181,17 @@ def test_plain_dynamic_cache_without_config_is_a_clear_error():
     model = tiny_model("phi", (0,))
     with pytest.raises(ValueError, match="build the cache from the model's config"):
         model(input_ids=torch.ones(1, 4, dtype=torch.long), past_key_values=DynamicCache())
+
+
+def test_attention_backends_agree(pixel_values):
+    """transformers' own attention backends run inside the hybrid: eager and sdpa give the same logits."""
+    models = {}
+    for backend in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        models[backend] = MaTVLMForConditionalGeneration._from_config(
+            tiny_config("phi", (0, 2, 5)), attn_implementation=backend).eval()
+        assert models[backend].language_model.config._attn_implementation == backend
+    ids = image_prompt(models["eager"].config)
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, pixel_values=pixel_values).logits for m in models.values())
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

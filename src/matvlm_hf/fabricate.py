@@ -13,6 +13,11 @@ The folder holds what `tinyllava/TinyLLaVA-Phi-2-SigLIP-3.1B` holds (minus its r
 - tokenizer files built here with `tokenizers` (byte-level BPE trained on a small built-in corpus),
   loadable offline with `AutoTokenizer.from_pretrained(folder)`; `generation_config.json`.
 
+`save_tinyllava_checkpoint(model, tokenizer, out)` writes a *trained* attention-only MaTVLM (e.g. the teacher
+`matvlm quickstart` trains from scratch) in the same layout, through the same config/tokenizer writers, so that the
+real conversion path starts from it. `tinyllava_configs(tokenizer, size=..., lm=..., vision=...)` gives the
+(text, vision) configs of a preset with some dimensions overridden.
+
 Note: transformers 5 dropped the `vision_model.` level from `SiglipVisionModel`'s own state dict
 (`embeddings.patch_embedding.weight`); checkpoints written by transformers 4 (TinyLLaVA's) keep it
 (`vision_model.embeddings.patch_embedding.weight`), so it is added back here.
@@ -105,30 +110,32 @@ def parse_size(size: int | str | None) -> int | None:
 # Configs
 
 
-def _vision_config(size: str):
+def _vision_config(size: str, dims: dict[str, Any] | None = None):
     from transformers import SiglipVisionConfig
 
-    dims = TINY_VISION if size == "tiny" else FULL_VISION
+    dims = {**(TINY_VISION if size == "tiny" else FULL_VISION), **(dims or {})}
     return SiglipVisionConfig(**dims, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3,
                               attention_dropout=0.0)
 
 
-def _lm_config(lm_type: str, size: str, special: dict[str, int | None], dtype: torch.dtype):
+def _lm_config(lm_type: str, size: str, special: dict[str, int | None], dtype: torch.dtype,
+               dims: dict[str, Any] | None = None):
     from transformers import LlamaConfig, PhiConfig, Qwen2Config
 
+    overrides = dims or {}
     if lm_type == "phi":
-        dims = dict(TINY_LM) if size == "tiny" else dict(FULL_PHI)
+        dims = {**(TINY_LM if size == "tiny" else FULL_PHI), **overrides}
         cfg = PhiConfig(**dims, num_key_value_heads=dims["num_attention_heads"], hidden_act="gelu_new",
                         max_position_embeddings=2048, layer_norm_eps=1e-5, partial_rotary_factor=0.4,
                         resid_pdrop=0.1 if size == "full" else 0.0, embd_pdrop=0.0, attention_dropout=0.0,
                         qk_layernorm=False, tie_word_embeddings=False, use_cache=True,
                         bos_token_id=special["bos"], eos_token_id=special["eos"])
     elif lm_type == "llama":
-        cfg = LlamaConfig(**TINY_LM, num_key_value_heads=TINY_NUM_KV_HEADS, hidden_act="silu",
+        cfg = LlamaConfig(**{**TINY_LM, **overrides}, num_key_value_heads=TINY_NUM_KV_HEADS, hidden_act="silu",
                           max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
                           use_cache=True, bos_token_id=special["bos"], eos_token_id=special["eos"])
     elif lm_type == "qwen2":
-        cfg = Qwen2Config(**TINY_LM, num_key_value_heads=TINY_NUM_KV_HEADS, hidden_act="silu",
+        cfg = Qwen2Config(**{**TINY_LM, **overrides}, num_key_value_heads=TINY_NUM_KV_HEADS, hidden_act="silu",
                           max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
                           use_cache=True, bos_token_id=special["bos"], eos_token_id=special["eos"])
     else:
@@ -183,6 +190,75 @@ def _tinyllava_config(lm_type: str, text_config, vision_config, tokenizer, image
         "torch_dtype": dtype_name,
         "transformers_version": transformers.__version__,
     }
+
+
+def _special_ids(tokenizer) -> dict[str, int | None]:
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return {"bos": bos, "eos": tokenizer.eos_token_id}
+
+
+def tinyllava_configs(tokenizer, lm_type: str = "phi", size: str = "tiny", *, dtype: torch.dtype = torch.float32,
+                      lm: dict[str, Any] | None = None, vision: dict[str, Any] | None = None):
+    """(text_config, vision_config) of a TinyLLaVA checkpoint: the `size` preset ("tiny" / "full"), with the
+    dimensions in `lm` / `vision` overriding it (e.g. `vision={"image_size": 48}`), special ids from `tokenizer`."""
+    text_config = _lm_config(lm_type, size, _special_ids(tokenizer), dtype, lm)
+    vision_config = _vision_config(size, vision)
+    if len(tokenizer) >= text_config.vocab_size:
+        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens, not fewer than {text_config.vocab_size} rows")
+    return text_config, vision_config
+
+
+def _write_metadata(out: Path, lm_type: str, tokenizer, text_config, vision_config, image_aspect_ratio: str,
+                    dtype: torch.dtype) -> None:
+    """Tokenizer files, config.json and generation_config.json of a TinyLLaVA checkpoint folder."""
+    _save_tokenizer(tokenizer, lm_type, out)
+    config = _tinyllava_config(lm_type, text_config, vision_config, tokenizer, image_aspect_ratio, dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special = _special_ids(tokenizer)
+    generation = {"_from_model_config": True, "bos_token_id": special["bos"], "eos_token_id": special["eos"],
+                  "transformers_version": config["transformers_version"]}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
+                              image_aspect_ratio: str = "square") -> Path:
+    """Write a trained MaTVLM teacher (a `MaTVLMForConditionalGeneration` with no Mamba layers) in the published
+    TinyLLaVA layout, as `write_tinyllava_checkpoint` does for random weights: config.json (model_type
+    "tinyllava"), `model.safetensors` under the TinyLLaVA prefixes, tokenizer files, generation_config.json.
+
+    `tokenizer` must be the one the model was trained with; lm_type comes from the model's text config.
+    """
+    config = model.config
+    if config.mamba_layers:
+        raise ValueError(f"only an attention teacher can be saved as TinyLLaVA; this model has Mamba layers "
+                         f"{config.mamba_layers}")
+    lm_type = config.text_config.model_type
+    if lm_type not in LM_NAMES:
+        raise ValueError(f"lm_type must be one of {sorted(LM_NAMES)}, got {lm_type!r}")
+    if image_aspect_ratio not in ("square", "pad"):
+        raise ValueError(f"image_aspect_ratio must be 'square' or 'pad', got {image_aspect_ratio!r}")
+    # the LM's own config as TinyLLaVA stores it: without the layer_types MaTVLM adds for its caches
+    text = {k: v for k, v in config.text_config.to_dict().items() if k not in ("layer_types", "model_type")}
+    if "layer_types" in type(config.text_config)().to_dict():  # a model type that has them natively keeps them
+        text["layer_types"] = config.attention_text_config().layer_types
+    text_config = type(config.text_config).from_dict(text)
+    text_config.architectures = [type(text_config).__name__.replace("Config", "ForCausalLM")]
+    text_config._name_or_path = LM_NAMES[lm_type]
+    vision_config = config.vision_config
+    dtype = next(model.parameters()).dtype
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_metadata(out, lm_type, tokenizer, text_config, vision_config, image_aspect_ratio, dtype)
+    renames = {"language_model.": LM_PREFIX, "vision_tower.": VISION_PREFIX, "connector.": CONNECTOR_PREFIX}
+    tensors = {}
+    for key, t in model.state_dict().items():
+        prefix = next(p for p in renames if key.startswith(p))
+        tensors[renames[prefix] + key[len(prefix):]] = t.detach().to("cpu").contiguous().clone()
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,19 +456,8 @@ def write_tinyllava_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer(lm_type, phi2_ids=(size == "full"))
-    special = {"bos": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
-               "eos": tokenizer.eos_token_id}
-    text_config = _lm_config(lm_type, size, special, dtype)
-    vision_config = _vision_config(size)
-    if len(tokenizer) >= text_config.vocab_size:
-        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens, not fewer than {text_config.vocab_size} rows")
-
-    _save_tokenizer(tokenizer, lm_type, out)
-    config = _tinyllava_config(lm_type, text_config, vision_config, tokenizer, image_aspect_ratio, dtype)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"_from_model_config": True, "bos_token_id": special["bos"], "eos_token_id": special["eos"],
-                  "transformers_version": config["transformers_version"]}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    text_config, vision_config = tinyllava_configs(tokenizer, lm_type, size, dtype=dtype)
+    _write_metadata(out, lm_type, tokenizer, text_config, vision_config, image_aspect_ratio, dtype)
 
     specs = _param_specs(text_config, vision_config)
     _write_weights(out, specs, seed=seed, size=size, dtype=dtype, max_shard_size=max_shard_size)

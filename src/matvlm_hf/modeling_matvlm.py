@@ -47,6 +47,10 @@ class MaTVLMPreTrainedModel(PreTrainedModel):
 class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
     """Vision tower + connector + hybrid language model, with the LM head; `generate()` ready."""
 
+    # generate() options the fast decode path does not implement, with their neutral values
+    _FAST_DEFAULTS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+                      "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_alpha": None}
+
     def __init__(self, config: MaTVLMConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
@@ -177,9 +181,6 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
                              prefill_chunk_size=config.prefill_chunk_size or PREFILL_CHUNK,
                              compile=bool(fast_decode_compile if fast_decode_compile is not None
                                           else getattr(config, "fast_decode_compile", False)))
-
-    _FAST_DEFAULTS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
-                      "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_alpha": None}
 
 
 __all__ = ["MaTVLMPreTrainedModel", "MaTVLMForConditionalGeneration"]
