@@ -1,4 +1,4 @@
-"""The `matvlm` command: `matvlm demo | convert | data | distill ...` (each subcommand has its own --help)."""
+"""The `matvlm` command: `matvlm quickstart | demo | convert | data | distill ...` (each subcommand has its own --help)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "quickstart": ("matvlm_hf.quickstart", "from nothing on a CPU: data, teacher, 25 % hybrid, distillation, report"),
     "demo": ("matvlm_hf.demo", "fabricate a tiny TinyLLaVA, convert it, compare teacher and hybrid"),
     "convert": ("matvlm_hf.conversion", "convert a TinyLLaVA checkpoint to a MaTVLM hybrid"),
     "data": ("matvlm_hf.synthetic_vqa", "write the synthetic visual-QA data set"),
