@@ -147,7 +147,7 @@ def _lm_config(lm_type: str, size: str, special: dict[str, int | None], dtype: t
 
 
 def _tinyllava_config(lm_type: str, text_config, vision_config, tokenizer, image_aspect_ratio: str,
-                      dtype: torch.dtype) -> dict[str, Any]:
+                      dtype: torch.dtype, feature_select: tuple[int, str] = (-2, "patch")) -> dict[str, Any]:
     import transformers
 
     text = text_config.to_dict()
@@ -175,8 +175,8 @@ def _tinyllava_config(lm_type: str, text_config, vision_config, tokenizer, image
         "tokenizer_padding_side": "right",
         "tokenizer_model_max_length": TOKENIZER_MODEL_MAX_LENGTH,
         "tokenizer_use_fast": False,
-        "vision_feature_layer": -2,
-        "vision_feature_select_strategy": "patch",
+        "vision_feature_layer": feature_select[0],
+        "vision_feature_select_strategy": feature_select[1],
         "image_aspect_ratio": image_aspect_ratio,
         "resampler_hidden_size": None,
         "num_queries": None,
@@ -209,10 +209,11 @@ def tinyllava_configs(tokenizer, lm_type: str = "phi", size: str = "tiny", *, dt
 
 
 def _write_metadata(out: Path, lm_type: str, tokenizer, text_config, vision_config, image_aspect_ratio: str,
-                    dtype: torch.dtype) -> None:
+                    dtype: torch.dtype, feature_select: tuple[int, str] = (-2, "patch")) -> None:
     """Tokenizer files, config.json and generation_config.json of a TinyLLaVA checkpoint folder."""
     _save_tokenizer(tokenizer, lm_type, out)
-    config = _tinyllava_config(lm_type, text_config, vision_config, tokenizer, image_aspect_ratio, dtype)
+    config = _tinyllava_config(lm_type, text_config, vision_config, tokenizer, image_aspect_ratio, dtype,
+                               feature_select)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     special = _special_ids(tokenizer)
     generation = {"_from_model_config": True, "bos_token_id": special["bos"], "eos_token_id": special["eos"],
@@ -249,7 +250,8 @@ def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_metadata(out, lm_type, tokenizer, text_config, vision_config, image_aspect_ratio, dtype)
+    _write_metadata(out, lm_type, tokenizer, text_config, vision_config, image_aspect_ratio, dtype,
+                    (config.vision_feature_layer, config.vision_feature_select_strategy))
     renames = {"language_model.": LM_PREFIX, "vision_tower.": VISION_PREFIX, "connector.": CONNECTOR_PREFIX}
     tensors = {}
     for key, t in model.state_dict().items():

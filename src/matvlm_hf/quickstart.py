@@ -41,8 +41,12 @@ KNOBS: dict[str, Any] = dict(
     n_train=6000,  # training images (questions); the teacher and the distillation use the same ones
     n_test=400,  # held-out images (no scene shared with the training split)
     # teacher: fabricate's tiny TinyLLaVA-Phi preset with these dimensions (image size from `image_size`)
+    vision_feature_select_strategy="patch",  # TinyLLaVA's: drop the first patch; "cls_patch" keeps every patch
     vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, patch_size=8),
     lm=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4, vocab_size=1280),
+    questions_per_image=1,  # training conversations: this many questions about one image (test: one each)
+    captions=False,  # also a "Describe the image." turn first in every training conversation
+    device="auto",  # auto = CUDA when available
     teacher_steps=700,
     teacher_batch_size=32,
     teacher_lr=2e-3,
@@ -62,6 +66,7 @@ KNOBS: dict[str, Any] = dict(
     max_new_tokens=12,  # the longest answer ("bottom right") is 8 tokens + <|endoftext|> with the tiny tokenizer
     speed_new_tokens=32,
     log_every=50,  # progress lines (teacher steps)
+    eval_every=0,  # teacher-forced held-out accuracy every N teacher steps (0 = never)
 )
 FAST: dict[str, Any] = dict(n_train=256, n_test=40, teacher_steps=30, teacher_warmup=5, distill_steps=16,
                             distill_batch_size=8, eval_batch_size=40, speed_new_tokens=8, log_every=10)
@@ -82,16 +87,25 @@ def _fmt_time(seconds: float) -> str:
 
 
 def make_data(out: Path, knobs: dict[str, Any], image_size: int, seed: int) -> dict[str, Any]:
-    """LLaVA-format train/test JSON + PNGs under `out`; returns paths and the loaded records."""
-    from .synthetic_vqa import make_dataset
+    """LLaVA-format train/test JSON + PNGs under `out`; returns paths and the loaded records.
+
+    Training records are multi-turn (`questions_per_image` questions about one image, after a caption turn when
+    `captions`); test records are single questions (no caption), balanced over `question_types`.
+    """
+    from .synthetic_vqa import as_conversations, make_dataset
 
     if out.exists():
         shutil.rmtree(out)
+    types = list(knobs["question_types"])
+    train_types = (["caption"] if knobs["captions"] else []) + types
+    k = knobs["questions_per_image"] + bool(knobs["captions"])
     paths = make_dataset(out, n_train=knobs["n_train"], n_test=knobs["n_test"], image_size=image_size, seed=seed,
-                         question_types=list(knobs["question_types"]), progress=False)
-    train = json.loads(paths["train"].read_text(encoding="utf-8"))
+                         question_types=train_types, questions_per_image=k, test_question_types=types,
+                         test_questions_per_image=1, progress=False)
+    questions = json.loads(paths["train"].read_text(encoding="utf-8"))
     test = json.loads(paths["test"].read_text(encoding="utf-8"))
-    return {"paths": paths, "train": train, "test": test}
+    return {"paths": paths, "train": as_conversations(questions, seed=seed), "train_questions": questions,
+            "test": test}
 
 
 def answer_of(record: dict[str, Any]) -> str:
@@ -110,9 +124,13 @@ def blind_baseline(train: list[dict], test: list[dict]) -> dict[str, Any]:
     return score(predictions, test)
 
 
-def materialize(dataset) -> list[dict]:
-    """Tokenise and preprocess every sample once (the data are tiny; saves the PIL work at every step)."""
-    return [dataset[i] for i in range(len(dataset))]
+def materialize(dataset, records: list[dict] | None = None) -> list[dict]:
+    """Tokenise and preprocess every sample once (the data are tiny; saves the PIL work at every step); items get
+    their record's `question_type` when `records` are given."""
+    items = [dataset[i] for i in range(len(dataset))]
+    for item, record in zip(items, records or []):
+        item["question_type"] = record.get("question_type", "unknown")
+    return items
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,7 +149,8 @@ def build_teacher(knobs: dict[str, Any], image_size: int, seed: int):
     tokenizer = build_tokenizer("phi")
     text_config, vision_config = tinyllava_configs(tokenizer, "phi", "tiny", lm=knobs["lm"],
                                                    vision={**knobs["vision"], "image_size": image_size})
-    config = MaTVLMConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), mamba_layers=[])
+    config = MaTVLMConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), mamba_layers=[],
+                          vision_feature_select_strategy=knobs["vision_feature_select_strategy"])
     torch.manual_seed(seed)
     model = MaTVLMForConditionalGeneration(config)
     processor = MaTVLMProcessor(image_processor=siglip_image_processor(image_size), tokenizer=tokenizer,
@@ -140,8 +159,37 @@ def build_teacher(knobs: dict[str, Any], image_size: int, seed: int):
     return model, tokenizer, processor
 
 
-def train_teacher(model, items: list[dict], pad_token_id: int, knobs: dict[str, Any], seed: int) -> list[dict]:
-    """Plain AdamW loop on the answer-token cross-entropy (every parameter trained); returns the loss log."""
+def resolve_device(name: str = "auto") -> "torch.device":
+    import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def teacher_forced_accuracy(model, items: list[dict], collate, batch_size: int = 256) -> tuple[float, dict[str, float]]:
+    """Share of items whose every answer token (EOS included) is the argmax under teacher forcing, overall and
+    per `question_type`; for single-turn items that is exactly greedy decoding's exact match, at one forward pass."""
+    import torch
+
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    ok: list[bool] = []
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        for start in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in collate(items[start:start + batch_size]).items()}
+            labels = batch.pop("labels")[:, 1:]
+            pred = model(**batch, use_cache=False).logits[:, :-1].argmax(-1)
+            ok += ((pred == labels) | (labels == -100)).all(1).tolist()
+    model.train(was_training)
+    per: dict[str, list[bool]] = {}
+    for item, o in zip(items, ok):
+        per.setdefault(item.get("question_type", "all"), []).append(o)
+    return sum(ok) / max(len(ok), 1), {t: sum(v) / len(v) for t, v in sorted(per.items())}
+
+
+def train_teacher(model, items: list[dict], pad_token_id: int, knobs: dict[str, Any], seed: int,
+                  eval_items: list[dict] | None = None) -> list[dict]:
+    """Plain AdamW loop on the answer-token cross-entropy (every parameter trained) on `knobs["device"]` (bf16
+    autocast on CUDA); returns the loss log, with the teacher-forced test accuracy every `eval_every` steps."""
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
@@ -149,31 +197,43 @@ def train_teacher(model, items: list[dict], pad_token_id: int, knobs: dict[str, 
     from .distillation import optimizer_param_groups
 
     steps, batch_size = knobs["teacher_steps"], knobs["teacher_batch_size"]
+    device = resolve_device(knobs["device"])
     collate = LLaVACollator(pad_token_id)
-    model.train().requires_grad_(True)
+    model.to(device).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, knobs["teacher_weight_decay"]), lr=knobs["teacher_lr"],
                                   betas=(0.9, 0.95))
     schedule = get_cosine_schedule_with_warmup(optimizer, min(knobs["teacher_warmup"], steps // 2), steps)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     log, window, start = [], [], time.perf_counter()
+    eval_every = knobs["eval_every"] if eval_items else 0
     for step in range(1, steps + 1):
         if len(order) < batch_size:
             order += torch.randperm(len(items), generator=gen).tolist()
-        batch = collate([items[i] for i in order[:batch_size]])
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate([items[i] for i in order[:batch_size]]).items()}
         del order[:batch_size]
-        loss = model(**batch, use_cache=False).loss
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append(loss.item())
-        log.append({"step": step, "loss": window[-1]})
-        if step % knobs["log_every"] == 0 or step == steps:
+        window.append(loss.detach())
+        entry: dict[str, Any] = {"step": step, "loss": None, "time_s": None}
+        log.append(entry)
+        if step % knobs["log_every"] == 0 or step == steps or (eval_every and step % eval_every == 0):
+            losses = torch.stack(window).float().tolist()
+            for e, value in zip(log[-len(losses):], losses):
+                e["loss"] = value
+            entry["time_s"] = round(time.perf_counter() - start, 2)
+            text = f"    teacher step {step:5d}/{steps}  loss {sum(losses) / len(losses):.3f}"
+            if eval_every and (step % eval_every == 0 or step == steps):
+                entry["tf_accuracy"], entry["tf_accuracy_per_type"] = teacher_forced_accuracy(
+                    model, eval_items, collate)
+                text += f"  held-out {_pct(entry['tf_accuracy']).strip()}"
             elapsed = time.perf_counter() - start
-            _say(f"    teacher step {step:4d}/{steps}  loss {sum(window) / len(window):.3f}  "
-                 f"({_fmt_time(elapsed)}, ~{_fmt_time(elapsed / step * (steps - step))} left)")
+            _say(text + f"  ({_fmt_time(elapsed)}, ~{_fmt_time(elapsed / step * (steps - step))} left)")
             window = []
     model.eval()
     return log
@@ -192,6 +252,7 @@ def distill(student, teacher, processor, items: list[dict], out: Path, knobs: di
     from .distillation import DistillationArguments, MaTVLMDistillationTrainer, set_trainable
 
     steps = knobs["distill_steps"]
+    device = resolve_device(knobs["device"])
     set_trainable(student, knobs["train_mode"])
     student.train()
     log: list[dict] = []
@@ -227,7 +288,8 @@ def distill(student, teacher, processor, items: list[dict], out: Path, knobs: di
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda",
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
@@ -267,7 +329,7 @@ def evaluate(model, processor, records: list[dict], image_dir: Path, *, batch_si
             inputs = processor(images=[image_dir / r["image"] for r in batch], text=prompts, padding=True,
                                return_tensors="pt")
             with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                out = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
             answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             predictions.update({r["id"]: a.strip() for r, a in zip(batch, answers)})
     finally:
@@ -281,7 +343,7 @@ def answer(model, processor, image, question: str, max_new_tokens: int) -> str:
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         add_generation_prompt=True)
-    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    inputs = processor(images=[image], text=prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -433,7 +495,7 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
                  f"({', '.join(knobs['question_types'])})")
     data = make_data(work / "data", knobs, image_size, seed)
     image_dir = data["paths"]["images"]
-    baseline = blind_baseline(data["train"], data["test"])
+    baseline = blind_baseline(data["train_questions"], data["test"])
     _say(f"    {data['paths']['train']} / {data['paths']['test']}; blind baseline (most common answer per type): "
          f"{_pct(baseline['accuracy']).strip()}")
     timings["data"] = time.perf_counter() - t
@@ -449,10 +511,12 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
              f"{knobs['vision']['hidden_size']}, Phi {knobs['lm']['num_hidden_layers']} layers x "
              f"{knobs['lm']['hidden_size']}; {model.config.num_image_tokens} image tokens per image")
         items = materialize(LLaVADataset(data["train"], image_dir, processor))
-        teacher_log = train_teacher(model, items, tokenizer.pad_token_id, knobs, seed)
+        test_items = materialize(LLaVADataset(data["test"], image_dir, processor), data["test"])
+        teacher_log = train_teacher(model, items, tokenizer.pad_token_id, knobs, seed, eval_items=test_items)
+        model.cpu()
         save_tinyllava_checkpoint(model, tokenizer, teacher_src)
         _say(f"    saved in the TinyLLaVA layout: {teacher_src}")
-        del model, items
+        del model, items, test_items
         timings["teacher"] = time.perf_counter() - t
     else:
         _say(f"\n[2/{STAGES}] teacher: {teacher_src} (given; not trained here)")
@@ -466,7 +530,7 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
 
     def load(path: Path):
         return MaTVLMForConditionalGeneration.from_pretrained(
-            path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"]).eval()
+            path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"]).to(resolve_device(knobs["device"])).eval()
 
     teacher_model, hybrid = load(teacher_dir), load(hybrid_dir)
     processor = MaTVLMProcessor.from_pretrained(hybrid_dir)

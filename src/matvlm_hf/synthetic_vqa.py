@@ -73,6 +73,8 @@ TEXT_PROBABILITY = 0.5  # chance a scene with a free cell carries text
 MAX_OBJECTS = 4
 
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "position", "relation", "size", "text")
+# Also accepted where question types are chosen, but not a default: "caption" (a full scene description).
+EXTRA_QUESTION_TYPES: tuple[str, ...] = ("caption",)
 
 
 # ----------------------------------------------------------------------------
@@ -376,9 +378,24 @@ def _q_text(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     return question, scene.text
 
 
+def describe_scene(scene: Scene) -> str:
+    """The scene cell by cell: "top left: large red circle; top right: nothing; ...; text: AB." (row-major)."""
+    cells = {(o.row, o.col): f"{o.size} {o.color} {o.shape}" for o in scene.objects}
+    parts = [f"{name}: {cells.get(rc, 'nothing')}" for rc, name in POSITIONS.items()]
+    if scene.text:
+        parts.append(f"text: {scene.text}")
+    return "; ".join(parts) + "."
+
+
+def _q_caption(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
+    """A dense description (LLaVA's captioning stage in miniature): every object, its place, the text."""
+    return rng.choice(["Describe the image.", "What is in the image?", "List the objects in the image."]), \
+        describe_scene(scene)
+
+
 _QUESTION_MAKERS = {
     "color": _q_color, "shape": _q_shape, "count": _q_count, "position": _q_position,
-    "relation": _q_relation, "size": _q_size, "text": _q_text,
+    "relation": _q_relation, "size": _q_size, "text": _q_text, "caption": _q_caption,
 }
 
 
@@ -389,7 +406,8 @@ def make_question(scene: Scene, question_type: str, rng: random.Random,
     ``count_target`` fixes the answer of a ``count`` question (ignored by other types).
     """
     if question_type not in _QUESTION_MAKERS:
-        raise ValueError(f"unknown question type {question_type!r}; choose from {QUESTION_TYPES}")
+        raise ValueError(f"unknown question type {question_type!r}; "
+                         f"choose from {QUESTION_TYPES + EXTRA_QUESTION_TYPES}")
     if question_type == "count":
         return _q_count(scene, rng, count_target)
     return _QUESTION_MAKERS[question_type](scene, rng)
@@ -449,7 +467,7 @@ def iter_samples(n: int, *, image_size: int = 64, seed: int = 0, split: str = "t
     types = list(question_types or QUESTION_TYPES)
     for t in types:
         if t not in _QUESTION_MAKERS:
-            raise ValueError(f"unknown question type {t!r}; choose from {QUESTION_TYPES}")
+            raise ValueError(f"unknown question type {t!r}; choose from {QUESTION_TYPES + EXTRA_QUESTION_TYPES}")
     if questions_per_image < 1:
         raise ValueError("questions_per_image must be >= 1")
     k = questions_per_image
@@ -505,17 +523,50 @@ def generate_samples(n: int, *, image_size: int = 64, seed: int = 0, split: str 
     return list(_progress(it, n * questions_per_image, f"{split} samples", progress))
 
 
+def as_conversations(records: Sequence[dict[str, Any]], seed: int | None = 0) -> list[dict[str, Any]]:
+    """Merge the LLaVA records of one image (consecutive, same ``image``) into one multi-turn record.
+
+    With ``seed`` (not None) the turns of each image are shuffled (seeded by image), so that the first
+    turn, the one a single-question prompt looks like, is not always the same question type.
+    The first human turn keeps ``<image>``; a merged record's id is the image id and its
+    ``question_type`` is "multi". Single records pass through unchanged.
+    """
+    groups: list[list[dict[str, Any]]] = []
+    for rec in records:
+        if groups and groups[-1][0]["image"] == rec["image"]:
+            groups[-1].append(rec)
+        else:
+            groups.append([rec])
+    merged = []
+    for group in groups:
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        if seed is not None:
+            random.Random(f"{seed}/{group[0]['image']}").shuffle(group)
+        turns = []
+        for rec in group:
+            for turn in rec["conversations"]:
+                turns.append({**turn, "value": turn["value"].replace("<image>\n", "").replace("<image>", "")})
+        turns[0]["value"] = "<image>\n" + turns[0]["value"]
+        merged.append({"id": Path(group[0]["image"]).stem, "image": group[0]["image"], "conversations": turns,
+                       "question_type": "multi"})
+    return merged
+
+
 def _write_json(path: Path, records: list[dict[str, Any]]) -> None:
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def make_dataset(out_dir: str | Path, *, n_train: int, n_test: int, image_size: int = 64, seed: int = 0,
                  question_types: Sequence[str] | None = None, questions_per_image: int = 1,
+                 test_question_types: Sequence[str] | None = None, test_questions_per_image: int | None = None,
                  progress: bool | None = None) -> dict[str, Path]:
     """Write ``images/<id>.png``, ``train.json`` and ``test.json`` (LLaVA format) under ``out_dir``.
 
-    ``n_train``/``n_test`` count images (each carries ``questions_per_image`` questions).  No test
-    scene shares its :attr:`Scene.key` with a train scene.  Same arguments -> identical files.
+    ``n_train``/``n_test`` count images (each carries ``questions_per_image`` questions; the test split
+    may differ: ``test_question_types``, ``test_questions_per_image``).  No test scene shares its
+    :attr:`Scene.key` with a train scene.  Same arguments -> identical files.
     Returns ``{"images": dir, "train": path, "test": path}``.
     """
     out = Path(out_dir)
@@ -523,13 +574,15 @@ def make_dataset(out_dir: str | Path, *, n_train: int, n_test: int, image_size: 
     images.mkdir(parents=True, exist_ok=True)
     train_keys: set[str] = set()
     paths: dict[str, Path] = {"images": images}
-    for split, n in (("train", n_train), ("test", n_test)):
+    test_k = questions_per_image if test_questions_per_image is None else test_questions_per_image
+    splits = (("train", n_train, question_types, questions_per_image),
+              ("test", n_test, test_question_types or question_types, test_k))
+    for split, n, types, k in splits:
         records = []
-        it = iter_samples(n, image_size=image_size, seed=seed, split=split, question_types=question_types,
-                          questions_per_image=questions_per_image,
-                          exclude_scenes=train_keys if split == "test" else None)
+        it = iter_samples(n, image_size=image_size, seed=seed, split=split, question_types=types,
+                          questions_per_image=k, exclude_scenes=train_keys if split == "test" else None)
         last_image = None
-        for sample in _progress(it, n * questions_per_image, f"{split} ({out})", progress):
+        for sample in _progress(it, n * k, f"{split} ({out})", progress):
             if sample.image_id != last_image:
                 sample.image.save(images / f"{sample.image_id}.png", format="PNG")
                 last_image = sample.image_id

@@ -81,7 +81,7 @@ DEFAULTS: dict[str, Any] = dict(
     image_aspect_ratio=None,  # pad | square (default: the processor's)
     # bookkeeping
     logging_steps=10,
-    save_steps=1000,
+    save_steps=1000,  # 0 = no checkpoints (the final student is still saved)
     save_total_limit=2,
     resume=None,  # true = latest checkpoint in output, or a checkpoint folder
     deepspeed=None,  # DeepSpeed JSON config (e.g. examples/configs/ds_zero2.json)
@@ -186,12 +186,14 @@ def _resolve_bf16(value: Any) -> bool:
     return _bool(value)
 
 
-def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_config(argv)
+def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None):
+    """The `MaTVLMDistillationTrainer` that `main` runs for the knobs `cfg` (from `parse_config`).
 
+    models: an already loaded (student, teacher) pair to use instead of reading cfg["student"] / cfg["teacher"]
+    (benchmarks that try several batch sizes); the student's trainable parameters are set here either way.
+    """
     import torch
     from transformers import TrainingArguments, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from . import MaTVLMForConditionalGeneration, MaTVLMProcessor
     from .data import LLaVACollator, LLaVADataset
@@ -204,10 +206,13 @@ def main(argv: list[str] | None = None) -> Path:
     output = Path(cfg["output"])
 
     # -- models and processor ----------------------------------------------------------------------------------
-    student = MaTVLMForConditionalGeneration.from_pretrained(cfg["student"], dtype=torch.float32)
-    teacher_dtype = {"auto": torch.bfloat16 if bf16 else torch.float32}.get(cfg["teacher_dtype"]) or getattr(
-        torch, cfg["teacher_dtype"])
-    teacher = MaTVLMForConditionalGeneration.from_pretrained(cfg["teacher"], dtype=teacher_dtype)
+    if models is None:
+        student = MaTVLMForConditionalGeneration.from_pretrained(cfg["student"], dtype=torch.float32)
+        teacher_dtype = {"auto": torch.bfloat16 if bf16 else torch.float32}.get(cfg["teacher_dtype"]) or getattr(
+            torch, cfg["teacher_dtype"])
+        teacher = MaTVLMForConditionalGeneration.from_pretrained(cfg["teacher"], dtype=teacher_dtype)
+    else:
+        student, teacher = models
     if student.config.image_token_id != teacher.config.image_token_id:
         raise SystemExit(f"error: student and teacher use different image token ids "
                          f"({student.config.image_token_id} vs {teacher.config.image_token_id})")
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=cfg["logging_steps"],
         logging_first_step=True,
-        save_strategy="steps",
+        save_strategy="steps" if cfg["save_steps"] > 0 else "no",
         save_steps=cfg["save_steps"],
         save_total_limit=cfg["save_total_limit"],
         seed=cfg["seed"],
@@ -279,7 +284,15 @@ def main(argv: list[str] | None = None) -> Path:
               f"x {grad_accum} accumulation x {world_size} process(es); bf16={bf16}")
         output.mkdir(parents=True, exist_ok=True)
         (output / "distill_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+    return trainer
 
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg = parse_config(argv)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer = build_trainer(cfg)
+    student, output = trainer.model, Path(cfg["output"])
     resume = cfg["resume"]
     if resume is not None and resume is not False and str(resume).lower() not in ("false", "no", "0"):
         if resume is True or str(resume).lower() in ("true", "yes", "1", "latest"):
