@@ -316,3 +316,36 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert str(paths["train"]) in out and "train: 14 samples" in out and "test: 7 samples" in out
     assert "color=2" in out and (tmp_path / "sheet.png").is_file()
+
+
+def test_caption_lists_every_cell_from_the_scene():
+    samples = sv.generate_samples(40, image_size=32, seed=3, question_types=["caption"], render=False)
+    for s in samples:
+        cells = dict(part.split(": ", 1) for part in s.answer.rstrip(".").split("; "))
+        for (row, col), name in sv.POSITIONS.items():
+            obj = next((o for o in s.scene.objects if (o.row, o.col) == (row, col)), None)
+            assert cells[name] == (f"{obj.size} {obj.color} {obj.shape}" if obj else "nothing")
+        assert cells.get("text") == s.scene.text
+
+
+def test_conversations_merge_one_image_and_shuffle_turn_order():
+    types = ["caption", "color", "count", "size"]
+    samples = sv.generate_samples(60, image_size=32, seed=1, question_types=types, questions_per_image=4, render=False)
+    records = [s.to_llava() for s in samples]
+    merged = sv.as_conversations(records, seed=0)
+    assert len(merged) == 60
+    by_image = {}
+    for r in records:
+        by_image.setdefault(r["image"], []).append(r)
+    first_types = Counter()
+    for m in merged:
+        originals = by_image[m["image"]]
+        text = [t["value"] for t in m["conversations"]]
+        assert text[0].startswith("<image>\n") and sum("<image>" in t for t in text) == 1
+        pairs = {(q.replace("<image>\n", ""), a) for q, a in zip(text[::2], text[1::2])}
+        assert pairs == {(r["conversations"][0]["value"].replace("<image>\n", ""), r["conversations"][1]["value"])
+                         for r in originals}
+        first_q = text[0].replace("<image>\n", "")
+        first_types[next(r["question_type"] for r in originals if r["conversations"][0]["value"].endswith(first_q))] += 1
+    assert set(first_types) == set(types)  # without the shuffle every image would open with "caption"
+    assert sv.as_conversations(records, seed=0) == merged  # seeded

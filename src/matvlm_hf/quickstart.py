@@ -1,16 +1,17 @@
 """`matvlm quickstart`: the whole MaTVLM recipe on a CPU, from nothing, in a few minutes.
 
-    matvlm quickstart                        # default run: about 5 minutes on 2 CPU cores
+    matvlm quickstart                        # default run: about 7 minutes on 2 CPU cores
     matvlm quickstart --teacher PATH         # start from your own TinyLLaVA checkpoint (skips step 2)
     matvlm quickstart --fast                 # CI scale (well under a minute); its accuracies mean nothing
 
 1. data     a synthetic visual-QA set (coloured shapes on a 2 x 2 grid; questions about colour, shape, size,
-            count and position), written in LLaVA format (`synthetic_vqa.make_dataset`);
-2. teacher  a tiny TinyLLaVA (SigLIP -> mlp2x_gelu -> Phi) trained from scratch on the answers (cross-entropy on
-            the answer tokens only), then saved in the *published TinyLLaVA layout* (`fabricate.save_tinyllava_checkpoint`)
+            count and position), written in LLaVA format (`synthetic_vqa.make_dataset`); training records are
+            conversations (a caption and five questions per image), test records single questions;
+2. teacher  a tiny TinyLLaVA (SigLIP -> mlp2x_gelu -> Phi, 4 layers) trained from scratch on the answers
+            (cross-entropy on the answer tokens only), then saved in the *published TinyLLaVA layout* (`fabricate.save_tinyllava_checkpoint`)
             so that the next step is the real conversion path;
 3. convert  TinyLLaVA -> MaTVLM twice: ratio 0 (the teacher, repackaged) and ratio 0.25 (the hybrid: Mamba-2 in
-            layers 0 and 4 of 8, initialised from their attention, paper Eq. 6);
+            layer 0 of 4, initialised from its attention, paper Eq. 6);
 4. distil   `MaTVLMDistillationTrainer` with the paper's losses (L_layer + L_prob, no CE), Mamba mixers + connector
             trainable; a shorter, higher-learning-rate schedule than the paper's, to fit the CPU budget;
 5. report   greedy exact-match accuracy (`synthetic_vqa.score`) of the teacher and the hybrid before and after
@@ -35,41 +36,41 @@ from typing import Any
 # ----------------------------------------------------------------------------------------------------------------
 # Knobs
 KNOBS: dict[str, Any] = dict(
-    # data: synthetic_vqa images of `image_size` px, one question per image
+    # data: synthetic_vqa images of `image_size` px (2 x 2 grid of 16 px cells)
     image_size=32,
     question_types=("color", "shape", "size", "count", "position"),
-    n_train=6000,  # training images (questions); the teacher and the distillation use the same ones
-    n_test=400,  # held-out images (no scene shared with the training split)
+    n_train=6000,  # training images, each one conversation; the teacher and the distillation use the same ones
+    n_test=400,  # held-out images, one question each (no scene shared with the training split)
+    questions_per_image=5,  # training conversations: this many questions about one image, in a shuffled order
+    captions=True,  # plus a "Describe the image." turn (the dense signal that gets the image pathway learning)
     # teacher: fabricate's tiny TinyLLaVA-Phi preset with these dimensions (image size from `image_size`)
-    vision_feature_select_strategy="patch",  # TinyLLaVA's: drop the first patch; "cls_patch" keeps every patch
-    vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, patch_size=8),
-    lm=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4, vocab_size=1280),
-    questions_per_image=1,  # training conversations: this many questions about one image (test: one each)
-    captions=False,  # also a "Describe the image." turn first in every training conversation
+    vision_feature_select_strategy="cls_patch",  # keep every patch: 16 px patches = the 4 grid cells = 4 image tokens
+    vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, patch_size=16),
+    lm=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, vocab_size=1280),
     device="auto",  # auto = CUDA when available
     teacher_steps=700,
     teacher_batch_size=32,
-    teacher_lr=2e-3,
-    teacher_warmup=50,
+    teacher_lr=3e-3,
+    teacher_warmup=200,
     teacher_weight_decay=0.01,
     # hybrid: conversion and distillation (loss weights are the paper's: alpha = beta = 1, gamma = 0)
-    mamba_ratio=0.25,
+    mamba_ratio=0.25,  # of 4 layers: layer 0
     mamba_chunk_size=32,  # SSD chunk of the PyTorch reference scan; exact at any value, smaller = faster on short inputs
-    distill_steps=200,
+    distill_steps=150,  # 150 / 700 = 0.21 of the teacher's steps, at half its batch
     distill_batch_size=16,
     distill_lr=1e-3,  # the paper: 2e-4 over 665K samples; far fewer steps here
     distill_warmup_ratio=0.1,
     distill_max_grad_norm=1.0,  # the paper: 0.1
     train_mode="mamba+connector",
     # evaluation
-    eval_batch_size=100,
+    eval_batch_size=200,
     max_new_tokens=12,  # the longest answer ("bottom right") is 8 tokens + <|endoftext|> with the tiny tokenizer
     speed_new_tokens=32,
     log_every=50,  # progress lines (teacher steps)
-    eval_every=0,  # teacher-forced held-out accuracy every N teacher steps (0 = never)
+    eval_every=100,  # teacher-forced held-out accuracy every N teacher steps (0 = never)
 )
-FAST: dict[str, Any] = dict(n_train=256, n_test=40, teacher_steps=30, teacher_warmup=5, distill_steps=16,
-                            distill_batch_size=8, eval_batch_size=40, speed_new_tokens=8, log_every=10)
+FAST: dict[str, Any] = dict(n_train=128, n_test=40, teacher_steps=20, teacher_warmup=5, distill_steps=8,
+                            distill_batch_size=8, eval_batch_size=40, speed_new_tokens=8, log_every=10, eval_every=10)
 
 STAGES = 6
 
@@ -243,8 +244,10 @@ def train_teacher(model, items: list[dict], pad_token_id: int, knobs: dict[str, 
 # Distillation
 
 
-def distill(student, teacher, processor, items: list[dict], out: Path, knobs: dict[str, Any], seed: int) -> list[dict]:
-    """MaTVLMDistillationTrainer on the training items; saves the student to `out`; returns the logged losses."""
+def distill(student, teacher, processor, items: list[dict], out: Path, knobs: dict[str, Any], seed: int,
+            weights: tuple[float, float, float] = (1.0, 1.0, 0.0)) -> list[dict]:
+    """MaTVLMDistillationTrainer on the training items with loss weights (alpha: L_layer, beta: L_prob, gamma: L_ce;
+    the paper's by default); saves the student to `out`; returns the logged losses (all three terms, every step)."""
     from transformers import TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -296,7 +299,7 @@ def distill(student, teacher, processor, items: list[dict], out: Path, knobs: di
         seed=seed,
     )
     trainer = MaTVLMDistillationTrainer(
-        model=student, teacher_model=teacher, distill_args=DistillationArguments(alpha=1.0, beta=1.0, gamma=0.0),
+        model=student, teacher_model=teacher, distill_args=DistillationArguments(*weights),
         args=args, train_dataset=items, data_collator=LLaVACollator(processor.tokenizer.pad_token_id),
         processing_class=processor, callbacks=[Progress()])
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
@@ -491,8 +494,9 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
         image_size = int(read_tinyllava_config(teacher_src)["vision_config"]["image_size"])
     else:
         teacher_src, image_size = work / "teacher-tinyllava", knobs["image_size"]
-    t = stage(1, f"data: {knobs['n_train']} train + {knobs['n_test']} test questions on {image_size}px images "
-                 f"({', '.join(knobs['question_types'])})")
+    t = stage(1, f"data: {knobs['n_train']} training images ({'a caption + ' if knobs['captions'] else ''}"
+                 f"{knobs['questions_per_image']} questions each) + {knobs['n_test']} test questions on {image_size}px "
+                 f"images ({', '.join(knobs['question_types'])})")
     data = make_data(work / "data", knobs, image_size, seed)
     image_dir = data["paths"]["images"]
     baseline = blind_baseline(data["train_questions"], data["test"])
@@ -530,7 +534,8 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
 
     def load(path: Path):
         return MaTVLMForConditionalGeneration.from_pretrained(
-            path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"]).to(resolve_device(knobs["device"])).eval()
+            path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"]
+        ).to(resolve_device(knobs["device"])).eval()
 
     teacher_model, hybrid = load(teacher_dir), load(hybrid_dir)
     processor = MaTVLMProcessor.from_pretrained(hybrid_dir)

@@ -1,0 +1,39 @@
+"""The study pipeline at micro scale: teacher stage, two variants through the real converter and Trainer, report."""
+
+import json
+
+from matvlm_hf import study
+
+MICRO = ["n_train=64", "n_test=20", "teacher_steps=6", "teacher_batch_size=8", "eval_every=3", "log_every=3",
+         "distill_steps=3", "distill_batch_size=4", "eval_batch_size=20", "device='cpu'",
+         "lm={'hidden_size':64,'intermediate_size':128,'num_hidden_layers':4,'num_attention_heads':4,'vocab_size':1280}"]
+
+
+def test_study_stages_and_report(tmp_path):
+    work, docs = tmp_path / "work", tmp_path / "docs"
+    study.main(["teacher", "--workdir", str(work), "--set", *MICRO])
+    teacher = json.loads((work / "teacher.json").read_text())
+    assert teacher["knobs"]["lm"]["num_hidden_layers"] == 4 and teacher["accuracy"]["total"] == 20
+    assert (work / "teacher-tinyllava" / "model.safetensors").exists()
+    study.main(["variants", "--workdir", str(work), "--only", "h50", "h25-random-init"])
+    h50 = json.loads((work / "variants" / "h50.json").read_text())
+    rnd = json.loads((work / "variants" / "h25-random-init.json").read_text())
+    assert h50["mamba_layers"] == [0, 2] and rnd["mamba_layers"] == [0] and rnd["init"] == "random"
+    assert h50["distill_steps"] == 3 and len(h50["log"]) == 3  # the teacher's recorded knobs carry over
+    assert all({"l_layer", "l_prob", "l_ce"} <= set(e) for e in h50["log"])
+    text = study.main(["report", "--workdir", str(work), "--docs", str(docs)]) or (docs / "README.md").read_text()
+    assert "| h50 | [0, 2]" in text and "| h25-random-init | [0]" in text
+    assert "| init | attention > random" in text or "| init | random > attention" in text and (docs / "study.png").stat().st_size > 10_000
+    summary = json.loads((docs / "study.json").read_text())
+    assert set(summary["variants"]) == {"h50", "h25-random-init"} and "log" not in summary["variants"]["h50"]
+
+
+def test_set_parses_literals_and_rejects_unknown_knobs():
+    assert study.parse_sets(["teacher_steps=10", "device=cpu", "captions=False"]) == {
+        "teacher_steps": 10, "device": "cpu", "captions": False}
+    try:
+        study.parse_sets(["no_such_knob=1"])
+    except SystemExit as e:
+        assert "no_such_knob" in str(e)
+    else:
+        raise AssertionError("unknown knob accepted")
