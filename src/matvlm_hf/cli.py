@@ -1,4 +1,4 @@
-"""The `matvlm` command: `matvlm quickstart | demo | convert | data | distill ...` (each subcommand has its own --help)."""
+"""The `matvlm` command: `matvlm quickstart | demo | convert | data | distill | study ...` (each has its own --help)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ COMMANDS = {
     "data": ("matvlm_hf.synthetic_vqa", "write the synthetic visual-QA data set"),
     "bench": ("matvlm_hf.benchmark", "decode/prefill speed and memory, teacher vs hybrids (GPU; --size tiny on CPU)"),
     "distill": ("matvlm_hf.train_cli", "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)"),
+    "bench-distill": ("matvlm_hf.distill_benchmark", "distillation step time, memory, largest micro-batch (GPU)"),
+    "study": ("matvlm_hf.study", "the synthetic-world study: ratios and loss/placement/init ablations, report"),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
+        lines = "\n".join(f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items())
         print(f"usage: matvlm COMMAND [options]\n\ncommands:\n{lines}")
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     module = importlib.import_module(COMMANDS[argv[0]][0])

@@ -1,7 +1,7 @@
 """Distillation step time, tokens/s, peak memory and the largest micro-batch, through the real training path.
 
-    python -m matvlm_hf.distill_benchmark --workdir runs/distill-bench --out docs/benchmarks/distillation.json
-    python -m matvlm_hf.distill_benchmark --size tiny --workdir /tmp/db --out /tmp/db.json   # CPU smoke scale
+    matvlm bench-distill --workdir runs/distill-bench --out docs/benchmarks/distillation.json
+    matvlm bench-distill --size tiny --workdir /tmp/db --out /tmp/db.json   # CPU smoke scale
 
 1. checkpoints  a TinyLLaVA-Phi-2-SigLIP checkpoint of the published sizes with random weights (`fabricate`),
                 converted twice (`conversion`): the teacher (no Mamba layer) and the student (`--ratio`);
@@ -152,7 +152,7 @@ def run_batch(cfg: dict[str, Any], models, batch_size: int, steps: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m matvlm_hf.distill_benchmark", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="matvlm bench-distill", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--workdir", required=True, help="checkpoints and data (reused when present)")

@@ -1,9 +1,10 @@
-"""The MaTVLM study on the synthetic visual-QA world, at GPU scale (issue: "proof that it works without real weights").
+"""The MaTVLM study on the synthetic visual-QA world: hybrids of a teacher trained here, and the paper's ablations.
 
-    python -m matvlm_hf.study all --workdir runs/study --docs docs/study      # teacher + every variant + report
-    python -m matvlm_hf.study teacher --workdir runs/study --set teacher_steps=2000
-    python -m matvlm_hf.study variant --workdir runs/study --name h25-even --ratio 0.25
-    python -m matvlm_hf.study report --workdir runs/study --docs docs/study
+    matvlm study all --workdir runs/study --docs docs/study --jobs 6   # teacher + every variant + report (GPU)
+    matvlm study teacher --workdir runs/study --set teacher_steps=2000
+    matvlm study variant --workdir runs/study --name h25 --placement start
+    matvlm study variants --workdir runs/study --only h25 h50 --set device=cpu distill_steps=150
+    matvlm study report --workdir runs/study --docs docs/study
 
 1. teacher  a small TinyLLaVA (SigLIP -> mlp2x_gelu -> Phi) trained from scratch on the synthetic world
             (`quickstart.train_teacher`), saved in the published TinyLLaVA layout;
@@ -13,7 +14,8 @@
 3. report   greedy exact match on the held-out split before and after distillation, a table beside the paper's
             Tables 2-4 orderings, loss-vs-step plots (docs/).
 
-Knobs: `STUDY` below (the quickstart's `KNOBS` with GPU-scale values); `--set key=value` overrides any of them.
+Knobs: `STUDY` below (the quickstart's `KNOBS` with GPU-scale values, 8 layers); `--set key=value` overrides any
+of them (the variants read the teacher's recorded knobs, then their own `--set`).
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ def _smooth(values: list[float], k: int) -> list[float]:
     return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
 
 
-def report_stage(work: Path, docs: Path) -> str:
+def report_stage(work: Path, docs: Path, note: str = "") -> str:
     """docs/README.md (tables, orderings vs the paper), study.png (loss curves, accuracies), study.json."""
     import matplotlib
 
@@ -215,6 +217,7 @@ def report_stage(work: Path, docs: Path) -> str:
     lines = [
         "# The MaTVLM study on the synthetic visual-QA world",
         "",
+        *([note, ""] if note else []),
         f"Teacher: TinyLLaVA layout (SigLIP {knobs['vision']['num_hidden_layers']} x {knobs['vision']['hidden_size']}, "
         f"Phi {knobs['lm']['num_hidden_layers']} x {knobs['lm']['hidden_size']}), trained from scratch for "
         f"{knobs['teacher_steps']} steps of {knobs['teacher_batch_size']} conversations in "
@@ -289,15 +292,40 @@ def report_stage(work: Path, docs: Path) -> str:
     return text
 
 
+def run_parallel(work: Path, names: list[str], sets: list[str], seed: int, jobs: int) -> None:
+    """Each variant in its own `python -m matvlm_hf.study variant` process, `jobs` at a time; logs in work/variants."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    (work / "variants").mkdir(parents=True, exist_ok=True)
+
+    def one(name: str) -> int:
+        cmd = [sys.executable, "-m", "matvlm_hf.study", "variant", "--workdir", str(work), "--name", name,
+               "--seed", str(seed), "--set", *sets]
+        with open(work / "variants" / f"{name}.log", "w") as log:
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        qs._say(f"{name}: {'done' if code == 0 else f'FAILED (exit {code}), see its log'}")
+        return code
+
+    with ThreadPoolExecutor(jobs) as pool:
+        failed = [n for n, code in zip(names, pool.map(one, names)) if code]
+    if failed:
+        raise SystemExit(f"error: variant(s) failed: {', '.join(failed)} (logs in {work / 'variants'})")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m matvlm_hf.study", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="matvlm study", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("stage", choices=("all", "teacher", "variant", "variants", "report"))
     parser.add_argument("--docs", default="docs/study", help="report: where README.md, study.png, study.json go")
+    parser.add_argument("--note", default="", help="report: a paragraph put under the title (scale, caveats)")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--name", help="variant: one of VARIANTS (or a new name with --ratio etc.)")
     parser.add_argument("--only", nargs="*", help="variants: run only these names (default: every VARIANTS entry)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="variants: run this many at once, each in its own process (one GPU holds several)")
     parser.add_argument("--ratio", type=float)
     parser.add_argument("--placement", choices=("even", "start", "middle", "end"))
     parser.add_argument("--init", choices=("attention", "random"))
@@ -313,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     set_seed(args.seed)
     if args.stage == "report":
-        print(report_stage(work, Path(args.docs)))
+        print(report_stage(work, Path(args.docs), args.note))
         return
     if args.stage in ("teacher", "all"):
         train_teacher_stage(work, {**STUDY, **parse_sets(args.set)}, args.seed)
@@ -324,11 +352,13 @@ def main(argv: list[str] | None = None) -> None:
         ratio, placement, init, loss = VARIANTS.get(args.name, (0.25, "even", "attention", "layer+prob"))
         variant_stage(work, knobs, args.name, args.ratio if args.ratio is not None else ratio,
                       args.placement or placement, args.init or init, args.loss or loss, args.seed)
+    elif args.jobs > 1:
+        run_parallel(work, args.only or list(VARIANTS), args.set, args.seed, args.jobs)
     else:
         for name in args.only or VARIANTS:
             variant_stage(work, knobs, name, *VARIANTS[name], args.seed)
     if args.stage == "all":
-        print(report_stage(work, Path(args.docs)))
+        print(report_stage(work, Path(args.docs), args.note))
 
 
 if __name__ == "__main__":
