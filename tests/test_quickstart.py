@@ -1,6 +1,7 @@
 """`matvlm quickstart --fast` end to end (the CI-sized run of the README's main job), and its data layout."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -56,3 +57,32 @@ def test_training_records_are_conversations_and_test_records_single_questions(fa
     data = qs.make_data(work / "data-again", {**qs.KNOBS, **qs.FAST}, 32, 0)
     assert len(data["train"]) == qs.FAST["n_train"]
     assert all(len(r["conversations"]) == 2 * k for r in data["train"])
+
+
+def test_vision_pretraining_learns_cell_attributes_then_the_frozen_tower_stays_put(fast_run):
+    import torch
+
+    from matvlm_hf.data import LLaVADataset
+    from matvlm_hf.synthetic_vqa import as_conversations
+
+    work, _ = fast_run
+    knobs = {**qs.KNOBS, **qs.FAST, "vision_pretrain_steps": 100, "device": "cpu"}
+    records = as_conversations(json.loads((work / "data" / "train.json").read_text()))
+    model, tokenizer, processor = qs.build_teacher(knobs, 32, 0)
+    items = qs.materialize(LLaVADataset(records, work / "data" / "images", processor))
+    log = qs.pretrain_vision(model, records, items, knobs, 0)
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    captions = [t["value"] for r in records for t in r["conversations"] if t["value"].startswith("top left:")]
+    assert len(captions) == len(records)
+    colours = Counter(part.split(": ")[1].split()[1] if part.split(": ")[1] != "nothing" else "nothing"
+                      for c in captions for part in c.rstrip(".").split("; ")[:4])
+    majority = colours.most_common(1)[0][1] / sum(colours.values())
+    assert log[-1]["accuracy"]["color"] > majority + 0.2  # beats "always the most common colour (or nothing)"
+    with pytest.raises(ValueError, match="captions"):
+        qs.pretrain_vision(model, [{"conversations": []}] * len(items), items, knobs, 0)
+
+    tower = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
+    lm = {k: v.clone() for k, v in model.language_model.state_dict().items()}
+    qs.train_teacher(model, items, tokenizer.pad_token_id, {**knobs, "teacher_steps": 2, "log_every": 1}, 0)
+    assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in tower.items())
+    assert not all(torch.equal(v, model.language_model.state_dict()[k]) for k, v in lm.items())

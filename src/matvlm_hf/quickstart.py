@@ -7,8 +7,10 @@
 1. data     a synthetic visual-QA set (coloured shapes on a 2 x 2 grid; questions about colour, shape, size,
             count and position), written in LLaVA format (`synthetic_vqa.make_dataset`); training records are
             conversations (a caption and five questions per image), test records single questions;
-2. teacher  a tiny TinyLLaVA (SigLIP -> mlp2x_gelu -> Phi, 4 layers) trained from scratch on the answers
-            (cross-entropy on the answer tokens only), then saved in the *published TinyLLaVA layout* (`fabricate.save_tinyllava_checkpoint`)
+2. teacher  a tiny TinyLLaVA (SigLIP -> mlp2x_gelu -> Phi, 4 layers) trained from scratch the way TinyLLaVA's are
+            built, scaled down: the SigLIP first pretrained alone (per-cell object attributes, the stand-in for
+            SigLIP's own pretraining), then frozen while connector and LM learn the conversations (cross-entropy on
+            the answer tokens only); saved in the *published TinyLLaVA layout* (`fabricate.save_tinyllava_checkpoint`)
             so that the next step is the real conversion path;
 3. convert  TinyLLaVA -> MaTVLM twice: ratio 0 (the teacher, repackaged) and ratio 0.25 (the hybrid: Mamba-2 in
             layer 0 of 4, initialised from its attention, paper Eq. 6);
@@ -48,6 +50,9 @@ KNOBS: dict[str, Any] = dict(
     vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, patch_size=16),
     lm=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, vocab_size=1280),
     device="auto",  # auto = CUDA when available
+    vision_pretrain_steps=1000,  # stage 0: the vision tower alone learns per-cell attributes (SigLIP comes pretrained)
+    vision_pretrain_lr=2e-3,
+    freeze_vision_tower=True,  # during the teacher's training (TinyLLaVA's recipe freezes its pretrained SigLIP)
     teacher_steps=700,
     teacher_batch_size=32,
     teacher_lr=3e-3,
@@ -69,7 +74,8 @@ KNOBS: dict[str, Any] = dict(
     log_every=50,  # progress lines (teacher steps)
     eval_every=100,  # teacher-forced held-out accuracy every N teacher steps (0 = never)
 )
-FAST: dict[str, Any] = dict(n_train=128, n_test=40, teacher_steps=20, teacher_warmup=5, distill_steps=8,
+FAST: dict[str, Any] = dict(n_train=128, n_test=40, vision_pretrain_steps=20, teacher_steps=20, teacher_warmup=5,
+                            distill_steps=8,
                             distill_batch_size=8, eval_batch_size=40, speed_new_tokens=8, log_every=10, eval_every=10)
 
 STAGES = 6
@@ -160,6 +166,68 @@ def build_teacher(knobs: dict[str, Any], image_size: int, seed: int):
     return model, tokenizer, processor
 
 
+def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[str, Any], seed: int) -> list[dict]:
+    """Stage 0, the stand-in for SigLIP's own pretraining: the vision tower alone learns to classify each grid
+    cell's object (shape, colour, size, or nothing) from the feature layer the connector reads, with the labels
+    parsed from the training captions; the classification heads are dropped afterwards. Returns the loss log."""
+    import torch
+
+    from .synthetic_vqa import COLORS, POSITIONS, SHAPES, SIZES
+
+    vocab = {"shape": ("nothing",) + SHAPES, "color": ("nothing",) + tuple(COLORS), "size": ("nothing",) + SIZES}
+    cells = list(POSITIONS.values())
+    pixels, labels = [], []
+    for record, item in zip(records, items):
+        caption = next((b["value"] for a, b in zip(record["conversations"][::2], record["conversations"][1::2])
+                        if b["value"].startswith(cells[0] + ":")), None)
+        if caption is None or "pixel_values" not in item:
+            continue
+        parts = dict(part.split(": ", 1) for part in caption.rstrip(".").split("; "))
+        row = []
+        for cell in cells:
+            words = parts[cell].split()
+            size, color, shape = (words[0], " ".join(words[1:-1]), words[-1]) if len(words) >= 3 else ("nothing",) * 3
+            row.append([vocab["shape"].index(shape), vocab["color"].index(color), vocab["size"].index(size)])
+        pixels.append(item["pixel_values"])
+        labels.append(row)
+    if not labels:
+        raise ValueError("vision pretraining needs caption turns in the training records (knob captions=True)")
+    device = next(model.parameters()).device
+    pixels, labels = torch.cat(pixels).to(device), torch.tensor(labels, device=device)  # (n, 3, H, W), (n, 4, 3)
+    vc, config = model.config.vision_config, model.config
+    side = vc.image_size // vc.patch_size
+    token_cell = torch.tensor([(r * 2 // side) * 2 + (c * 2 // side) for r in range(side) for c in range(side)],
+                              device=device)
+    tower = model.vision_tower
+    heads = torch.nn.ModuleList(torch.nn.Linear(vc.hidden_size, len(v)) for v in vocab.values()).to(device)
+    optimizer = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=knobs["vision_pretrain_lr"])
+    gen = torch.Generator().manual_seed(seed)
+    tower.train()
+    log = []
+    for step in range(1, knobs["vision_pretrain_steps"] + 1):
+        idx = torch.randint(len(labels), (knobs["teacher_batch_size"],), generator=gen).to(device)
+        feats = tower(pixel_values=pixels[idx], output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        pooled = torch.stack([feats[:, token_cell == k].mean(1) for k in range(4)], 1)  # (b, 4 cells, d)
+        loss = sum(torch.nn.functional.cross_entropy(head(pooled).flatten(0, 1), labels[idx][..., j].flatten())
+                   for j, head in enumerate(heads))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.append({"step": step, "loss": loss.item()})
+    tower.eval()
+    with torch.no_grad():  # per-cell accuracy of each head on (up to) 1000 training images: how much the tower knows
+        feats = tower(pixel_values=pixels[:1000], output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        pooled = torch.stack([feats[:, token_cell == k].mean(1) for k in range(4)], 1)
+        accuracy = {name: (head(pooled).argmax(-1) == labels[:1000][..., j]).float().mean().item()
+                    for j, (name, head) in enumerate(zip(vocab, heads))}
+    if log:
+        _say(f"    vision pretraining: {len(log)} steps, per-cell attribute loss {log[0]['loss']:.3f} -> "
+             f"{sum(e['loss'] for e in log[-20:]) / len(log[-20:]):.3f}; per-cell accuracy "
+             + ", ".join(f"{k} {100 * v:.0f}%" for k, v in accuracy.items()))
+        log[-1]["accuracy"] = accuracy
+    return log
+
+
 def resolve_device(name: str = "auto") -> "torch.device":
     import torch
 
@@ -201,6 +269,8 @@ def train_teacher(model, items: list[dict], pad_token_id: int, knobs: dict[str, 
     device = resolve_device(knobs["device"])
     collate = LLaVACollator(pad_token_id)
     model.to(device).train().requires_grad_(True)
+    if knobs["freeze_vision_tower"]:  # TinyLLaVA's own recipe keeps its (pretrained) SigLIP frozen
+        model.vision_tower.requires_grad_(False)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, knobs["teacher_weight_decay"]), lr=knobs["teacher_lr"],
                                   betas=(0.9, 0.95))
     schedule = get_cosine_schedule_with_warmup(optimizer, min(knobs["teacher_warmup"], steps // 2), steps)
@@ -516,6 +586,8 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
              f"{knobs['lm']['hidden_size']}; {model.config.num_image_tokens} image tokens per image")
         items = materialize(LLaVADataset(data["train"], image_dir, processor))
         test_items = materialize(LLaVADataset(data["test"], image_dir, processor), data["test"])
+        if knobs["vision_pretrain_steps"]:
+            pretrain_vision(model.to(resolve_device(knobs["device"])), data["train"], items, knobs, seed)
         teacher_log = train_teacher(model, items, tokenizer.pad_token_id, knobs, seed, eval_items=test_items)
         model.cpu()
         save_tinyllava_checkpoint(model, tokenizer, teacher_src)

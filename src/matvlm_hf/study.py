@@ -89,6 +89,9 @@ def train_teacher_stage(work: Path, knobs: dict[str, Any], seed: int) -> dict[st
             f"({qs._fmt_time(time.perf_counter() - t0)}); teacher {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
             f"parameters, {model.config.num_image_tokens} image tokens")
     t1 = time.perf_counter()
+    model.to(qs.resolve_device(knobs["device"]))
+    if knobs["vision_pretrain_steps"]:
+        qs.pretrain_vision(model, data["train"], items, knobs, seed)
     log = qs.train_teacher(model, items, tokenizer.pad_token_id, knobs, seed, eval_items=test_items)
     train_s = time.perf_counter() - t1
     _, accuracy = qs.evaluate(model, processor, data["test"], image_dir, batch_size=knobs["eval_batch_size"],
@@ -151,6 +154,7 @@ def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, pl
     result = {"name": name, "ratio": ratio, "placement": placement, "init": init, "loss": loss,
               "weights": LOSSES[loss], "mamba_layers": list(hybrid.config.mamba_layers),
               "undistilled": before, "distilled": after, "distill_steps": knobs["distill_steps"],
+              "distill_batch_size": knobs["distill_batch_size"], "distill_lr": knobs["distill_lr"],
               "distill_seconds": round(distill_s, 1), "eval_seconds": round(time.perf_counter() - t0 - distill_s, 1),
               "log": log}
     (work / "variants" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -190,6 +194,17 @@ PAPER = {
 }
 
 
+def _early_late(log: list[dict]) -> str:
+    """Mean L_prob over the 5 % of steps around 10 % of the run, and over the last 5 %."""
+    if not log:
+        return "-"
+    n, w = len(log), max(1, len(log) // 20)
+    i = max(w, n // 10)
+    early = [e["l_prob"] for e in log[i - w:i + w]]
+    late = [e["l_prob"] for e in log[-w:]]
+    return f"{sum(early) / len(early):.2f} / {sum(late) / len(late):.2f}"
+
+
 def _smooth(values: list[float], k: int) -> list[float]:
     return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
 
@@ -202,7 +217,8 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
     import matplotlib.pyplot as plt
 
     teacher = json.loads((work / "teacher.json").read_text())
-    variants = {p.stem: json.loads(p.read_text()) for p in sorted((work / "variants").glob("*.json"))}
+    found = {p.stem: json.loads(p.read_text()) for p in (work / "variants").glob("*.json")}
+    variants = {n: found.pop(n) for n in list(VARIANTS) if n in found} | dict(sorted(found.items()))
     t_acc = teacher["accuracy"]["accuracy"]
     docs.mkdir(parents=True, exist_ok=True)
     knobs = teacher["knobs"]
@@ -210,9 +226,17 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
     def acc(name: str, when: str = "distilled") -> float | None:
         return variants[name][when]["accuracy"] if name in variants else None
 
-    def ordering(names: dict[str, str]) -> list[str]:
+    def ordering(names: dict[str, str]) -> str:
+        """Best first; "≈" where two neighbours differ by less than two standard errors of the difference."""
         have = {label: acc(n) for label, n in names.items() if n in variants}
-        return sorted(have, key=lambda label: -have[label])
+        ranked = sorted(have, key=lambda label: -have[label])
+        out = ranked[:1]
+        for prev, cur in zip(ranked, ranked[1:]):
+            n = variants[names[cur]]["distilled"]["total"]
+            p_mean = (have[prev] + have[cur]) / 2
+            se = (2 * p_mean * (1 - p_mean) / max(n, 1)) ** 0.5
+            out += [">" if have[prev] - have[cur] > 2 * se else "≈", cur]
+        return " ".join(out)
 
     lines = [
         "# The MaTVLM study on the synthetic visual-QA world",
@@ -223,28 +247,38 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
         f"{knobs['teacher_steps']} steps of {knobs['teacher_batch_size']} conversations in "
         f"{teacher['train_seconds']:.0f} s on `{teacher.get('device', knobs['device'])}`; held-out greedy exact match **{100 * t_acc:.1f} %** "
         f"on {teacher['accuracy']['total']} questions (blind baseline {100 * teacher['blind_baseline']['accuracy']:.1f} %).",
-        "Every variant: converted from that checkpoint with the project's converter, then distilled (steps below, "
-        f"batch {knobs['distill_batch_size']}, lr {knobs['distill_lr']:g}; the teacher took {knobs['teacher_steps']} "
-        "steps), Mamba mixers + connector trainable. Reproduce: `python -m matvlm_hf.study all --workdir W --docs DIR "
-        "--set KEY=VALUE ...` with the knobs recorded in study.json.",
+        "Every variant: converted from that checkpoint with the project's converter, then distilled (steps, batch "
+        f"and lr below; the teacher took {knobs['teacher_steps']} steps), Mamba mixers + connector trainable. "
+        "Reproduce: `matvlm study all --workdir W --docs DIR --set KEY=VALUE ...` with the knobs in study.json. "
+        "Orderings: `≈` marks neighbours less than two standard errors apart (binomial, on the test questions).",
         "",
-        "| variant | Mamba layers | loss | steps | before distillation | after | after / teacher |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| variant | Mamba layers | loss | steps x batch, lr | before distillation | after | after / teacher "
+        "| L_prob at 10 % / 100 % of the steps |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, v in variants.items():
         lines.append(f"| {name} | {v['mamba_layers']} ({v['placement']}, {v['init']} init) | {v['loss']} | "
-                     f"{v['distill_steps']} | "
+                     f"{v['distill_steps']} x {v.get('distill_batch_size', '?')}, {v.get('distill_lr', '?')} | "
                      f"{100 * v['undistilled']['accuracy']:.1f} % | {100 * v['distilled']['accuracy']:.1f} % | "
-                     f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % |")
-    orderings = {
-        "ratio": ordering({"12.5 %": "h12.5", "25 %": "h25", "50 %": "h50"}),
-        "placement": ordering({"even": "h25", "start": "h25-start", "middle": "h25-middle", "end": "h25-end"}),
-        "loss": ordering({k: ("h25" if k == "layer+prob" else f"h25-loss-{k}") for k in LOSSES}),
-        "init": ordering({"attention": "h25", "random": "h25-random-init"}),
+                     f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % | {_early_late(v['log'])} |")
+    def by_kl(names: dict[str, str]) -> str:
+        """Best (lowest final L_prob) first, with the values."""
+        have = {label: float(_early_late(variants[n]["log"]).split(" / ")[1]) for label, n in names.items()
+                if n in variants and variants[n]["log"]}
+        return " > ".join(f"{label} ({have[label]:.2f})" for label in sorted(have, key=have.get))
+
+    groups = {
+        "ratio": {"12.5 %": "h12.5", "25 %": "h25", "50 %": "h50"},
+        "placement": {"even": "h25", "start": "h25-start", "middle": "h25-middle", "end": "h25-end"},
+        "loss": {k: ("h25" if k == "layer+prob" else f"h25-loss-{k}") for k in LOSSES},
+        "init": {"attention": "h25", "random": "h25-random-init"},
     }
-    lines += ["", "## Orderings beside the paper's (best first; ours: held-out accuracy after distillation)", "",
-              "| ablation | ours | paper (average benchmark score) |", "|---|---|---|"]
-    lines += [f"| {key} | {' > '.join(orderings[key])} | {' > '.join(PAPER[key])} |" for key in orderings]
+    orderings = {key: ordering(names) for key, names in groups.items()}
+    kl_orderings = {key: by_kl(names) for key, names in groups.items()}
+    lines += ["", "## Orderings beside the paper's (best first)", "",
+              "| ablation | ours: held-out accuracy after distillation | ours: final L_prob (KL to the teacher) "
+              "| paper (average benchmark score) |", "|---|---|---|---|"]
+    lines += [f"| {key} | {orderings[key]} | {kl_orderings[key]} | {' > '.join(PAPER[key])} |" for key in orderings]
     lines += ["", "Paper column: as summarised by a third-party note of the paper (the full text was not reachable "
               "here): loss prob+layer 62.3, prob 61.4, all 61.3, layer 60.7, ce 55.6; placement even 62.3, start 60.4, "
               "middle 58.9, end fails; ratio 25 % 62.3, 12.5 % 61.8, 50 % 60.1.", ""]
@@ -286,7 +320,7 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
             "every variant whatever its loss weights (a common yardstick), smoothed; legend: accuracy after.\n"
     (docs / "README.md").write_text(text)
     summary = {"teacher": {k: teacher[k] for k in ("accuracy", "blind_baseline", "train_seconds", "knobs")},
-               "orderings": orderings, "paper_orderings": PAPER,
+               "orderings": orderings, "kl_orderings": kl_orderings, "paper_orderings": PAPER,
                "variants": {n: {k: v for k, v in var.items() if k != "log"} for n, var in variants.items()}}
     (docs / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
     return text
