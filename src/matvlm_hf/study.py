@@ -14,8 +14,8 @@
 3. report   greedy exact match on the held-out split before and after distillation, a table beside the paper's
             Tables 2-4 orderings, loss-vs-step plots (docs/).
 
-Knobs: `STUDY` below (the quickstart's `KNOBS` with GPU-scale values, 8 layers); `--set key=value` overrides any
-of them (the variants read the teacher's recorded knobs, then their own `--set`).
+Knobs: `STUDY` below (the quickstart's `KNOBS` with GPU-scale values, 8 layers; not yet run at that scale); `--set
+key=value` overrides any of them (the variants read the teacher's recorded knobs, then their own `--set`).
 """
 
 from __future__ import annotations
