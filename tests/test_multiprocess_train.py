@@ -139,3 +139,20 @@ def test_resume_continues_from_the_last_checkpoint(setup, tmp_path):
     assert [e["step"] for e in b] == [3, 4], log[-2000:]
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_accelerate_launch_runs_the_same_two_process_training(setup, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU machine: 2 gloo processes, the same losses as one
+    process with the same effective batch (what the README and the issue ask of a multi-process launch)."""
+    d, teacher, student = setup
+    single, acc = tmp_path / "single", tmp_path / "accelerate"
+    run([sys.executable, SCRIPT, *cli_args(d, teacher, student, single)], cwd=ROOT)
+    log = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29517", SCRIPT, *cli_args(d, teacher, student, acc)], cwd=ROOT)
+    assert "1 x 2 accumulation x 2 process(es)" in log
+    assert len(list(acc.glob("checkpoint-2/rng_state_*.pth"))) == 2
+    for a, b in zip(logged_losses(single), logged_losses(acc)):
+        for key in ("loss", "l_layer", "l_prob", "l_ce"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3), (key, a, b)
+    assert (acc / "model.safetensors").is_file()
