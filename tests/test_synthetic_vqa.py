@@ -326,6 +326,10 @@ def test_caption_lists_every_cell_from_the_scene():
             obj = next((o for o in s.scene.objects if (o.row, o.col) == (row, col)), None)
             assert cells[name] == (f"{obj.size} {obj.color} {obj.shape}" if obj else "nothing")
         assert cells.get("text") == s.scene.text
+        parsed = sv.parse_description(s.answer)
+        assert parsed == {name: (o.size, o.color, o.shape) if (o := next((o for o in s.scene.objects
+                          if sv.POSITIONS[(o.row, o.col)] == name), None)) else None for name in sv.POSITIONS.values()}
+    assert sv.parse_description("3") is None and sv.parse_description("top left") is None
 
 
 def test_conversations_merge_one_image_and_shuffle_turn_order():

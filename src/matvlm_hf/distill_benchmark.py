@@ -100,10 +100,12 @@ def prepare(work: Path, size: str, ratio: float, max_length: int, n_samples: int
         for i, sample in enumerate(generate_samples(n_samples, image_size=image_size, seed=seed, split="bench")):
             sample.image.save(images / f"{sample.image_id}.png")
             turns = [{"from": "human", "value": f"<image>\n{sample.question}"}, {"from": "gpt", "value": sample.answer}]
-            j = i
-            while len(tokenizer(" ".join(t["value"] for t in turns))["input_ids"]) < max_length:
+            # text tokens counted turn by turn (the chat template only adds more), image tokens ignored: an overshoot
+            n_tokens, j = 0, i
+            while n_tokens < max_length:
                 filler = qa[j % len(qa)]
                 turns += [{"from": "human", "value": filler.question}, {"from": "gpt", "value": filler.answer}]
+                n_tokens += len(tokenizer(f"{filler.question} {filler.answer}")["input_ids"])
                 j += 7
             records.append({"id": sample.id, "image": f"{sample.image_id}.png", "conversations": turns})
         data.write_text(json.dumps(records) + "\n")

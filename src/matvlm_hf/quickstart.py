@@ -172,21 +172,18 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
     parsed from the training captions; the classification heads are dropped afterwards. Returns the loss log."""
     import torch
 
-    from .synthetic_vqa import COLORS, POSITIONS, SHAPES, SIZES
+    from .synthetic_vqa import COLORS, POSITIONS, SHAPES, SIZES, parse_description
 
     vocab = {"shape": ("nothing",) + SHAPES, "color": ("nothing",) + tuple(COLORS), "size": ("nothing",) + SIZES}
-    cells = list(POSITIONS.values())
     pixels, labels = [], []
     for record, item in zip(records, items):
-        caption = next((b["value"] for a, b in zip(record["conversations"][::2], record["conversations"][1::2])
-                        if b["value"].startswith(cells[0] + ":")), None)
-        if caption is None or "pixel_values" not in item:
+        cells = next((c for t in record["conversations"] if t["from"] == "gpt"
+                      for c in [parse_description(t["value"])] if c is not None), None)
+        if cells is None or "pixel_values" not in item:
             continue
-        parts = dict(part.split(": ", 1) for part in caption.rstrip(".").split("; "))
         row = []
-        for cell in cells:
-            words = parts[cell].split()
-            size, color, shape = (words[0], " ".join(words[1:-1]), words[-1]) if len(words) >= 3 else ("nothing",) * 3
+        for name in POSITIONS.values():
+            size, color, shape = cells[name] or ("nothing",) * 3
             row.append([vocab["shape"].index(shape), vocab["color"].index(color), vocab["size"].index(size)])
         pixels.append(item["pixel_values"])
         labels.append(row)
@@ -308,6 +305,40 @@ def train_teacher(model, items: list[dict], pad_token_id: int, knobs: dict[str, 
             window = []
     model.eval()
     return log
+
+
+def train_new_teacher(data: dict[str, Any], knobs: dict[str, Any], image_size: int, seed: int, out: Path):
+    """A fresh teacher (`build_teacher`), its vision tower pretrained when `vision_pretrain_steps`, trained on
+    data["train"] with held-out teacher-forced scores on data["test"], saved in the TinyLLaVA layout at `out`.
+    Returns (model on `knobs["device"]`, tokenizer, processor, training log)."""
+    from .data import LLaVADataset
+    from .fabricate import save_tinyllava_checkpoint
+
+    model, tokenizer, processor = build_teacher(knobs, image_size, seed)
+    image_dir = data["paths"]["images"]
+    _say(f"    {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters: SigLIP "
+         f"{knobs['vision']['num_hidden_layers']} layers x {knobs['vision']['hidden_size']}, Phi "
+         f"{knobs['lm']['num_hidden_layers']} layers x {knobs['lm']['hidden_size']}; "
+         f"{model.config.num_image_tokens} image tokens per image")
+    items = materialize(LLaVADataset(data["train"], image_dir, processor))
+    test_items = materialize(LLaVADataset(data["test"], image_dir, processor), data["test"])
+    model.to(resolve_device(knobs["device"]))
+    if knobs["vision_pretrain_steps"]:
+        pretrain_vision(model, data["train"], items, knobs, seed)
+    log = train_teacher(model, items, tokenizer.pad_token_id, knobs, seed, eval_items=test_items)
+    save_tinyllava_checkpoint(model, tokenizer, out)
+    _say(f"    saved in the TinyLLaVA layout: {out}")
+    return model, tokenizer, processor, log
+
+
+def load_matvlm(path: Path, knobs: dict[str, Any]):
+    """A MaTVLM checkpoint in float32 on `knobs["device"]`, eval mode, with the knobs' SSD chunk size."""
+    import torch
+
+    from .modeling_matvlm import MaTVLMForConditionalGeneration
+
+    return MaTVLMForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"]).to(resolve_device(knobs["device"])).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,14 +564,11 @@ def run(workdir: str | Path = "matvlm-quickstart", *, teacher: str | Path | None
 
 def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
-    import torch
     from transformers import set_seed
 
     from .conversion import convert_tinyllava_to_matvlm, read_tinyllava_config, resolve_checkpoint
     from .data import LLaVADataset
     from .demo import decode_speed
-    from .fabricate import save_tinyllava_checkpoint
-    from .modeling_matvlm import MaTVLMForConditionalGeneration
     from .processing_matvlm import MaTVLMProcessor
     from .synthetic_vqa import generate_samples
 
@@ -579,20 +607,8 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
     if teacher is None:
         t = stage(2, f"teacher: training a tiny TinyLLaVA-Phi from scratch ({knobs['teacher_steps']} steps of "
                      f"{knobs['teacher_batch_size']})")
-        model, tokenizer, processor = build_teacher(knobs, image_size, seed)
-        n_params = sum(p.numel() for p in model.parameters())
-        _say(f"    {n_params / 1e6:.2f}M parameters: SigLIP {knobs['vision']['num_hidden_layers']} layers x "
-             f"{knobs['vision']['hidden_size']}, Phi {knobs['lm']['num_hidden_layers']} layers x "
-             f"{knobs['lm']['hidden_size']}; {model.config.num_image_tokens} image tokens per image")
-        items = materialize(LLaVADataset(data["train"], image_dir, processor))
-        test_items = materialize(LLaVADataset(data["test"], image_dir, processor), data["test"])
-        if knobs["vision_pretrain_steps"]:
-            pretrain_vision(model.to(resolve_device(knobs["device"])), data["train"], items, knobs, seed)
-        teacher_log = train_teacher(model, items, tokenizer.pad_token_id, knobs, seed, eval_items=test_items)
-        model.cpu()
-        save_tinyllava_checkpoint(model, tokenizer, teacher_src)
-        _say(f"    saved in the TinyLLaVA layout: {teacher_src}")
-        del model, items, test_items
+        model, _, _, teacher_log = train_new_teacher(data, knobs, image_size, seed, teacher_src)
+        del model
         timings["teacher"] = time.perf_counter() - t
     else:
         _say(f"\n[2/{STAGES}] teacher: {teacher_src} (given; not trained here)")
@@ -604,12 +620,7 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
     hybrid_dir = convert_tinyllava_to_matvlm(teacher_src, work / "hybrid-undistilled", mamba_ratio=knobs["mamba_ratio"],
                                              seed=seed, overwrite=True, progress=False)
 
-    def load(path: Path):
-        return MaTVLMForConditionalGeneration.from_pretrained(
-            path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"]
-        ).to(resolve_device(knobs["device"])).eval()
-
-    teacher_model, hybrid = load(teacher_dir), load(hybrid_dir)
+    teacher_model, hybrid = load_matvlm(teacher_dir, knobs), load_matvlm(hybrid_dir, knobs)
     processor = MaTVLMProcessor.from_pretrained(hybrid_dir)
     mamba_layers = list(hybrid.config.mamba_layers)
     _say(f"    {teacher_dir}\n    {hybrid_dir}: Mamba layers {mamba_layers} of "
@@ -642,7 +653,7 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
 
     # 6. evaluate after, speed, example, report ---------------------------------------------------------------------
     t = stage(6, "evaluate the distilled hybrid; decode speed; one question; summary")
-    distilled = load(distilled_dir)
+    distilled = load_matvlm(distilled_dir, knobs)
     predictions["hybrid_distilled"], accuracy["hybrid_distilled"] = evaluate(
         distilled, processor, data["test"], image_dir, **ev)
     example_answers["hybrid_distilled"] = answer(distilled, processor, example.image, example.question,

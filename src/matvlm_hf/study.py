@@ -75,28 +75,13 @@ def load_knobs(work: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def train_teacher_stage(work: Path, knobs: dict[str, Any], seed: int) -> dict[str, Any]:
     """Data, teacher from scratch, TinyLLaVA-layout save, greedy held-out accuracy -> work/teacher.json."""
-    from .data import LLaVADataset
-    from .fabricate import save_tinyllava_checkpoint
-
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     data = qs.make_data(work / "data", knobs, knobs["image_size"], seed)
-    model, tokenizer, processor = qs.build_teacher(knobs, knobs["image_size"], seed)
-    image_dir = data["paths"]["images"]
-    items = qs.materialize(LLaVADataset(data["train"], image_dir, processor))
-    test_items = qs.materialize(LLaVADataset(data["test"], image_dir, processor), data["test"])
-    qs._say(f"data: {len(items)} training conversations, {len(test_items)} test questions "
-            f"({qs._fmt_time(time.perf_counter() - t0)}); teacher {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-            f"parameters, {model.config.num_image_tokens} image tokens")
     t1 = time.perf_counter()
-    model.to(qs.resolve_device(knobs["device"]))
-    if knobs["vision_pretrain_steps"]:
-        qs.pretrain_vision(model, data["train"], items, knobs, seed)
-    log = qs.train_teacher(model, items, tokenizer.pad_token_id, knobs, seed, eval_items=test_items)
+    model, _, processor, log = qs.train_new_teacher(data, knobs, knobs["image_size"], seed, work / "teacher-tinyllava")
     train_s = time.perf_counter() - t1
-    _, accuracy = qs.evaluate(model, processor, data["test"], image_dir, batch_size=knobs["eval_batch_size"],
-                              max_new_tokens=knobs["max_new_tokens"])
-    save_tinyllava_checkpoint(model.cpu(), tokenizer, work / "teacher-tinyllava")
+    _, accuracy = qs.evaluate(model, processor, data["test"], data["paths"]["images"],
+                              batch_size=knobs["eval_batch_size"], max_new_tokens=knobs["max_new_tokens"])
     result = {"knobs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in knobs.items()}, "seed": seed,
               "device": str(qs.resolve_device(knobs["device"])),
               "train_seconds": round(train_s, 1), "accuracy": accuracy,
@@ -108,13 +93,16 @@ def train_teacher_stage(work: Path, knobs: dict[str, Any], seed: int) -> dict[st
     return result
 
 
-def _load(path: Path, knobs: dict[str, Any]):
-    import torch
+def teacher_matvlm(work: Path, seed: int) -> Path:
+    """The trained teacher converted to MaTVLM (ratio 0), converted once and shared by every variant."""
+    from .conversion import convert_tinyllava_to_matvlm
 
-    from .modeling_matvlm import MaTVLMForConditionalGeneration
-
-    return MaTVLMForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"]).to(qs.resolve_device(knobs["device"])).eval()
+    source, teacher_dir = work / "teacher-tinyllava", work / "teacher-matvlm"
+    if not (source / "config.json").exists():
+        raise SystemExit(f"error: no trained teacher in {work} (run the `teacher` stage first)")
+    if not (teacher_dir / "config.json").exists():
+        convert_tinyllava_to_matvlm(source, teacher_dir, mamba_ratio=0.0, seed=seed, overwrite=True, progress=False)
+    return teacher_dir
 
 
 def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, placement: str, init: str, loss: str,
@@ -127,16 +115,11 @@ def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, pl
     from .data import LLaVADataset
     from .processing_matvlm import MaTVLMProcessor
 
-    source = work / "teacher-tinyllava"
-    if not (source / "config.json").exists():
-        raise SystemExit(f"error: no trained teacher in {work} (run the `teacher` stage first)")
-    teacher_dir = work / "teacher-matvlm"
-    if not (teacher_dir / "config.json").exists():
-        convert_tinyllava_to_matvlm(source, teacher_dir, mamba_ratio=0.0, seed=seed, overwrite=True, progress=False)
+    source, teacher_dir = work / "teacher-tinyllava", teacher_matvlm(work, seed)
     out = work / "variants" / name
     hybrid_dir = convert_tinyllava_to_matvlm(source, out / "undistilled", mamba_ratio=ratio, placement=placement,
                                              init=init, seed=seed, overwrite=True, progress=False)
-    teacher, hybrid = _load(teacher_dir, knobs), _load(hybrid_dir, knobs)
+    teacher, hybrid = qs.load_matvlm(teacher_dir, knobs), qs.load_matvlm(hybrid_dir, knobs)
     processor = MaTVLMProcessor.from_pretrained(hybrid_dir)
     data = json.loads((work / "data" / "train.json").read_text())
     test = json.loads((work / "data" / "test.json").read_text())
@@ -150,7 +133,7 @@ def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, pl
     t1 = time.perf_counter()
     log = qs.distill(hybrid, teacher, processor, items, out / "distilled", knobs, seed, weights=LOSSES[loss])
     distill_s = time.perf_counter() - t1
-    _, after = qs.evaluate(_load(out / "distilled", knobs), processor, test, image_dir, **ev)
+    _, after = qs.evaluate(qs.load_matvlm(out / "distilled", knobs), processor, test, image_dir, **ev)
     result = {"name": name, "ratio": ratio, "placement": placement, "init": init, "loss": loss,
               "weights": LOSSES[loss], "mamba_layers": list(hybrid.config.mamba_layers),
               "undistilled": before, "distilled": after, "distill_steps": knobs["distill_steps"],
@@ -194,15 +177,13 @@ PAPER = {
 }
 
 
-def _early_late(log: list[dict]) -> str:
-    """Mean L_prob over the 5 % of steps around 10 % of the run, and over the last 5 %."""
-    if not log:
-        return "-"
+def _early_late(log: list[dict]) -> tuple[float, float]:
+    """Mean L_prob over the 5 % of steps around 10 % of the run, and over the last 5 % (log must not be empty)."""
     n, w = len(log), max(1, len(log) // 20)
     i = max(w, n // 10)
     early = [e["l_prob"] for e in log[i - w:i + w]]
     late = [e["l_prob"] for e in log[-w:]]
-    return f"{sum(early) / len(early):.2f} / {sum(late) / len(late):.2f}"
+    return sum(early) / len(early), sum(late) / len(late)
 
 
 def _smooth(values: list[float], k: int) -> list[float]:
@@ -260,10 +241,10 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
         lines.append(f"| {name} | {v['mamba_layers']} ({v['placement']}, {v['init']} init) | {v['loss']} | "
                      f"{v['distill_steps']} x {v.get('distill_batch_size', '?')}, {v.get('distill_lr', '?')} | "
                      f"{100 * v['undistilled']['accuracy']:.1f} % | {100 * v['distilled']['accuracy']:.1f} % | "
-                     f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % | {_early_late(v['log'])} |")
+                     f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % | {'%.2f / %.2f' % _early_late(v['log']) if v['log'] else '-'} |")
     def by_kl(names: dict[str, str]) -> str:
         """Best (lowest final L_prob) first, with the values."""
-        have = {label: float(_early_late(variants[n]["log"]).split(" / ")[1]) for label, n in names.items()
+        have = {label: _early_late(variants[n]["log"])[1] for label, n in names.items()
                 if n in variants and variants[n]["log"]}
         return " > ".join(f"{label} ({have[label]:.2f})" for label in sorted(have, key=have.get))
 
@@ -333,6 +314,7 @@ def run_parallel(work: Path, names: list[str], sets: list[str], seed: int, jobs:
     from concurrent.futures import ThreadPoolExecutor
 
     (work / "variants").mkdir(parents=True, exist_ok=True)
+    teacher_matvlm(work, seed)  # before the processes start: they would all convert it at once
 
     def one(name: str) -> int:
         cmd = [sys.executable, "-m", "matvlm_hf.study", "variant", "--workdir", str(work), "--name", name,

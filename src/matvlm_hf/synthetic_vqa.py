@@ -387,6 +387,19 @@ def describe_scene(scene: Scene) -> str:
     return "; ".join(parts) + "."
 
 
+def parse_description(text: str) -> dict[str, tuple[str, str, str] | None] | None:
+    """Inverse of `describe_scene` for the objects: {position: (size, color, shape) or None}, or None when `text`
+    is not a scene description."""
+    parts = dict(part.split(": ", 1) for part in text.rstrip(".").split("; ") if ": " in part)
+    if not set(POSITIONS.values()) <= set(parts):
+        return None
+    cells: dict[str, tuple[str, str, str] | None] = {}
+    for name in POSITIONS.values():
+        words = parts[name].split()
+        cells[name] = None if parts[name] == "nothing" else (words[0], " ".join(words[1:-1]), words[-1])
+    return cells
+
+
 def _q_caption(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     """A dense description (LLaVA's captioning stage in miniature): every object, its place, the text."""
     return rng.choice(["Describe the image.", "What is in the image?", "List the objects in the image."]), \
