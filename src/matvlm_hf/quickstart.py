@@ -51,7 +51,7 @@ KNOBS: dict[str, Any] = dict(
     lm=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, vocab_size=1280),
     device="auto",  # auto = CUDA when available
     vision_pretrain_steps=1000,  # stage 0: the vision tower alone learns per-cell attributes (SigLIP comes pretrained)
-    vision_pretrain_lr=2e-3,
+    vision_pretrain_lr=2e-3,  # cosine-decayed to 0 after `teacher_warmup` steps of warmup
     freeze_vision_tower=True,  # during the teacher's training (TinyLLaVA's recipe freezes its pretrained SigLIP)
     teacher_steps=700,
     teacher_batch_size=32,
@@ -61,6 +61,7 @@ KNOBS: dict[str, Any] = dict(
     # hybrid: conversion and distillation (loss weights are the paper's: alpha = beta = 1, gamma = 0)
     mamba_ratio=0.25,  # of 4 layers: layer 0
     mamba_chunk_size=32,  # SSD chunk of the PyTorch reference scan; exact at any value, smaller = faster on short inputs
+    mamba_kernels=True,  # mamba_ssm's Triton kernels when installed and on CUDA (else the PyTorch reference scan)
     distill_steps=150,  # 150 / 700 = 0.21 of the teacher's steps, at half its batch
     distill_batch_size=16,
     distill_lr=1e-3,  # the paper: 2e-4 over 665K samples; far fewer steps here
@@ -171,6 +172,7 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
     cell's object (shape, colour, size, or nothing) from the feature layer the connector reads, with the labels
     parsed from the training captions; the classification heads are dropped afterwards. Returns the loss log."""
     import torch
+    from transformers import get_cosine_schedule_with_warmup
 
     from .synthetic_vqa import COLORS, POSITIONS, SHAPES, SIZES, parse_description
 
@@ -193,28 +195,32 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
     pixels, labels = torch.cat(pixels).to(device), torch.tensor(labels, device=device)  # (n, 3, H, W), (n, 4, 3)
     vc, config = model.config.vision_config, model.config
     side = vc.image_size // vc.patch_size
-    token_cell = torch.tensor([(r * 2 // side) * 2 + (c * 2 // side) for r in range(side) for c in range(side)],
-                              device=device)
+    token_cell = torch.tensor([(r * 2 // side) * 2 + (c * 2 // side) for r in range(side) for c in range(side)])
+    cell_tokens = [(token_cell == k).nonzero().flatten().to(device) for k in range(4)]  # token indices per grid cell
     tower = model.vision_tower
     heads = torch.nn.ModuleList(torch.nn.Linear(vc.hidden_size, len(v)) for v in vocab.values()).to(device)
     optimizer = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=knobs["vision_pretrain_lr"])
+    steps = knobs["vision_pretrain_steps"]
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(knobs["teacher_warmup"], steps // 2), steps)
     gen = torch.Generator().manual_seed(seed)
     tower.train()
-    log = []
-    for step in range(1, knobs["vision_pretrain_steps"] + 1):
+    losses = []
+    for step in range(1, steps + 1):
         idx = torch.randint(len(labels), (knobs["teacher_batch_size"],), generator=gen).to(device)
         feats = tower(pixel_values=pixels[idx], output_hidden_states=True).hidden_states[config.vision_feature_layer]
-        pooled = torch.stack([feats[:, token_cell == k].mean(1) for k in range(4)], 1)  # (b, 4 cells, d)
+        pooled = torch.stack([feats[:, t].mean(1) for t in cell_tokens], 1)  # (b, 4 cells, d)
         loss = sum(torch.nn.functional.cross_entropy(head(pooled).flatten(0, 1), labels[idx][..., j].flatten())
                    for j, head in enumerate(heads))
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        log.append({"step": step, "loss": loss.item()})
+        losses.append(loss.detach())
+    log = [{"step": i + 1, "loss": v} for i, v in enumerate(torch.stack(losses).tolist())] if losses else []
     tower.eval()
     with torch.no_grad():  # per-cell accuracy of each head on (up to) 1000 training images: how much the tower knows
         feats = tower(pixel_values=pixels[:1000], output_hidden_states=True).hidden_states[config.vision_feature_layer]
-        pooled = torch.stack([feats[:, token_cell == k].mean(1) for k in range(4)], 1)
+        pooled = torch.stack([feats[:, t].mean(1) for t in cell_tokens], 1)
         accuracy = {name: (head(pooled).argmax(-1) == labels[:1000][..., j]).float().mean().item()
                     for j, (name, head) in enumerate(zip(vocab, heads))}
     if log:
@@ -332,13 +338,15 @@ def train_new_teacher(data: dict[str, Any], knobs: dict[str, Any], image_size: i
 
 
 def load_matvlm(path: Path, knobs: dict[str, Any]):
-    """A MaTVLM checkpoint in float32 on `knobs["device"]`, eval mode, with the knobs' SSD chunk size."""
+    """A MaTVLM checkpoint in float32 on `knobs["device"]`, eval mode, with the knobs' SSD chunk size and kernel
+    choice."""
     import torch
 
     from .modeling_matvlm import MaTVLMForConditionalGeneration
 
     return MaTVLMForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"]).to(resolve_device(knobs["device"])).eval()
+        path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"],
+        use_mamba_kernels=knobs["mamba_kernels"]).to(resolve_device(knobs["device"])).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------

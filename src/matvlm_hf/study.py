@@ -14,8 +14,9 @@
 3. report   greedy exact match on the held-out split before and after distillation, a table beside the paper's
             Tables 2-4 orderings, loss-vs-step plots (docs/).
 
-Knobs: `STUDY` below (the quickstart's `KNOBS` with GPU-scale values, 8 layers; not yet run at that scale); `--set
-key=value` overrides any of them (the variants read the teacher's recorded knobs, then their own `--set`).
+Knobs: `STUDY` below (the quickstart's `KNOBS` at GPU scale, 8 layers: what docs/study ran); `--set key=value`
+overrides any of them (the variants read the teacher's recorded knobs, then their own `--set`).
+examples/study_gpu.sh runs all of docs/study: `all` plus the distillation-recipe variants (batch, learning rate).
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ STUDY: dict[str, Any] = {
     "lm": {**qs.KNOBS["lm"], "num_hidden_layers": 8},  # 12.5 / 25 / 50 % = 1 / 2 / 4 Mamba layers
     "n_train": 20000,
     "n_test": 1000,
-    "teacher_steps": 3000,
+    "vision_pretrain_steps": 3000,
+    "teacher_steps": 1200,  # about 2 min on an H100: 99.1 % held-out (docs/study)
     "teacher_batch_size": 128,
-    "teacher_lr": 1e-3,
+    "teacher_lr": 2e-3,
     "teacher_warmup": 200,
-    "log_every": 100,
-    "eval_every": 250,
-    "distill_steps": 600,
+    "log_every": 250,
+    "eval_every": 300,
+    # the PyTorch scan: on these tiny models and short inputs mamba_ssm's Triton kernels save little, and each of the
+    # parallel variant processes would autotune and compile them anew (minutes)
+    "mamba_kernels": False,
+    "distill_steps": 300,  # a quarter of the teacher's steps
     "distill_batch_size": 64,
     "distill_lr": 1e-3,
     "eval_batch_size": 500,
@@ -106,9 +111,9 @@ def teacher_matvlm(work: Path, seed: int) -> Path:
 
 
 def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, placement: str, init: str, loss: str,
-                  seed: int) -> dict[str, Any]:
-    """Convert the trained teacher (`ratio`, `placement`, `init`), score it, distil it with the `loss` terms on,
-    score it again -> work/variants/NAME.json (accuracies, loss log, timings)."""
+                  seed: int, layers: list[int] | None = None) -> dict[str, Any]:
+    """Convert the trained teacher (`ratio`, `placement`, `init`; or exactly `layers`), score it, distil it with the
+    `loss` terms on, score it again -> work/variants/NAME.json (accuracies, loss log, timings)."""
     import torch
 
     from .conversion import convert_tinyllava_to_matvlm
@@ -117,8 +122,9 @@ def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, pl
 
     source, teacher_dir = work / "teacher-tinyllava", teacher_matvlm(work, seed)
     out = work / "variants" / name
-    hybrid_dir = convert_tinyllava_to_matvlm(source, out / "undistilled", mamba_ratio=ratio, placement=placement,
-                                             init=init, seed=seed, overwrite=True, progress=False)
+    hybrid_dir = convert_tinyllava_to_matvlm(source, out / "undistilled", mamba_ratio=None if layers else ratio,
+                                             mamba_layers=layers, placement=placement, init=init, seed=seed,
+                                             overwrite=True, progress=False)
     teacher, hybrid = qs.load_matvlm(teacher_dir, knobs), qs.load_matvlm(hybrid_dir, knobs)
     processor = MaTVLMProcessor.from_pretrained(hybrid_dir)
     data = json.loads((work / "data" / "train.json").read_text())
@@ -134,8 +140,11 @@ def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, pl
     log = qs.distill(hybrid, teacher, processor, items, out / "distilled", knobs, seed, weights=LOSSES[loss])
     distill_s = time.perf_counter() - t1
     _, after = qs.evaluate(qs.load_matvlm(out / "distilled", knobs), processor, test, image_dir, **ev)
+    if layers:
+        ratio, placement = len(layers) / hybrid.config.text_config.num_hidden_layers, "given"
     result = {"name": name, "ratio": ratio, "placement": placement, "init": init, "loss": loss,
               "weights": LOSSES[loss], "mamba_layers": list(hybrid.config.mamba_layers),
+              "train_mode": knobs["train_mode"],
               "undistilled": before, "distilled": after, "distill_steps": knobs["distill_steps"],
               "distill_batch_size": knobs["distill_batch_size"], "distill_lr": knobs["distill_lr"],
               "distill_seconds": round(distill_s, 1), "eval_seconds": round(time.perf_counter() - t0 - distill_s, 1),
@@ -237,11 +246,21 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
         "| L_prob at 10 % / 100 % of the steps |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, v in variants.items():
-        lines.append(f"| {name} | {v['mamba_layers']} ({v['placement']}, {v['init']} init) | {v['loss']} | "
-                     f"{v['distill_steps']} x {v.get('distill_batch_size', '?')}, {v.get('distill_lr', '?')} | "
-                     f"{100 * v['undistilled']['accuracy']:.1f} % | {100 * v['distilled']['accuracy']:.1f} % | "
-                     f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % | {'%.2f / %.2f' % _early_late(v['log']) if v['log'] else '-'} |")
+    def row(name: str, v: dict[str, Any]) -> str:
+        mode = v.get("train_mode", "mamba+connector")
+        loss = v["loss"] + ("" if mode == "mamba+connector" else f" ({mode} trained)")
+        return (f"| {name} | {v['mamba_layers']} ({v['placement']}, {v['init']} init) | {loss} | "
+                f"{v['distill_steps']} x {v.get('distill_batch_size', '?')}, {v.get('distill_lr', '?')} | "
+                f"{100 * v['undistilled']['accuracy']:.1f} % | {100 * v['distilled']['accuracy']:.1f} % | "
+                f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % | "
+                f"{'%.2f / %.2f' % _early_late(v['log']) if v['log'] else '-'} |")
+
+    head = lines[-2:]
+    extras = [n for n in variants if n not in VARIANTS]
+    lines += [row(n, variants[n]) for n in variants if n in VARIANTS]
+    if extras:
+        lines += ["", "### Other distillation recipes (same step budget)", "", *head,
+                  *(row(n, variants[n]) for n in extras)]
     def by_kl(names: dict[str, str]) -> str:
         """Best (lowest final L_prob) first, with the values."""
         have = {label: _early_late(variants[n]["log"])[1] for label, n in names.items()
@@ -265,7 +284,7 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
               "middle 58.9, end fails; ratio 25 % 62.3, 12.5 % 61.8, 50 % 60.1.", ""]
     text = "\n".join(lines) + "\n"
 
-    fig, axes = plt.subplots(1, 4, figsize=(22, 4.6))
+    fig, axes = plt.subplots(1, 5 if extras else 4, figsize=(27.5 if extras else 22, 4.6))
     ax = axes[0]
     names = [n for n in ("h12.5", "h25", "h50") if n in variants]
     xs = range(len(names))
@@ -280,6 +299,8 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
     groups = [("loss terms (25 %)", ["h25"] + [f"h25-loss-{k}" for k in ("ce", "layer", "prob", "all")]),
               ("placement (25 %)", ["h25", "h25-start", "h25-middle", "h25-end"]),
               ("initialisation (25 %)", ["h25", "h25-random-init"])]
+    if extras:
+        groups.append(("other recipes", ["h25", "h50", *extras]))
     k = max(1, knobs["distill_steps"] // 50)
     for ax, (title, members) in zip(axes[1:], groups):
         for name in members:
@@ -287,13 +308,13 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
                 continue
             log = variants[name]["log"]
             ax.plot([e["step"] for e in log], _smooth([e["l_prob"] for e in log], k),
-                    label=f"{name} ({100 * acc(name):.1f} %)")
+                    ls="--" if name.startswith("h50") else "-", label=f"{name} ({100 * acc(name):.1f} %)")
         ax.set_yscale("log")
         ax.set_xlabel("distillation step")
         ax.set_ylabel("L_prob = KL(teacher || student)")
         ax.set_title(title)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(docs / "study.png", dpi=100)
     plt.close(fig)
@@ -344,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="variants: run this many at once, each in its own process (one GPU holds several)")
     parser.add_argument("--ratio", type=float)
     parser.add_argument("--placement", choices=("even", "start", "middle", "end"))
+    parser.add_argument("--layers", type=int, nargs="+", help="variant: exactly these Mamba layers (instead of "
+                                                                "--ratio / --placement)")
     parser.add_argument("--init", choices=("attention", "random"))
     parser.add_argument("--loss", choices=tuple(LOSSES))
     parser.add_argument("--seed", type=int, default=0)
@@ -367,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "variant":
         ratio, placement, init, loss = VARIANTS.get(args.name, (0.25, "even", "attention", "layer+prob"))
         variant_stage(work, knobs, args.name, args.ratio if args.ratio is not None else ratio,
-                      args.placement or placement, args.init or init, args.loss or loss, args.seed)
+                      args.placement or placement, args.init or init, args.loss or loss, args.seed, args.layers)
     elif args.jobs > 1:
         run_parallel(work, args.only or list(VARIANTS), args.set, args.seed, args.jobs)
     else:
