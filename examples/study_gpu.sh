@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything in docs/study, on one GPU (about 10 minutes on an H100, split in two device runs there):
+# Everything in docs/study, on one GPU (about 13 minutes on an H100: 6.7 for step 1, 3.1 + 3.6 for step 2):
 #   1. `matvlm study all`: data, teacher (STUDY's knobs), the 11 study variants 11 at a time (paper recipe:
 #      300 distillation steps of 64 at lr 1e-3), report;
 #   2. the distillation-recipe variants: the same 300 steps (a quarter of the teacher's) at larger batches and

@@ -1,8 +1,9 @@
 """The MaTVLM study on the synthetic visual-QA world: hybrids of a teacher trained here, and the paper's ablations.
 
-    matvlm study all --workdir runs/study --docs docs/study --jobs 6   # teacher + every variant + report (GPU)
+    matvlm study all --workdir runs/study --docs docs/study --jobs 11  # teacher + every variant + report (GPU)
     matvlm study teacher --workdir runs/study --set teacher_steps=2000
     matvlm study variant --workdir runs/study --name h25 --placement start
+    matvlm study variant --workdir runs/study --name h-layer4 --layers 4   # exactly these Mamba layers
     matvlm study variants --workdir runs/study --only h25 h50 --set device=cpu distill_steps=150
     matvlm study report --workdir runs/study --docs docs/study
 
