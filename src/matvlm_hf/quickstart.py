@@ -193,11 +193,16 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
         raise ValueError("vision pretraining needs caption turns in the training records (knob captions=True)")
     device = next(model.parameters()).device
     pixels, labels = torch.cat(pixels).to(device), torch.tensor(labels, device=device)  # (n, 3, H, W), (n, 4, 3)
-    vc, config = model.config.vision_config, model.config
+    vc, tower = model.config.vision_config, model.vision_tower
     side = vc.image_size // vc.patch_size
-    token_cell = torch.tensor([(r * 2 // side) * 2 + (c * 2 // side) for r in range(side) for c in range(side)])
-    cell_tokens = [(token_cell == k).nonzero().flatten().to(device) for k in range(4)]  # token indices per grid cell
-    tower = model.vision_tower
+    cell_of_token = [(r * 2 // side) * 2 + (c * 2 // side) for r in range(side) for c in range(side)]
+    cell_tokens = [torch.tensor([t for t, c in enumerate(cell_of_token) if c == k], device=device) for k in range(4)]
+
+    def per_cell(px: torch.Tensor) -> torch.Tensor:
+        """(b, 3, H, W) -> (b, 4 cells, d): the connector's input features, averaged over each cell's tokens."""
+        feats = tower(pixel_values=px, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+        return torch.stack([feats[:, t].mean(1) for t in cell_tokens], 1)
+
     heads = torch.nn.ModuleList(torch.nn.Linear(vc.hidden_size, len(v)) for v in vocab.values()).to(device)
     optimizer = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=knobs["vision_pretrain_lr"])
     steps = knobs["vision_pretrain_steps"]
@@ -207,8 +212,7 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
     losses = []
     for step in range(1, steps + 1):
         idx = torch.randint(len(labels), (knobs["teacher_batch_size"],), generator=gen).to(device)
-        feats = tower(pixel_values=pixels[idx], output_hidden_states=True).hidden_states[config.vision_feature_layer]
-        pooled = torch.stack([feats[:, t].mean(1) for t in cell_tokens], 1)  # (b, 4 cells, d)
+        pooled = per_cell(pixels[idx])
         loss = sum(torch.nn.functional.cross_entropy(head(pooled).flatten(0, 1), labels[idx][..., j].flatten())
                    for j, head in enumerate(heads))
         loss.backward()
@@ -219,8 +223,7 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
     log = [{"step": i + 1, "loss": v} for i, v in enumerate(torch.stack(losses).tolist())] if losses else []
     tower.eval()
     with torch.no_grad():  # per-cell accuracy of each head on (up to) 1000 training images: how much the tower knows
-        feats = tower(pixel_values=pixels[:1000], output_hidden_states=True).hidden_states[config.vision_feature_layer]
-        pooled = torch.stack([feats[:, t].mean(1) for t in cell_tokens], 1)
+        pooled = per_cell(pixels[:1000])
         accuracy = {name: (head(pooled).argmax(-1) == labels[:1000][..., j]).float().mean().item()
                     for j, (name, head) in enumerate(zip(vocab, heads))}
     if log:

@@ -123,9 +123,8 @@ def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, pl
 
     source, teacher_dir = work / "teacher-tinyllava", teacher_matvlm(work, seed)
     out = work / "variants" / name
-    hybrid_dir = convert_tinyllava_to_matvlm(source, out / "undistilled", mamba_ratio=None if layers else ratio,
-                                             mamba_layers=layers, placement=placement, init=init, seed=seed,
-                                             overwrite=True, progress=False)
+    hybrid_dir = convert_tinyllava_to_matvlm(source, out / "undistilled", mamba_ratio=ratio, mamba_layers=layers,
+                                             placement=placement, init=init, seed=seed, overwrite=True, progress=False)
     teacher, hybrid = qs.load_matvlm(teacher_dir, knobs), qs.load_matvlm(hybrid_dir, knobs)
     processor = MaTVLMProcessor.from_pretrained(hybrid_dir)
     data = json.loads((work / "data" / "train.json").read_text())
@@ -229,6 +228,8 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
             out += [">" if have[prev] - have[cur] > 2 * se else "≈", cur]
         return " ".join(out)
 
+    table_head = ["| variant | Mamba layers | loss | steps x batch, lr | before distillation | after | after / teacher "
+                  "| L_prob at 10 % / 100 % of the steps |", "|---|---|---|---:|---:|---:|---:|---:|"]
     lines = [
         "# The MaTVLM study on the synthetic visual-QA world",
         "",
@@ -243,10 +244,9 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
         "Reproduce: `matvlm study all --workdir W --docs DIR --set KEY=VALUE ...` with the knobs in study.json. "
         "Orderings: `≈` marks neighbours less than two standard errors apart (binomial, on the test questions).",
         "",
-        "| variant | Mamba layers | loss | steps x batch, lr | before distillation | after | after / teacher "
-        "| L_prob at 10 % / 100 % of the steps |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        *table_head,
     ]
+
     def row(name: str, v: dict[str, Any]) -> str:
         mode = v.get("train_mode", "mamba+connector")
         loss = v["loss"] + ("" if mode == "mamba+connector" else f" ({mode} trained)")
@@ -256,12 +256,12 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
                 f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % | "
                 f"{'%.2f / %.2f' % _early_late(v['log']) if v['log'] else '-'} |")
 
-    head = lines[-2:]
     extras = [n for n in variants if n not in VARIANTS]
     lines += [row(n, variants[n]) for n in variants if n in VARIANTS]
     if extras:
-        lines += ["", "### Other distillation recipes (same step budget)", "", *head,
+        lines += ["", "### Other distillation recipes (same step budget)", "", *table_head,
                   *(row(n, variants[n]) for n in extras)]
+
     def by_kl(names: dict[str, str]) -> str:
         """Best (lowest final L_prob) first, with the values."""
         have = {label: _early_late(variants[n]["log"])[1] for label, n in names.items()
