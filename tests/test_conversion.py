@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import matvlm_hf.mamba2_mixer as mixer_module
+from matvlm_hf.modeling_matvlm import checkpoint_key
 from matvlm_hf.conversion import ConversionError, convert_tinyllava_to_matvlm, main, mixer_from_attention
 from matvlm_hf.fabricate import write_tinyllava_checkpoint
 from tinyllava_reference import load_tinyllava_reference, reference_logits
@@ -40,7 +41,7 @@ def read_all(folder: Path) -> dict[str, torch.Tensor]:
 def test_ratio_zero_equals_independent_tinyllava_forward(lm, phi_ckpt, llama_ckpt, tmp_path):
     src = phi_ckpt if lm == "phi" else llama_ckpt
     out = convert_tinyllava_to_matvlm(src, tmp_path / "teacher", mamba_ratio=0, progress=False)
-    model = AutoModel.from_pretrained(out).eval()
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     text_ids = processor.tokenizer("A chat. USER: what is here? ASSISTANT:", add_special_tokens=False)["input_ids"]
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -76,8 +77,9 @@ def test_kept_tensors_identical_and_mixer_takes_vkqo(ratio, layers, phi_ckpt, tm
             assert torch.equal(b[rows], src[a + name + ".bias"]), name
         assert torch.equal(dst[m + "out_proj.weight"], src[a + "dense.weight"])
         assert torch.equal(dst[m + "out_proj.bias"], src[a + "dense.bias"])
-    model = AutoModel.from_pretrained(out)
-    assert set(model.state_dict()) == set(dst)  # the layout the model itself saves: nothing renamed on load
+    model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert {checkpoint_key(k) for k in model.state_dict()} == set(dst)  # the layout the model itself saves
     assert [i for i, layer in enumerate(model.decoder_layers) if hasattr(layer.self_attn, "A_log")] == layers
 
 
@@ -89,7 +91,7 @@ def test_gqa_teacher_mixer_has_kv_sized_x_and_b(llama_ckpt, tmp_path):
     assert kv == 32 and w.shape[0] == 64 + 32 + 32 + 64 + 4
     assert torch.equal(w[64:96], src["language_model.model.layers.1.self_attn.v_proj.weight"])
     assert torch.equal(w[96:128], src["language_model.model.layers.1.self_attn.k_proj.weight"])
-    model = AutoModel.from_pretrained(out).eval()
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits).all()
 
@@ -144,8 +146,8 @@ def test_output_folder_is_complete(phi_ckpt, tmp_path):
     card = (out / "README.md").read_text()
     assert "[0, 2]" in card and "Eq. 6" in card
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"]["AutoModel"] == "modeling_matvlm.MaTVLMForConditionalGeneration"
-    model = AutoModel.from_pretrained(out)
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_matvlm.MaTVLMForConditionalGeneration"
+    model = AutoModelForImageTextToText.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
@@ -258,7 +260,7 @@ def test_push_to_hub_uploads_the_whole_folder(phi_ckpt, tmp_path, captured_commi
 
 def test_loaded_hybrid_push_to_hub_includes_remote_code(phi_ckpt, tmp_path, captured_commits):
     out = convert_tinyllava_to_matvlm(phi_ckpt, tmp_path / "o", mamba_ratio=0.25, progress=False)
-    model = AutoModel.from_pretrained(out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     model.push_to_hub("me/pushed")
     processor.push_to_hub("me/pushed")

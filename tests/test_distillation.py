@@ -125,7 +125,7 @@ def test_layer_loss_is_fed_the_teacher_hidden_state(tmp_path):
         s_hs = student(**fwd, use_cache=False, output_hidden_states=True).hidden_states
         # transformers 5: hidden_states[-1] is final_layernorm(last layer output), not the layer output
         assert not torch.allclose(t_hs[-1], last["out"])
-        torch.testing.assert_close(t_hs[-1], teacher.language_model.model.final_layernorm(last["out"]))
+        torch.testing.assert_close(t_hs[-1], teacher.language_model.final_layernorm(last["out"]))
         assert not torch.allclose(s_hs[2], t_hs[2])  # the perturbation reached the student's Mamba layer input
 
         def frob(x, y):
@@ -178,8 +178,8 @@ def test_training_lowers_losses_and_touches_only_trainable(tmp_path):
 
     trainable = set(trainable_parameter_names(student, "mamba+connector"))
     assert trainable == {n for n, p in student.named_parameters() if p.requires_grad}
-    assert any(n.startswith("connector.") for n in trainable)
-    assert all(n.startswith("connector.") or ".self_attn." in n for n in trainable)
+    assert any(n.startswith("model.connector.") for n in trainable)
+    assert all(n.startswith("model.connector.") or ".self_attn." in n for n in trainable)
     for name, value in student.state_dict().items():
         if name in trainable:
             assert not torch.equal(value, before_state[name]), f"{name} did not change"
@@ -198,15 +198,15 @@ def test_train_modes():
     _, student = make_pair(mamba_layers=(1, 3))
     names = dict(student.named_parameters())
     mamba = set(trainable_parameter_names(student, "mamba"))
-    assert mamba and all(n.startswith(("language_model.model.layers.1.self_attn.",
-                                       "language_model.model.layers.3.self_attn.")) for n in mamba)
+    assert mamba and all(n.startswith(("model.language_model.layers.1.self_attn.",
+                                       "model.language_model.layers.3.self_attn.")) for n in mamba)
     with_mlp = set(trainable_parameter_names(student, "mamba+mlp+connector"))
     assert with_mlp - set(trainable_parameter_names(student, "mamba+connector")) == {
-        n for n in names if n.startswith(("language_model.model.layers.1.mlp.", "language_model.model.layers.3.mlp."))}
+        n for n in names if n.startswith(("model.language_model.layers.1.mlp.", "model.language_model.layers.3.mlp."))}
     everything = set(trainable_parameter_names(student, "all"))
     left_out = set(names) - everything
     # only vision parameters that cannot reach the LM (pooling head, post_layernorm, last encoder layer)
-    assert left_out and all(n.startswith("vision_tower.") for n in left_out)
+    assert left_out and all(n.startswith("model.vision_tower.") for n in left_out)
     assert any(".head." in n for n in left_out) and any("layers.1." in n for n in left_out)
     assert not any("layers.0." in n for n in left_out)
     set_trainable(student, "mamba")
@@ -229,11 +229,11 @@ def test_optimizer_groups_and_wsd_schedule(tmp_path):
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     assert decayed | not_decayed == trainable and not decayed & not_decayed
     for leaf in ("A_log", "dt_bias", "D", "norm_weight", "in_proj.bias", "out_proj.bias", "conv1d.bias"):
-        assert f"language_model.model.layers.1.self_attn.{leaf}" in not_decayed
-    assert "connector.0.bias" in not_decayed
+        assert f"model.language_model.layers.1.self_attn.{leaf}" in not_decayed
+    assert "model.connector.0.bias" in not_decayed
     for w in ("self_attn.in_proj.weight", "self_attn.out_proj.weight", "self_attn.conv1d.weight"):
-        assert f"language_model.model.layers.1.{w}" in decayed
-    assert "connector.0.weight" in decayed
+        assert f"model.language_model.layers.1.{w}" in decayed
+    assert "model.connector.0.weight" in decayed
 
     lrs = []
     for _ in range(100):
@@ -271,7 +271,7 @@ def test_text_only_batch_gives_zero_connector_gradients(tmp_path):
     trainer = make_trainer(tmp_path, teacher, student, items)
     trainer.compute_loss(trainer.model, batch_of(items)).backward()
     for name, p in student.named_parameters():
-        if name.startswith("connector."):
+        if name.startswith("model.connector."):
             assert p.grad is not None and torch.count_nonzero(p.grad) == 0
         elif p.requires_grad:
             assert p.grad is not None

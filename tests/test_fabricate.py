@@ -186,7 +186,7 @@ def test_full_size_layout_without_writing():
     assert specs["vision_tower._vision_tower.vision_model.encoder.layers.26.mlp.fc1.weight"] == (4304, 1152)
     assert specs["vision_tower._vision_tower.vision_model.embeddings.position_embedding.weight"] == (729, 1152)
     assert specs["connector._connector.0.weight"] == (2560, 1152)
-    assert text_config.partial_rotary_factor == 0.4 and text_config.num_key_value_heads == 32
+    assert text_config.rope_parameters["partial_rotary_factor"] == 0.4 and text_config.num_key_value_heads == 32
 
 
 def test_full_size_tokenizer_ids():

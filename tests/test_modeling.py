@@ -1,5 +1,7 @@
 """The hybrid model: exactness of prefill/decode, equality with transformers' LM, padding, generation, errors."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -37,8 +39,11 @@ def test_multi_token_continuation_uses_the_cached_state():
 @pytest.mark.parametrize("lm_type", ["phi", "llama", "qwen2"])
 def test_teacher_language_model_equals_transformers(lm_type):
     model = tiny_model(lm_type, mamba_layers=())
-    reference = AutoModelForCausalLM.from_config(model.config.attention_text_config()).eval()
-    reference.load_state_dict(model.language_model.state_dict())
+    text_config = copy.deepcopy(model.config.text_config)
+    text_config.layer_types = ["full_attention"] * text_config.num_hidden_layers
+    reference = AutoModelForCausalLM.from_config(text_config).eval()
+    reference.load_state_dict({**{f"model.{k}": v for k, v in model.language_model.state_dict().items()},
+                               **{f"lm_head.{k}": v for k, v in model.lm_head.state_dict().items()}})
     ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(input_ids=ids).logits
@@ -110,7 +115,10 @@ def test_beam_search_with_one_beam_equals_greedy(pixel_values):
     with torch.no_grad():
         def logprob(seq):
             logits = model(input_ids=seq[None], pixel_values=pixel_values, use_cache=False).logits[0, ids.shape[1] - 1:-1]
-            return logits.log_softmax(-1).gather(-1, seq[ids.shape[1]:, None]).sum()
+            new = seq[ids.shape[1]:]
+            eos = (new == model.generation_config.eos_token_id).nonzero()
+            n = int(eos[0]) + 1 if len(eos) else len(new)  # a finished beam is scored up to its EOS
+            return logits[:n].log_softmax(-1).gather(-1, new[:n, None]).sum()
         best = beams.sequences[0]
         torch.testing.assert_close(logprob(best), beams.sequences_scores[0].double().float(), rtol=1e-4, atol=1e-4)
         assert logprob(best) >= logprob(greedy[0]) - 1e-5
@@ -136,7 +144,7 @@ def test_output_hidden_states(pixel_values):
 def test_image_features_follow_tinyllava(pixel_values):
     model = tiny_model("phi", ())
     with torch.no_grad():
-        feats = model.get_image_features(pixel_values)
+        feats = model.get_image_features(pixel_values).pooler_output
         hidden = model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
         expected = model.connector[2](torch.nn.functional.gelu(model.connector[0](hidden)))
     assert feats.shape == (1, 15, 64)

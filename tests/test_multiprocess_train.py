@@ -106,9 +106,9 @@ def test_two_process_ddp_run_matches_one_process_and_saves(setup, tmp_path):
 
     # the saved student loads with AutoModel and runs
     import matvlm_hf  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModel.from_pretrained(ddp).eval()
+    model = AutoModelForImageTextToText.from_pretrained(ddp).eval()
     assert type(model).__name__ == "MaTVLMForConditionalGeneration" and model.config.mamba_layers == [0, 2]
     processor = AutoProcessor.from_pretrained(ddp)
     inputs = processor(images=[Image.open(d / "img" / "0.png")],

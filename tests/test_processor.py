@@ -49,7 +49,8 @@ def test_from_tinyllava_reads_config(ckpt, proc):
     assert proc.num_image_tokens == N_IMG == num_image_tokens_for(32, 8)
     assert num_image_tokens_for(384, 14) == 728  # TinyLLaVA-Phi-2-SigLIP-3.1B
     assert proc.image_aspect_ratio == "pad"
-    assert proc.tokenizer.padding_side == "right" and proc.tokenizer.model_max_length == 3072
+    assert proc.tokenizer.model_max_length == 3072
+    assert proc.padding_side == "left"  # generation's side, whatever TinyLLaVA trained with
     assert proc.image_processor.size == {"height": 32, "width": 32}
     assert type(proc.image_processor).__name__ in ("SiglipImageProcessorPil", "SiglipImageProcessor")
 
@@ -71,7 +72,7 @@ def test_expands_placeholders(proc):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_padding(proc, side):
-    proc.tokenizer.padding_side = side
+    proc.padding_side = side
     texts = [_prompt("What is shown in this picture in detail?"), _prompt("Hi?")]
     out = proc(images=[[_image()], [_image(30, 30)]], text=texts, padding=True)
     single = [proc(images=_image(), text=t)["input_ids"][0].tolist() for t in texts]
@@ -159,7 +160,7 @@ def test_chat_template_and_tokenize(proc):
 def test_save_load_roundtrip(proc, tmp_path):
     images = [_image(), _image(25, 50)]
     texts = [_prompt(), _prompt("Describe the image.")]
-    proc.tokenizer.padding_side = "left"
+    proc.padding_side = "right"
     before = proc(images=images, text=texts, padding=True)
     proc.save_pretrained(tmp_path / "p")
     for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -167,7 +168,8 @@ def test_save_load_roundtrip(proc, tmp_path):
     saved = json.loads((tmp_path / "p" / "processor_config.json").read_text())
     assert saved["image_token_id"] == IMG_ID and saved["num_image_tokens"] == N_IMG
     loaded = MaTVLMProcessor.from_pretrained(tmp_path / "p")
-    assert loaded.tokenizer.padding_side == "left"
+    assert loaded.padding_side == "right"
+    assert loaded.to_dict() == proc.to_dict()
     assert (loaded.image_token_id, loaded.num_image_tokens, loaded.image_aspect_ratio) == (IMG_ID, N_IMG, "pad")
     assert loaded.chat_template == proc.chat_template
     after = loaded(images=images, text=texts, padding=True)
@@ -192,3 +194,19 @@ def test_auto_processor_remote_code(proc, tmp_path):
     a = loaded(images=_image(), text=_prompt())
     b = proc(images=_image(), text=_prompt())
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_defaults_standard_kwargs_and_empty_text(proc):
+    bare = MaTVLMProcessor(proc.image_processor, proc.tokenizer)
+    assert (bare.image_token_id, bare.num_image_tokens, bare.padding_side) == (50295, 728, "left")
+    texts = [_prompt("What is shown in this picture in detail?"), _prompt("Hi?")]
+    images = [_image(), _image()]
+    plain = proc(images=images, text=texts, padding=True, padding_side="right")
+    grouped = proc(images=images, text=texts, text_kwargs={"padding": True, "padding_side": "right"},
+                   return_attention_mask=True)
+    assert all(torch.equal(plain[k], grouped[k]) for k in plain)
+    assert plain["attention_mask"][1, -1] == 0
+    with pytest.raises(ValueError, match="empty"):
+        proc(text="")
+    with pytest.raises(TypeError, match="unexpected"):
+        proc(text=texts[0], images=images[:1], not_a_processor_kwarg=1)

@@ -31,7 +31,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, pixel_values):
         assert (tmp_path / name).exists(), name
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
-    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(AutoModel.from_pretrained(tmp_path)).__name__ == "MaTVLMModel"
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert type(loaded) is MaTVLMForConditionalGeneration
     assert isinstance(AutoConfig.from_pretrained(tmp_path), type(model.config))
     assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is MaTVLMForConditionalGeneration
@@ -61,9 +62,11 @@ def test_remote_code_loads_without_the_package(tmp_path, pixel_values):
             pass
         import torch
         from safetensors.torch import load_file
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoModelForImageTextToText
         d = load_file({str(tmp_path / "io.safetensors")!r})
-        model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        base = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        assert type(base).__name__ == "MaTVLMModel" and "transformers_modules" in type(base).__module__
+        model = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
         assert "transformers_modules" in type(model).__module__, type(model).__module__
         with torch.no_grad():
             out = model(input_ids=d["ids"], pixel_values=d["pixels"]).logits

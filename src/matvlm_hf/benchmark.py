@@ -56,7 +56,7 @@ def build_model(ratio: float, size: str, device: str, dtype: torch.dtype) -> MaT
 
 
 def lm_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.language_model.parameters())
+    return sum(p.numel() * p.element_size() for p in [*model.language_model.parameters(), *model.lm_head.parameters()])
 
 
 def roofline_ms(model, batch: int, context: int, hbm: float) -> float:

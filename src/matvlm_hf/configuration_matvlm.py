@@ -5,7 +5,6 @@ Self-contained (transformers imports only) so it can be saved beside the weights
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -139,12 +138,13 @@ class MaTVLMConfig(PreTrainedConfig):
             )
 
         # transformers' caches read the layer structure from the text config
-        tc.layer_types = [MAMBA_LAYER_TYPE if i in layers else self._attention_layer_type(i) for i in range(n_layers)]
+        tc.layer_types = [MAMBA_LAYER_TYPE if i in layers else self.attention_layer_type(i) for i in range(n_layers)]
         if not self.tie_word_embeddings and tc.tie_word_embeddings:
             self.tie_word_embeddings = tc.tie_word_embeddings
         super().__post_init__(**kwargs)
 
-    def _attention_layer_type(self, index: int) -> str:
+    def attention_layer_type(self, index: int) -> str:
+        """The layer type layer `index` has in the teacher (its attention kind, never the Mamba type)."""
         layer_type = (getattr(self.text_config, "layer_types", None) or ["full_attention"] * (index + 1))[index]
         return "full_attention" if layer_type == MAMBA_LAYER_TYPE else layer_type
 
@@ -157,12 +157,6 @@ class MaTVLMConfig(PreTrainedConfig):
         """Image features per image reaching the LM (TinyLLaVA 'patch': every patch but the first)."""
         patches = (self.vision_config.image_size // self.vision_config.patch_size) ** 2
         return patches - 1 if self.vision_feature_select_strategy == "patch" else patches
-
-    def attention_text_config(self) -> PreTrainedConfig:
-        """The text config the transformers LM is built from: every layer an attention layer."""
-        config = copy.deepcopy(self.text_config)
-        config.layer_types = [self._attention_layer_type(i) for i in range(config.num_hidden_layers)]
-        return config
 
 
 def mamba_layer_indices(num_layers: int, ratio: float, placement: str = "even") -> list[int]:

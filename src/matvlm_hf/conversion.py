@@ -358,8 +358,9 @@ def _write_metadata(config: MaTVLMConfig, source: Path, tinyllava: dict, folder:
     processor.save_pretrained(folder)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
-                     max_new_tokens=256).save_pretrained(folder)
+    # the image token id marks prompt placeholders only: generation never emits it
+    GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id, max_new_tokens=256,
+                     suppress_tokens=[config.image_token_id]).save_pretrained(folder)
     (folder / "README.md").write_text(model_card(config, tinyllava, source, init, placement))
 
 
@@ -391,8 +392,8 @@ Converted, not yet distilled: distil it from its teacher (`matvlm distill`) befo
 well as softmax-free attention lets it.
 
 ```python
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("PATH", trust_remote_code=True)
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained("PATH", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("PATH", trust_remote_code=True)
 ```
 """

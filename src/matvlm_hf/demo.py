@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from .conversion import convert_tinyllava_to_matvlm
 from .fabricate import write_tinyllava_checkpoint
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
                            if (qa := make_question(scene, kind, random.Random(args.seed))) is not None)
     results = {}
     for name, path in paths.items():
-        model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+        model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
         image = render_scene(scene, model.config.vision_config.image_size)
         answer, speed = decode_speed(model, processor, image, question, args.new_tokens)

@@ -98,9 +98,9 @@ def _unreachable_vision_parameters(model: nn.Module) -> list[str]:
     for name, _ in model.vision_tower.named_parameters():
         parts = name.split(".")
         if "head" in parts or "post_layernorm" in parts:
-            unused.append("vision_tower." + name)
+            unused.append("model.vision_tower." + name)
         elif "layers" in parts and int(parts[parts.index("layers") + 1]) >= last_used:
-            unused.append("vision_tower." + name)
+            unused.append("model.vision_tower." + name)
     return unused
 
 
@@ -115,11 +115,11 @@ def trainable_parameter_names(model: nn.Module, mode: str = "mamba+connector") -
         return [n for n in names if n not in skip]
     if not mamba:
         raise ValueError(f"train mode {mode!r} needs Mamba layers, but the student has none (config.mamba_layers)")
-    prefixes = [f"language_model.model.layers.{i}.self_attn." for i in mamba]
+    prefixes = [f"model.language_model.layers.{i}.self_attn." for i in mamba]
     if mode != "mamba":
-        prefixes.append("connector.")
+        prefixes.append("model.connector.")
     if mode == "mamba+mlp+connector":
-        prefixes += [f"language_model.model.layers.{i}.mlp." for i in mamba]
+        prefixes += [f"model.language_model.layers.{i}.mlp." for i in mamba]
     return [n for n in names if n.startswith(tuple(prefixes))]
 
 
@@ -351,7 +351,7 @@ class MaTVLMDistillationTrainer(Trainer):
             # parameters a zero gradient so that DDP (find_unused_parameters=False) sees every parameter every step
             student = self.accelerator.unwrap_model(model)
             for name, p in student.named_parameters():
-                if p.requires_grad and name.startswith(("connector.", "vision_tower.")):
+                if p.requires_grad and name.startswith(("model.connector.", "model.vision_tower.")):
                     loss = loss + p.sum() * 0.0
         mode = "train" if model.training else "eval"
         for key in ("l_layer", "l_prob", "l_ce"):

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from .modeling_matvlm import checkpoint_key
+
 # ----------------------------------------------------------------------------------------------------------
 # Sizes. "tiny" is for CPU tests; "full" is TinyLLaVA-Phi-2-SigLIP-3.1B.
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -241,7 +243,7 @@ def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
     # the LM's own config as TinyLLaVA stores it: without the layer_types MaTVLM adds for its caches
     text = {k: v for k, v in config.text_config.to_dict().items() if k not in ("layer_types", "model_type")}
     if "layer_types" in type(config.text_config)().to_dict():  # a model type that has them natively keeps them
-        text["layer_types"] = config.attention_text_config().layer_types
+        text["layer_types"] = [config.attention_layer_type(i) for i in range(config.text_config.num_hidden_layers)]
     text_config = type(config.text_config).from_dict(text)
     text_config.architectures = [type(text_config).__name__.replace("Config", "ForCausalLM")]
     text_config._name_or_path = LM_NAMES[lm_type]
@@ -255,6 +257,7 @@ def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
     renames = {"language_model.": LM_PREFIX, "vision_tower.": VISION_PREFIX, "connector.": CONNECTOR_PREFIX}
     tensors = {}
     for key, t in model.state_dict().items():
+        key = checkpoint_key(key)  # MaTVLM's on-disk names, then TinyLLaVA's
         prefix = next(p for p in renames if key.startswith(p))
         tensors[renames[prefix] + key[len(prefix):]] = t.detach().to("cpu").contiguous().clone()
     from safetensors.torch import save_file

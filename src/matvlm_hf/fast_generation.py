@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
+from .mamba2_mixer import CACHE_ARG
+
 BUCKET = 256  # cache lengths are rounded up to a multiple of this, so nearby lengths reuse one graph
 PREFILL_CHUNK = 4096  # default prompt chunk: bounds prefill activations, so the cache dominates peak memory
 
@@ -28,10 +30,13 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    suppress_ids: tuple[int, ...] = ()  # token ids never chosen (the image token id)
 
 
 def choose_tokens(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """(b, vocab) float logits -> (b,) next tokens; graph-safe (no host synchronisation)."""
+    if params.suppress_ids:
+        logits = logits.index_fill(-1, torch.tensor(params.suppress_ids, device=logits.device), float("-inf"))
     if not params.do_sample:
         return logits.argmax(-1)
     logits = logits / max(params.temperature, 1e-5)
@@ -69,10 +74,13 @@ class StaticDecoder:
         """One decode step on the static buffers: write the mask slot, run the LM, choose, advance."""
         slot = self._attention_layer().cumulative_length.view(1)
         self.mask.index_fill_(-1, slot, 0.0)
-        lm = self.model.language_model
-        out = lm(inputs_embeds=lm.get_input_embeddings()(self.tokens), attention_mask=self.mask,
-                 position_ids=self.positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.tokens.copy_(choose_tokens(out.logits[:, -1].float(), self.params)[:, None])
+        lm = self.model.model.language_model
+        lm_mask, _ = self.model.model.language_model_masks({"full_attention": self.mask, "linear_attention": None},
+                                                           None, None, None)
+        out = lm(inputs_embeds=lm.get_input_embeddings()(self.tokens), attention_mask=lm_mask,
+                 position_ids=self.positions, use_cache=True, **{CACHE_ARG: self.cache})
+        logits = self.model.lm_head(out.last_hidden_state[:, -1])
+        self.tokens.copy_(choose_tokens(logits.float(), self.params)[:, None])
         self.positions.add_(1)
 
     def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -90,7 +98,7 @@ class StaticDecoder:
             for start in range(0, length, chunk_size):
                 end = min(start + chunk_size, length)
                 out = self.model(inputs_embeds=embeds[:, start:end], attention_mask=attention_mask[:, :end],
-                                 position_ids=positions[:, start:end], past_key_values=self.cache, use_cache=True,
+                                 position_ids=positions[:, start:end], cache=self.cache, use_cache=True,
                                  logits_to_keep=1)
         first = choose_tokens(out.logits[:, -1].float(), self.params)
         self.tokens.copy_(first[:, None])

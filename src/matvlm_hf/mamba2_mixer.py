@@ -13,8 +13,13 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .mamba2_ops import causal_conv1d_blc, causal_conv1d_step, rmsnorm_gated, ssd_scan, ssd_step
+
+#: the keyword under which the installed transformers passes the cache to decoder layers and attention modules, and
+#: names it in model outputs: `cache` from 5.2x, `past_key_values` before
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class MaTVLMMamba2Mixer(nn.Module):
@@ -58,15 +63,33 @@ class MaTVLMMamba2Mixer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
         mamba_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        """hidden_states (b, l, d_model); mamba_mask (b, >= l) 2-D padding mask, 1 = real token (its last l columns
-        are used); past_key_values: a transformers Cache whose layer `layer_idx` is a linear-attention layer."""
+        """hidden_states (b, l, d_model) -> ((b, l, d_model), None), the attention module's call convention.
+
+        Called by the decoder layer with the attention module's arguments; `attention_mask` and `position_ids` are
+        the attention layers' and unused here. The cache arrives as `cache` (transformers >= 5.2x) or
+        `past_key_values` (earlier): a transformers Cache whose layer `layer_idx` is a linear-attention layer.
+        `mamba_mask` (b, >= l), 1 = real token, is the 2-D padding mask that `MaTVLMModel.forward` hands down through
+        the language model's keyword arguments (its last l columns are used; None = nothing padded): pad positions
+        leave the conv and SSM states untouched. Raises ValueError when `use_cache` is set but no cache arrived (a
+        decode would silently run without its state) or the cache has no linear-attention layer here."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            raise ValueError(
+                f"Mamba layer {self.layer_idx} was called with use_cache=True but received no cache (neither `cache` "
+                "nor `past_key_values`): decoding would run without its state. This transformers version passes the "
+                "cache under a name MaTVLM does not know; please report it with your transformers version."
+            )
         b, l, _ = hidden_states.shape
         mask = mamba_mask[:, -l:, None].to(hidden_states.dtype) if mamba_mask is not None else None
-        cache_layer = self._cache_layer(past_key_values)
+        cache_layer = self._cache_layer(cache)
         continuing = cache_layer is not None and cache_layer.has_previous_state[0]  # states hold earlier tokens
         decoding = continuing and l == 1
 
@@ -81,7 +104,7 @@ class MaTVLMMamba2Mixer(nn.Module):
             if continuing:  # a continued prompt (chunked prefill) needs the previous conv inputs as left context
                 conv_input = torch.cat([cache_layer.conv_states[0].transpose(1, 2).to(xBC.dtype), xBC], dim=1)
             if cache_layer is not None:  # keep the last d_conv inputs
-                past_key_values.update_conv_state(xBC.transpose(1, 2), self.layer_idx, conv_kernel_size=self.d_conv)
+                cache.update_conv_state(xBC.transpose(1, 2), self.layer_idx, conv_kernel_size=self.d_conv)
             xBC = causal_conv1d_blc(conv_input, self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels)[:, -l:]
         if mask is not None:
             xBC = xBC * mask
@@ -106,7 +129,7 @@ class MaTVLMMamba2Mixer(nn.Module):
             y, final_state = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial,
                                       use_kernel=self.use_kernels)
             if cache_layer is not None:
-                past_key_values.update_recurrent_state(final_state, self.layer_idx)
+                cache.update_recurrent_state(final_state, self.layer_idx)
         y = rmsnorm_gated(y.flatten(-2), z, self.norm_weight, self.eps, self.d_inner // self.ngroups, self.use_kernels)
         return self.out_proj(y.to(hidden_states.dtype)), None
 

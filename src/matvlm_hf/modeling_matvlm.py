@@ -1,38 +1,128 @@
-"""MaTVLM: SigLIP vision tower -> mlp2x_gelu connector -> a transformers causal LM in which the attention module of
-the chosen decoder layers is a Mamba-2 mixer (TinyLLaVA architecture; arXiv 2503.13440).
+"""MaTVLM: SigLIP vision tower -> mlp2x_gelu connector -> a transformers language model in which the attention module
+of the chosen decoder layers is a Mamba-2 mixer (TinyLLaVA architecture; arXiv 2503.13440).
 
-The language model is transformers' own (PhiForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM): only the `self_attn`
-of the Mamba layers is swapped, so norms, MLPs, attention backends, caches and generation are transformers'.
+Laid out like transformers' Llava (models/llava/modeling_llava.py): `MaTVLMModel` (vision tower, connector and the
+headless LM: what `AutoModel` gives) and `MaTVLMForConditionalGeneration` (`model` + `lm_head`: what
+`AutoModelForImageTextToText` gives). The language model is transformers' own (PhiModel, LlamaModel, Qwen2Model):
+only the `self_attn` of the Mamba layers is swapped, so norms, MLPs, attention backends, caches and generation are
+transformers'. Checkpoints keep the TinyLLaVA-style key layout (`language_model.model.*`, `language_model.lm_head.*`,
+`vision_tower.*`, `connector.*`): a registered checkpoint conversion mapping renames on load and back on save, as
+transformers does for Llava.
+
 Self-contained (relative imports only) so it can be saved beside the weights as remote code.
 """
 
 from __future__ import annotations
 
 import copy
-
+from dataclasses import dataclass
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.masking_utils import create_masks_for_generate
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_matvlm import MaTVLMConfig
 from .fast_generation import PREFILL_CHUNK, SamplingParams, fast_generate
-from .mamba2_mixer import MaTVLMMamba2Mixer
+from .mamba2_mixer import CACHE_ARG, MaTVLMMamba2Mixer
+
+#: language models whose forward takes a per-layer-type mask dict (they index it with `config.layer_types`)
+_MASK_DICT_LANGUAGE_MODELS = ("qwen2",)
+
+#: on-disk key prefix (TinyLLaVA's module names, kept by every MaTVLM checkpoint) -> module name prefix
+CHECKPOINT_KEY_PREFIXES = {
+    "language_model.lm_head": "lm_head",
+    "language_model.model": "model.language_model",
+    "vision_tower": "model.vision_tower",
+    "connector": "model.connector",
+}
+# transformers applies these on load and reverses them on save (as for Llava), so checkpoints written by earlier
+# versions, by the converter and by save_pretrained share one layout
+register_checkpoint_conversion_mapping(
+    MaTVLMConfig.model_type,
+    [WeightRenaming(source_patterns="^" + disk.replace(".", r"\."), target_patterns=module)
+     for disk, module in CHECKPOINT_KEY_PREFIXES.items()],
+    overwrite=True,
+)
+
+
+def checkpoint_key(name: str) -> str:
+    """The on-disk key of a `MaTVLMForConditionalGeneration` state-dict entry (e.g. "model.language_model.layers.0..."
+    -> "language_model.model.layers.0...")."""
+    for disk, module in CHECKPOINT_KEY_PREFIXES.items():
+        if name.startswith(module + "."):
+            return disk + name[len(module):]
+    return name
+
+
+def _output_fields(cache: Cache | None) -> dict:
+    """The cache under the output field name of the installed transformers, so `generate()` finds it."""
+    return {CACHE_ARG: cache}
+
+
+@dataclass
+class MaTVLMModelOutputWithPast(ModelOutput):
+    """`MaTVLMModel` outputs. last_hidden_state (b, l, hidden); the decoding cache under the installed transformers'
+    name (`cache` from 5.2x, else `past_key_values`); hidden_states / attentions as the language model returns them;
+    image_hidden_states (n_images, num_image_tokens, hidden): the projected image features of this call."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    if CACHE_ARG == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class MaTVLMCausalLMOutputWithPast(ModelOutput):
+    """`MaTVLMForConditionalGeneration` outputs: loss (scalar), logits (b, l or logits_to_keep, vocab), and the fields
+    of `MaTVLMModelOutputWithPast` but last_hidden_state."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    if CACHE_ARG == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
 
 
 class MaTVLMPreTrainedModel(PreTrainedModel):
     config: MaTVLMConfig
     config_class = MaTVLMConfig
-    base_model_prefix = ""
+    base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["PhiDecoderLayer", "LlamaDecoderLayer", "Qwen2DecoderLayer", "SiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def __init__(self, config: MaTVLMConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        # remote code: saving records only the Auto class the saved class was registered for; both must resolve
+        config.auto_map = {**(getattr(config, "auto_map", None) or {}),
+                           "AutoModel": "modeling_matvlm.MaTVLMModel",
+                           "AutoModelForImageTextToText": "modeling_matvlm.MaTVLMForConditionalGeneration"}
+
+    @property
+    def _is_stateful(self) -> bool:
+        """Mamba layers keep a recurrent state that cannot be rolled back to an earlier token, so generation modes
+        that need that (assisted and prompt-lookup decoding) are refused by `generate()`, as for transformers' own
+        Mamba hybrids (Bamba, Jamba). The teacher (no Mamba layer) is not stateful."""
+        return bool(self.config.mamba_layers)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -44,12 +134,8 @@ class MaTVLMPreTrainedModel(PreTrainedModel):
                 module.init_ssm_parameters()
 
 
-class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
-    """Vision tower + connector + hybrid language model, with the LM head; `generate()` ready."""
-
-    # generate() options the fast decode path does not implement, with their neutral values
-    _FAST_DEFAULTS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
-                      "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_alpha": None}
+class MaTVLMModel(MaTVLMPreTrainedModel):
+    """Vision tower + connector + the hybrid language model, without the LM head (what `AutoModel` loads)."""
 
     def __init__(self, config: MaTVLMConfig):
         super().__init__(config)
@@ -59,11 +145,10 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             nn.GELU(),
             nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size),
         )
-        self.language_model = AutoModelForCausalLM.from_config(config.attention_text_config())
+        # built from the shared text config: its flags (output_hidden_states, ...) and layer types are the model's
+        self.language_model = AutoModel.from_config(config.text_config)
         for i in config.mamba_layers:
-            self.language_model.model.layers[i].self_attn = MaTVLMMamba2Mixer(config, i)
-        # remote code: saving records the Auto class it was registered for; AutoModel must resolve too
-        config.auto_map = {**(getattr(config, "auto_map", None) or {}), "AutoModel": f"modeling_matvlm.{type(self).__name__}"}
+            self.language_model.layers[i].self_attn = MaTVLMMamba2Mixer(config, i)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -72,96 +157,278 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.model.layers
-
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) -> (n, num_image_tokens, text hidden): TinyLLaVA's hidden_states[layer], first token dropped
-        for the 'patch' strategy, then the connector."""
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """pixel_values (n, 3, H, W) -> the vision tower's output with `pooler_output` = the projected image features
+        (n, num_image_tokens, text hidden): TinyLLaVA's hidden_states[vision_feature_layer], first token dropped for
+        the 'patch' strategy, then the connector. `hidden_states` are the tower's (when output_hidden_states).
+        Raises ValueError for a wrong pixel_values shape."""
         vc = self.config.vision_config
         expected = (3, vc.image_size, vc.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
-                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), got {tuple(pixel_values.shape)}."
+                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}."
             )
-        out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
-        features = out.hidden_states[self.config.vision_feature_layer]
-        if self.config.vision_feature_select_strategy == "patch":
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True)
+        features = out.hidden_states[layer]
+        if strategy == "patch":
             features = features[:, 1:]
-        return self.connector(features)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=out.last_hidden_state,
+            pooler_output=self.connector(features),
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            attentions=out.attentions,
+        )
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor,
+                             image_features: torch.FloatTensor) -> torch.BoolTensor:
+        """(b, l, 1) mask of the image-token positions; ValueError when their count differs from the features'."""
+        if input_ids is None:
+            image_embed = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == image_embed).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        n_tokens, (n_images, per_image) = int(mask.sum()), image_features.shape[:2]
+        if n_images * per_image != n_tokens:
+            raise ValueError(
+                f"{n_images} image(s) give {n_images * per_image} image features ({per_image} each), but the input "
+                f"holds {n_tokens} image tokens (id {self.config.image_token_id}): the number of images must match "
+                "the number of <image> placeholders."
+            )
+        return mask[..., None]
 
     def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the image features scattered into the image-token positions."""
-        image_mask = input_ids == self.config.image_token_id
-        n_tokens = int(image_mask.sum())
+        """(b, l) ids -> (b, l, hidden) token embeddings with the image features scattered into the image-token
+        positions. ValueError when placeholders and images disagree."""
         inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is None:
+            n_tokens = int((input_ids == self.config.image_token_id).sum())
             if n_tokens:
                 raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given.")
             return inputs_embeds
-        features = self.get_image_features(pixel_values)
-        if features.shape[0] * features.shape[1] != n_tokens:
-            raise ValueError(
-                f"{features.shape[0]} image(s) give {features.shape[0] * features.shape[1]} image features "
-                f"({features.shape[1]} each), but input_ids hold {n_tokens} image tokens (id {self.config.image_token_id}): "
-                "the number of images must match the number of <image> placeholders."
-            )
-        return inputs_embeds.masked_scatter(image_mask[..., None], features.to(inputs_embeds.dtype))
+        features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+        mask = self.get_placeholder_mask(input_ids, inputs_embeds, features)
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
 
+    def language_model_masks(self, attention_mask: torch.Tensor | dict | None, inputs_embeds: torch.Tensor,
+                             cache: Cache | None, position_ids: torch.LongTensor | None):
+        """The attention-layer mask in the form the language model takes, and the Mamba layers' padding mask.
+
+        `attention_mask` is the user's 2-D padding mask (b, past + l), a prepared 4-D mask, or the per-layer-type dict
+        that `generate()` builds for compilable caches. The Mamba padding mask (b, l), 1 = real token, or None when
+        nothing is padded (transformers' `create_recurrent_attention_mask`), travels to each mixer as the `mamba_mask`
+        keyword (see `MaTVLMMamba2Mixer.forward`)."""
+        if not isinstance(attention_mask, dict):
+            masks = create_masks_for_generate(self.config, inputs_embeds, attention_mask, cache, position_ids)
+            if not isinstance(masks, dict):  # a 4-D mask given by the caller is used as it is
+                masks = {"full_attention": masks, "linear_attention": None}
+        else:
+            masks = attention_mask
+        mamba_mask = masks.get("linear_attention")
+        if self.config.text_config.model_type in _MASK_DICT_LANGUAGE_MODELS:
+            return masks, mamba_mask
+        return masks.get("full_attention"), mamba_mask
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> MaTVLMModelOutputWithPast:
+        """input_ids (b, l) or inputs_embeds (b, l, hidden); pixel_values (n_images, 3, H, W) for the prompt's
+        image placeholders; attention_mask (b, past + l); `cache` (or its older name `past_key_values`): a
+        transformers Cache built from this config (created when use_cache and none is given)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        cache = cache if cache is not None else past_key_values
+        image_features = None
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+        elif input_ids is not None and (n_tokens := int((input_ids == self.config.image_token_id).sum())):
+            raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given.")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        lm_mask, mamba_mask = self.language_model_masks(attention_mask, inputs_embeds, cache, position_ids)
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=lm_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            mamba_mask=mamba_mask,
+            return_dict=True,
+            **{CACHE_ARG: cache},
+            **kwargs,
+        )
+        return MaTVLMModelOutputWithPast(
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            image_hidden_states=image_features,
+            **_output_fields(getattr(out, CACHE_ARG)),
+        )
+
+
+class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
+    """`MaTVLMModel` + LM head; `generate()` ready (what `AutoModelForImageTextToText` loads).
+
+    The image token id is suppressed at generation (every path: the saved generation config, `generate()` for older
+    checkpoints and `fast_decode`), so only a prompt's placeholders are ever image positions."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # generate() options the fast decode path does not implement, with their neutral values
+    _FAST_DEFAULTS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+                      "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_alpha": None}
+
+    def __init__(self, config: MaTVLMConfig):
+        super().__init__(config)
+        self.model = MaTVLMModel(config)
+        tc = config.text_config
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=tc.model_type == "phi")
+        self.post_init()
+
+    # -- the module tree, as Llava exposes it --
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.vision_tower
+
+    @property
+    def connector(self) -> nn.Module:
+        return self.model.connector
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.language_model.layers
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See `MaTVLMModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """See `MaTVLMModel.embed_inputs`."""
+        return self.model.embed_inputs(input_ids, pixel_values)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
-    ) -> LlavaCausalLMOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        if inputs_embeds is None:
-            decoding = pixel_values is None and past_key_values is not None and past_key_values.get_seq_length() > 0
-            # after the prompt, a generated image-token id is just a token: only prompts must match their images
-            inputs_embeds = self.get_input_embeddings()(input_ids) if decoding else self.embed_inputs(input_ids, pixel_values)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        # Mamba layers need the 2-D padding mask (pad positions must not touch their state)
-        mamba_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
+    ) -> MaTVLMCausalLMOutputWithPast:
+        """As `MaTVLMModel.forward`, plus labels (b, l) for the next-token loss (-100 ignored) and logits_to_keep
+        (keep the last N positions' logits, or the given positions)."""
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            labels=labels,
+            inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            mamba_mask=mamba_mask,
+            cache=cache if cache is not None else past_key_values,
+            return_dict=True,
             **kwargs,
         )
-        return LlavaCausalLMOutputWithPast(
-            loss=out.loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch)
+        return MaTVLMCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            **_output_fields(getattr(outputs, CACHE_ARG)),
         )
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """generate() repeats every tensor along dim 0 per sample; dim 0 of `pixel_values` counts images, so each
+        prompt's own images are repeated with it instead (any number of images per prompt)."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1 and input_ids is not None and input_ids.shape[1] > 0:
+            per_row = ((input_ids == self.config.image_token_id).sum(1) // self.config.num_image_tokens).tolist()
+            if sum(per_row) == pixel_values.shape[0]:
+                pixel_values = torch.cat(
+                    [chunk.repeat(expand_size, *([1] * (chunk.dim() - 1)))
+                     for chunk in pixel_values.split(per_row)], dim=0)
+        elif pixel_values is not None and expand_size > 1:
+            raise ValueError("generate() with several sequences per prompt needs input_ids with the image "
+                             "placeholders to keep each image with its prompt; give input_ids, not inputs_embeds.")
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
 
     def generate(self, *args, fast_decode: bool | None = None, fast_decode_compile: bool | None = None, **kwargs):
         """transformers' `generate`, or with `fast_decode=True` (argument or generation config attribute) the static
         hybrid cache + one CUDA graph per decode step (greedy and sampling; see fast_generation.py). Generation config
         attribute `prefill_chunk_size` (default 4096) and `fast_decode_compile` (argument or attribute: torch.compile the
-        step before capturing it) tune it."""
+        step before capturing it) tune it. The image token id is always suppressed."""
+        prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        limit = self.config.text_config.max_position_embeddings
+        if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 and prompt.shape[1] > limit:
+            raise ValueError(
+                f"The prompt is {prompt.shape[1]} tokens long, past the language model's position limit ({limit}, "
+                "text_config.max_position_embeddings): shorten it, or let the processor cut it (truncation=True, "
+                "max_length=...)."
+            )
         config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
         unused = config.update(**kwargs)
+        suppress = list(config.suppress_tokens or [])
+        if self.config.image_token_id not in suppress:
+            config.suppress_tokens = suppress + [self.config.image_token_id]
         if not (fast_decode if fast_decode is not None else getattr(config, "fast_decode", False)):
             return super().generate(*args, generation_config=config, **unused)
         input_ids = args[0] if args else unused.pop("input_ids")
@@ -175,12 +442,16 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
         if config.max_new_tokens is None:
             raise ValueError("fast_decode needs max_new_tokens.")
         params = SamplingParams(bool(config.do_sample), float(config.temperature or 1.0), config.top_k or None,
-                                config.top_p if config.top_p not in (None, 1.0) else None)
+                                config.top_p if config.top_p not in (None, 1.0) else None,
+                                tuple(config.suppress_tokens))
+        # unset (None) values fall back to the model's generation config, as in generate()
+        eos, pad = (getattr(config, name) if getattr(config, name) is not None else getattr(self.generation_config, name)
+                    for name in ("eos_token_id", "pad_token_id"))
         return fast_generate(self, input_ids, attention_mask, pixel_values, max_new_tokens=config.max_new_tokens,
-                             params=params, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                             params=params, eos_token_id=eos, pad_token_id=pad,
                              prefill_chunk_size=config.prefill_chunk_size or PREFILL_CHUNK,
                              compile=bool(fast_decode_compile if fast_decode_compile is not None
                                           else getattr(config, "fast_decode_compile", False)))
 
 
-__all__ = ["MaTVLMPreTrainedModel", "MaTVLMForConditionalGeneration"]
+__all__ = ["MaTVLMPreTrainedModel", "MaTVLMModel", "MaTVLMForConditionalGeneration", "checkpoint_key"]

@@ -10,7 +10,8 @@ This file is saved beside model weights as remote code: it imports only transfor
   inserted directly: the id is an embedding row the tokenizer never produces, e.g. 50295 for Phi-2's 51200
   rows), chunks between placeholders tokenised separately as TinyLLaVA does. The model then scatters the
   projected image features into those positions, so positions equal TinyLLaVA's -200 splice.
-- Batches are padded on `tokenizer.padding_side` (left for generation).
+- Batches are padded on the left by default (what `generate()` needs); `padding_side="right"` per call or
+  `processor.padding_side` change it.
 
     processor = processor_from_tinyllava("TinyLLaVA-Phi-2-SigLIP-3.1B", image_token_id=50295)
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -36,6 +37,10 @@ try:  # transformers >= 5: the PIL backend has its own class; "SiglipImageProces
 except ImportError:  # transformers 4: SiglipImageProcessor is the PIL/numpy one
     from transformers import SiglipImageProcessor as _SiglipPil
 
+#: TinyLLaVA-Phi-2-SigLIP-3.1B's values: an embedding row Phi-2's tokenizer never produces (50295 of 51200 rows), and
+#: SigLIP-so400m-384/14's 27 x 27 patches minus the first ("patch" strategy)
+DEFAULT_IMAGE_TOKEN_ID = 50295
+DEFAULT_NUM_IMAGE_TOKENS = 728
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 SIGLIP_STD = [0.5, 0.5, 0.5]
 
@@ -103,24 +108,28 @@ class MaTVLMProcessor(ProcessorMixin):
     Args:
         image_processor: a SigLIP image processor (`siglip_image_processor(384)`).
         tokenizer: the LM's tokenizer (a fast one: offsets are used for labels).
-        image_token_id: the id written for each image position (not produced by the tokenizer).
-        num_image_tokens: image positions per `<image>` (728 for SigLIP-384/14 with the "patch" strategy).
+        image_token_id: the id written for each image position (not produced by the tokenizer); default
+            TinyLLaVA-Phi-2-SigLIP-3.1B's 50295.
+        num_image_tokens: image positions per `<image>` (default 728: SigLIP-384/14 with the "patch" strategy).
         image_aspect_ratio: "pad" (expand to a square with the mean colour first) or "square" (just resize).
         chat_template: jinja template; TinyLLaVA's "phi" template by default.
         image_token: the placeholder string in the text.
+        padding_side: side batches are padded on, "left" (default: what `generate()` needs) or "right".
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, image_token_id: int | None = None,
-                 num_image_tokens: int | None = None, image_aspect_ratio: str = "pad",
-                 chat_template: str | None = None, image_token: str = IMAGE_PLACEHOLDER, **kwargs):
-        if image_token_id is None or num_image_tokens is None:
-            raise ValueError("MaTVLMProcessor needs image_token_id and num_image_tokens")
+    def __init__(self, image_processor=None, tokenizer=None, image_token_id: int = DEFAULT_IMAGE_TOKEN_ID,
+                 num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS, image_aspect_ratio: str = "pad",
+                 chat_template: str | None = None, image_token: str = IMAGE_PLACEHOLDER, padding_side: str = "left",
+                 **kwargs):
         if image_aspect_ratio not in ("pad", "square"):
             raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {image_aspect_ratio!r}")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.image_token_id = int(image_token_id)
         self.num_image_tokens = int(num_image_tokens)
         self.image_aspect_ratio = image_aspect_ratio
         self.image_token = image_token
+        self.padding_side = padding_side
         if chat_template is None:
             chat_template = CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
@@ -131,6 +140,16 @@ class MaTVLMProcessor(ProcessorMixin):
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         image_processor = _SiglipPil.from_pretrained(pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained`, without leaving the `auto_map` it records for remote code on `self`
+        (so a saved and reloaded processor has the same `to_dict()` as the one saved)."""
+        had_auto_map = "auto_map" in self.__dict__
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if not had_auto_map:
+                self.__dict__.pop("auto_map", None)
 
     # ------------------------------------------------------------------------------------------------
     def preprocess_images(self, images: list[Any]) -> list[Image.Image]:
@@ -143,25 +162,42 @@ class MaTVLMProcessor(ProcessorMixin):
             out.append(image)
         return out
 
+    # keyword arguments transformers' processors take that change nothing here
+    _IGNORED_KWARGS = ("return_dict", "return_mm_token_type_ids", "return_attention_mask", "return_token_type_ids",
+                       "verbose", "pad_to_multiple_of", "return_overflowing_tokens", "return_special_tokens_mask",
+                       "return_offsets_mapping", "return_length", "do_convert_rgb")
+
     def __call__(self, images=None, text=None, padding: bool | str = False, truncation: bool = False,
                  max_length: int | None = None, return_tensors: str | None = "pt",
-                 add_special_tokens: bool = True, videos=None, audio=None, **kwargs) -> BatchFeature:
+                 add_special_tokens: bool = True, videos=None, audio=None, padding_side: str | None = None,
+                 **kwargs) -> BatchFeature:
         """Tokenise `text` (str or list of str) with each `<image>` expanded, and preprocess `images`.
 
         images: None, one image, a list of images, or a list of lists (per text); each a PIL image or a
         path. There must be exactly one image per `<image>` placeholder, in order. padding: False,
-        True/"longest" or "max_length" (needs max_length), on `tokenizer.padding_side`. truncation: cut
+        True/"longest" or "max_length" (needs max_length), on `padding_side`. truncation: cut
         sequences longer than max_length on the right (never into the image tokens); without it a
-        sequence longer than max_length is an error.
+        sequence longer than max_length is an error. padding_side: "left"/"right" for this call (default
+        `self.padding_side`). The keyword groups transformers' processors take (`text_kwargs`, `images_kwargs`,
+        `common_kwargs`) are merged in; unknown keywords raise TypeError, an empty text ValueError.
         """
         if videos is not None or audio is not None:
             raise ValueError("MaTVLMProcessor handles images and text only")
-        for key in ("return_dict", "return_mm_token_type_ids"):
+        for group in ("text_kwargs", "images_kwargs", "common_kwargs"):
+            kwargs.update(kwargs.pop(group, None) or {})
+        padding = kwargs.pop("padding", padding)
+        truncation = kwargs.pop("truncation", truncation)
+        max_length = kwargs.pop("max_length", max_length)
+        return_tensors = kwargs.pop("return_tensors", return_tensors)
+        padding_side = kwargs.pop("padding_side", padding_side) or self.padding_side
+        for key in self._IGNORED_KWARGS:
             kwargs.pop(key, None)
         if kwargs:
             raise TypeError(f"MaTVLMProcessor got unexpected arguments: {sorted(kwargs)}")
         if text is None and images is None:
             raise ValueError("give text, images or both")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
 
         flat_images = _flatten_images(images)
         data: dict[str, Any] = {}
@@ -169,6 +205,9 @@ class MaTVLMProcessor(ProcessorMixin):
             texts = [text] if isinstance(text, str) else list(text)
             if not all(isinstance(t, str) for t in texts):
                 raise ValueError("text must be a string or a list of strings")
+            empty = [i for i, t in enumerate(texts) if not t.strip()]
+            if empty:
+                raise ValueError(f"text {empty[0]} is empty: give a prompt (e.g. from processor.apply_chat_template)")
             n_placeholders = sum(t.count(self.image_token) for t in texts)
             if n_placeholders != len(flat_images):
                 raise ValueError(
@@ -182,7 +221,7 @@ class MaTVLMProcessor(ProcessorMixin):
                     if t.count(self.image_token) != n_imgs:
                         raise ValueError(f"text {i}: got {n_imgs} image(s) but {t.count(self.image_token)} "
                                          f"{self.image_token} placeholder(s)")
-            data.update(self._tokenize(texts, padding, truncation, max_length, add_special_tokens))
+            data.update(self._tokenize(texts, padding, truncation, max_length, add_special_tokens, padding_side))
             lengths = sorted({len(ids) for ids in data["input_ids"]})
             if return_tensors is not None and len(lengths) > 1:
                 raise ValueError(f"the texts have different lengths ({lengths[0]} to {lengths[-1]} tokens): pass "
@@ -193,7 +232,8 @@ class MaTVLMProcessor(ProcessorMixin):
             data["pixel_values"] = pixel_values
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def _tokenize(self, texts, padding, truncation, max_length, add_special_tokens) -> dict[str, list]:
+    def _tokenize(self, texts, padding, truncation, max_length, add_special_tokens,
+                  padding_side: str) -> dict[str, list]:
         batch = []
         for i, t in enumerate(texts):
             ids, _ = encode_with_image_placeholders(t, self.tokenizer, self.image_token_id, self.num_image_tokens,
@@ -225,7 +265,7 @@ class MaTVLMProcessor(ProcessorMixin):
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token to pad a batch")
-        left = self.tokenizer.padding_side == "left"
+        left = padding_side == "left"
         input_ids, attention_mask = [], []
         for ids in batch:
             n = target - len(ids)
@@ -251,9 +291,7 @@ def processor_from_tinyllava(checkpoint_dir: str | os.PathLike, image_token_id: 
     if num_image_tokens is None:
         num_image_tokens = num_image_tokens_for(image_size, vision["patch_size"],
                                                 config.get("vision_feature_select_strategy", "patch"))
-    tokenizer = AutoTokenizer.from_pretrained(
-        d, padding_side=config.get("tokenizer_padding_side", "right"),
-        model_max_length=config.get("tokenizer_model_max_length", 3072))
+    tokenizer = AutoTokenizer.from_pretrained(d, model_max_length=config.get("tokenizer_model_max_length", 3072))
     if (d / "preprocessor_config.json").exists():
         image_processor = _SiglipPil.from_pretrained(d)
     else:

@@ -28,7 +28,7 @@ On a machine without CUDA (tests, smoke runs) the script trains on the CPU and s
 `accelerate launch --cpu --num_processes 2` starts a single process). Checkpoints (`checkpoint-N`, every --save-steps optimizer steps) hold the student, the optimizer, the
 scheduler and RNG states; `--resume` continues from the latest one in --output (or `--resume DIR`). The final
 student is written to --output with `save_pretrained` (safetensors, remote code, processor): it loads with
-`AutoModel.from_pretrained(output)` (import matvlm_hf first, or pass trust_remote_code=True).
+`AutoModelForImageTextToText.from_pretrained(output)` (import matvlm_hf first, or pass trust_remote_code=True).
 """
 
 from __future__ import annotations
