@@ -119,7 +119,9 @@ def ssd_step_reference(
     C = C.repeat_interleave(h // C.shape[1], dim=1).to(state.dtype)
     dt = dt.to(state.dtype)
     xs = x.to(state.dtype)
-    new_state = state * torch.exp(dt * A.to(state.dtype))[..., None, None] + (dt[..., None] * xs)[..., None] * B[:, :, None]
+    # under autograd, read a copy: the in-place update below must not change a tensor saved for the backward
+    prev = state.clone() if grad_needed(state, x, dt, A, B, C, D) else state
+    new_state = prev * torch.exp(dt * A.to(state.dtype))[..., None, None] + (dt[..., None] * xs)[..., None] * B[:, :, None]
     state.copy_(new_state)
     y = torch.einsum("bhpn,bhn->bhp", new_state, C)
     if D is not None:
@@ -218,8 +220,9 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
     causal_conv1d_update on CUDA when no gradient is needed (it has no backward), else the reference."""
     if use_kernel and _conv_update_kernel is not None and x.is_cuda and not grad_needed(x, conv_state, weight, bias):
         return _conv_update_kernel(x, conv_state, weight, bias, activation="silu")
-    conv_state.copy_(torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1))
-    out = (conv_state * weight).sum(-1)
+    window = torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1)
+    conv_state.copy_(window)
+    out = (window * weight).sum(-1)  # the new tensor, not the state buffer that the next step overwrites
     if bias is not None:
         out = out + bias
     return F.silu(out).to(x.dtype)
