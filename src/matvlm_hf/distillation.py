@@ -2,28 +2,37 @@
 
     loss = alpha * L_layer + beta * L_prob + gamma * L_ce          (paper: alpha = beta = 1, gamma = 0)
 
+Every term is a sum over items divided by the number of those items in the GLOBAL batch of the optimizer step
+(all micro-batches of the accumulation, all processes), as transformers' `num_items_in_batch` does for the LM loss:
+the update for a global batch does not depend on its split into micro-batches, accumulation steps and processes.
+At per-device batch 1 the Frobenius and "all"-positions KL terms are exactly the authors' (their micro-batch is one
+sample, averaged over the accumulated samples by Trainer and DDP).
+
 - L_layer (layer-wise alignment). For every Mamba layer i, the student's whole decoder layer i (input norm, Mamba-2
   mixer, MLP, residual) is applied to the *teacher's* hidden state entering layer i, and compared with the teacher's
-  hidden state leaving layer i. "frobenius" (the authors'): `torch.norm(student_out - teacher_out, p=2)` over the
-  whole (batch, length, hidden) tensor, summed over the Mamba layers. "mse": mean squared error per layer, summed.
-  Padding positions are left out of both (the authors trained with batch size 1, where there is none).
+  hidden state leaving layer i. "frobenius" (the authors'): `torch.norm(student_out - teacher_out, p=2)` of each
+  sample's (length, hidden) tensor, summed over the Mamba layers; per sample (normalised by the global number of
+  samples). "mse": squared error averaged over hidden, per non-padding position (normalised by the global number of
+  non-padding positions), summed over the layers. Padding positions are left out of both.
   The teacher's hidden states are captured with forward hooks on its decoder layers (input and output of each
   Mamba-layer index) rather than taken from `output_hidden_states`: in transformers 5.x the last element of
   `hidden_states` is the *final-normed* output (`capture_outputs(tie_last_hidden_states=True)`), so the output of
   the last decoder layer is not in that tuple. (The authors' hybrid compared final_layernorm(student) with the
   teacher's normed state for the last layer; their layer choice never includes the last layer.)
 - L_prob (logit distillation). "all" (the authors'): `F.kl_div(log_softmax(s / T), softmax(t / T),
-  reduction="batchmean") * T**2` on (batch, length, vocab) logits. "batchmean" divides the sum over *every* element
-  by the first dimension, the batch size: it is the KL summed over all positions (image, prompt and answer tokens)
-  of a sequence, averaged over sequences; not a per-token mean. Here padding positions are left out (no difference
-  at batch size 1). "answer": only the positions whose logits predict an answer token (shifted labels != -100),
-  averaged per token.
-- L_ce: the student's next-token cross-entropy on the labels (mean over answer tokens). Logged even at weight 0.
+  reduction="batchmean") * T**2` on (1, length, vocab) logits: the KL summed over all non-padding positions (image,
+  prompt and answer tokens) of a sample; per sample. "answer": only the positions whose logits predict an answer
+  token (shifted labels != -100); per supervised token.
+- L_ce: the student's next-token cross-entropy on the labels; per supervised token (transformers' normalisation).
+  Logged even at weight 0.
 
 The teacher runs once per step without gradients, on the student's device (and dtype: see `teacher_dtype`); it is
 not wrapped by DDP/DeepSpeed (ZeRO-2 is fine: parameters are not partitioned; ZeRO-3 is not supported for it).
 `l_layer`, `l_prob`, `l_ce` and `l_total` are logged beside Trainer's `loss` (averaged over the logging window
-and over processes).
+and over processes: per optimizer step, the global objective). The first optimizer step checks that every trainable
+parameter receives a gradient from every micro-batch and raises `GradientCheckError` naming those that do not (so
+DDP keeps find_unused_parameters=False). Gradient checkpointing, reentrant or not, gives the same update; reentrant
+checkpointing is refused with several processes (see `_refuse_reentrant_checkpointing_under_ddp`).
 
 Trainable parameters (`set_trainable`): "mamba+connector" (paper; the released configs' `tune_mlp: true` means
 TinyLLaVA's connector, which TinyLLaVA calls the mlp projector), "mamba" (`tune_mlp: false`),
