@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 from matvlm_hf.data import LLaVACollator
 from matvlm_hf.distillation import (
     DistillationArguments,
+    GradientCheckError,
     MaTVLMDistillationTrainer,
     apply_decoder_layer,
     capture_layer_io,
@@ -49,7 +50,8 @@ def make_trainer(tmp_path, teacher, student, items, *, mode="mamba+connector", s
     distill = kwargs.pop("distill", {})
     set_trainable(student, mode)
     student.train()
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=len(items), max_steps=steps,
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps,
+                             per_device_train_batch_size=kwargs.pop("per_device_train_batch_size", len(items)),
                              learning_rate=lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
                              lr_scheduler_type=kwargs.pop("lr_scheduler_type", "constant"), max_grad_norm=1.0,
                              use_cpu=True, save_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True,
@@ -128,8 +130,8 @@ def test_layer_loss_is_fed_the_teacher_hidden_state(tmp_path):
         torch.testing.assert_close(t_hs[-1], teacher.language_model.final_layernorm(last["out"]))
         assert not torch.allclose(s_hs[2], t_hs[2])  # the perturbation reached the student's Mamba layer input
 
-        def frob(x, y):
-            return torch.sqrt((((x - y) * mask[..., None]) ** 2).sum())
+        def frob(x, y):  # the authors' torch.norm per sample (their batch size is 1), averaged over samples
+            return torch.stack([torch.norm((x - y)[j] * mask[j, :, None], p=2) for j in range(len(x))]).mean()
 
         def student_layer(i, h):
             return student.decoder_layers[i](h, mamba_mask=mask)
@@ -333,3 +335,49 @@ def test_cli_config_yaml_and_flags(tmp_path):
         parse_config(["--student", "s", "--data", "d", "--output", "o"])
     ds = json.loads((root / "examples/configs/ds_zero2.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2
+
+
+def test_first_step_fails_naming_a_conv_that_gets_no_gradient(tmp_path, monkeypatch):
+    """The fault of issue 21 on CPU: a forward-only conv kernel (its output outside autograd) leaves every Mamba
+    conv without gradient; the first training step stops and names exactly those parameters."""
+    import matvlm_hf.mamba2_mixer as mixer
+
+    real = mixer.causal_conv1d_blc
+
+    def forward_only(*args, **kwargs):
+        with torch.no_grad():
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(mixer, "causal_conv1d_blc", forward_only)
+    teacher, student = make_pair(mamba_layers=(1, 3))
+    items = make_items(teacher.config)
+    trainer = make_trainer(tmp_path, teacher, student, items, steps=2, gradient_accumulation_steps=2,
+                           per_device_train_batch_size=1)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    with pytest.raises(GradientCheckError) as err:
+        trainer.train()
+    assert err.value.missing == sorted(f"language_model.model.layers.{i}.self_attn.conv1d.{w}"
+                                       for i in (1, 3) for w in ("bias", "weight"))
+    assert "layers.1.self_attn.conv1d.weight" in str(err.value)
+    assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())  # no optimizer step was taken
+
+
+def test_first_step_fails_naming_a_trainable_parameter_outside_the_loss(tmp_path):
+    teacher, student = make_pair(mamba_layers=(1, 3))
+    items = make_items(teacher.config)
+    trainer = make_trainer(tmp_path, teacher, student, items)
+    post_norm = "vision_tower.post_layernorm.weight"
+    dict(student.named_parameters())[post_norm].requires_grad_(True)  # the vision head never reaches the LM
+    with pytest.raises(GradientCheckError, match="post_layernorm.weight") as err:
+        trainer.train()
+    assert set(err.value.missing) == {post_norm}
+
+
+def test_gradient_check_runs_once_and_passes_on_a_sound_run(tmp_path):
+    teacher, student = make_pair(mamba_layers=(1, 3))
+    items = make_items(teacher.config)
+    trainer = make_trainer(tmp_path, teacher, student, items, steps=2, gradient_accumulation_steps=2,
+                           per_device_train_batch_size=1, gradient_checkpointing=True)
+    assert not trainer._gradients_checked
+    trainer.train()
+    assert trainer._gradients_checked and trainer.state.global_step == 2

@@ -128,3 +128,48 @@ def test_blc_conv_triton_kernel_in_the_interpreter():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+
+
+def test_grad_needed_rule():
+    from matvlm_hf.mamba2_ops import grad_needed
+    x, w = torch.randn(2, 3), torch.randn(3, requires_grad=True)
+    assert grad_needed(x, w, None) and not grad_needed(x, None)
+    with torch.no_grad():
+        assert not grad_needed(x, w)
+
+
+def test_blc_conv_uses_the_forward_only_kernel_only_without_gradients(monkeypatch):
+    """The (b, l, c) Triton conv has no backward: with autograd recording and a tensor that requires grad the
+    differentiable path must run (gradients equal the reference's); without, the kernel runs. The kernel launch is
+    replaced by a spy (Triton is not needed: `interpret=True` takes the kernel branch on the CPU)."""
+    import matvlm_hf.mamba2_ops as ops
+    calls = []
+
+    def forward_only_kernel(x, weight, bias):  # what the real launch returns: the right values, no graph
+        calls.append(x.shape)
+        with torch.no_grad():
+            return ops.causal_conv1d_blc(x, weight, bias, use_kernel=False)
+
+    monkeypatch.setattr(ops, "triton", object())
+    monkeypatch.setattr(ops, "_conv_silu_blc_triton", forward_only_kernel)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 11, 6, generator=gen)
+    w, bias = torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)
+
+    with torch.no_grad():  # inference: the kernel
+        ops.causal_conv1d_blc(x, w, bias, interpret=True)
+    assert len(calls) == 1
+    ops.causal_conv1d_blc(x, w, bias, interpret=True)  # grad mode on but nothing requires grad: the kernel too
+    assert len(calls) == 2
+
+    grads = {}
+    for kernel in (True, False):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, bias))
+        out = ops.causal_conv1d_blc(xs, ws, bs, use_kernel=kernel, interpret=kernel)
+        assert out.requires_grad
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads[kernel] = (xs.grad, ws.grad, bs.grad)
+    assert len(calls) == 2  # not used while gradients were needed
+    for a, b in zip(grads[True], grads[False]):
+        assert a is not None
+        torch.testing.assert_close(a, b)

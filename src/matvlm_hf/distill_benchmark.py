@@ -9,7 +9,8 @@
                 is cut to exactly `--max-length` tokens (image tokens included) by the data set's truncation;
 3. runs         `train_cli.build_trainer` (what `matvlm distill` runs: bf16, gradient checkpointing, the paper's
                 losses and trainable set) for `--steps` optimizer steps at micro-batch `--batch-size`, no gradient
-                accumulation, timing each step (CUDA-synchronised); then, on CUDA, the largest micro-batch that
+                accumulation, timing each step (CUDA-synchronised; the Mamba conv runs its differentiable path while
+                training: `conv_training_path` in the results); then, on CUDA, the largest micro-batch that
                 trains without running out of memory (doubling, then bisection; a few steps per try).
 
 Models are loaded once and reused by every run. Results go to `--out` (JSON) and stdout.
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from . import MaTVLMForConditionalGeneration
+    from . import MaTVLMForConditionalGeneration, mamba2_ops
     from .train_cli import parse_config
 
     hf_logging.set_verbosity_error()
@@ -203,7 +204,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
         "max_length": args.max_length, "bf16": bf16, "gradient_checkpointing": cfg["gradient_checkpointing"],
-        "train_mode": args.train_mode, "prepare_seconds": round(prepare_s, 1), "timed_run": timed, "search": [],
+        "train_mode": args.train_mode, "prepare_seconds": round(prepare_s, 1),
+        # the Mamba conv under autograd (issue 21: the forward-only Triton conv is not used while training)
+        "conv_training_path": "causal_conv1d" if mamba2_ops.HAS_CAUSAL_CONV1D else "pytorch",
+        "timed_run": timed, "search": [],
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     if cuda and not args.no_search and not timed["oom"]:

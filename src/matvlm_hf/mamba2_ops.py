@@ -31,6 +31,17 @@ except ImportError:
 HAS_MAMBA_SSM = _chunk_scan_kernel is not None
 HAS_CAUSAL_CONV1D = _conv_kernel is not None
 
+# Which kernels have a backward. mamba_chunk_scan_combined, rmsnorm_fn and causal_conv1d_fn are autograd Functions
+# (their gradients are tested against the reference in tests/test_gpu_gradients.py); selective_state_update,
+# causal_conv1d_update and this module's (b, l, c) Triton conv are forward-only: they write into fresh or cached
+# tensors outside autograd, so they run only when no gradient is needed and the differentiable path runs otherwise.
+
+
+def grad_needed(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd is recording and one of `tensors` requires grad: a forward-only kernel must not run then
+    (its output would carry no graph, and every parameter below it would get a wrong gradient)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
 
 def _segsum(x: torch.Tensor) -> torch.Tensor:
     """x (..., T) -> (..., T, T) with out[i, j] = sum_{j < m <= i} x[m] for j <= i, -inf above the diagonal."""
@@ -108,7 +119,9 @@ def ssd_step_reference(
     C = C.repeat_interleave(h // C.shape[1], dim=1).to(state.dtype)
     dt = dt.to(state.dtype)
     xs = x.to(state.dtype)
-    new_state = state * torch.exp(dt * A.to(state.dtype))[..., None, None] + (dt[..., None] * xs)[..., None] * B[:, :, None]
+    # under autograd, read a copy: the in-place update below must not change a tensor saved for the backward
+    prev = state.clone() if grad_needed(state, x, dt, A, B, C, D) else state
+    new_state = prev * torch.exp(dt * A.to(state.dtype))[..., None, None] + (dt[..., None] * xs)[..., None] * B[:, :, None]
     state.copy_(new_state)
     y = torch.einsum("bhpn,bhn->bhp", new_state, C)
     if D is not None:
@@ -117,7 +130,8 @@ def ssd_step_reference(
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_kernel: bool = True):
-    """Chunked scan: mamba_ssm's Triton kernel on CUDA when available, else the reference. Same contract."""
+    """Chunked scan: mamba_ssm's mamba_chunk_scan_combined on CUDA when available (an autograd Function, gradients
+    to x, dt, A, B, C, D and initial_state), else the reference. Same contract."""
     if use_kernel and _chunk_scan_kernel is not None and x.is_cuda:
         y, final_state = _chunk_scan_kernel(
             x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=True
@@ -127,8 +141,9 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_kernel:
 
 
 def ssd_step(state, x, dt, A, B, C, D, use_kernel: bool = True) -> torch.Tensor:
-    """One decode step (state updated in place): mamba_ssm's selective_state_update on CUDA, else the reference."""
-    if use_kernel and _state_update_kernel is not None and x.is_cuda:
+    """One decode step (state updated in place): mamba_ssm's selective_state_update on CUDA when no gradient is
+    needed (it has no backward), else the reference."""
+    if use_kernel and _state_update_kernel is not None and x.is_cuda and not grad_needed(state, x, dt, A, B, C, D):
         p, n = x.shape[-1], B.shape[-1]
         # broadcast views (stride 0) let the kernel take its tied-head-dim fast path; dt_bias and D must not be None
         return _state_update_kernel(
@@ -140,7 +155,8 @@ def ssd_step(state, x, dt, A, B, C, D, use_kernel: bool = True) -> torch.Tensor:
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True) -> torch.Tensor:
-    """Depthwise causal conv + SiLU over x (b, c, l) with weight (c, k); zero left context."""
+    """Depthwise causal conv + SiLU over x (b, c, l) with weight (c, k); zero left context. causal_conv1d's
+    autograd Function on CUDA when installed (differentiable), else the reference."""
     if use_kernel and _conv_kernel is not None and x.is_cuda:
         return _conv_kernel(x, weight, bias, activation="silu")
     k = weight.shape[-1]
@@ -174,28 +190,39 @@ if triton is not None:
 
 def causal_conv1d_blc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True,
                       interpret: bool = False) -> torch.Tensor:
-    """causal_conv1d on the (b, l, c) layout in_proj produces (channels contiguous, any length stride): a Triton
-    kernel on CUDA (no transposes, one pass), else the reference. `interpret` runs the kernel body on the CPU
-    through Triton's interpreter (TRITON_INTERPRET=1), for tests."""
-    if use_kernel and triton is not None and (x.is_cuda or interpret) and x.stride(-1) == 1:
-        b, l, c = x.shape
-        out = torch.empty(b, l, c, dtype=x.dtype, device=x.device)
-        w = weight.contiguous()
-        grid = (b, triton.cdiv(l, 64), triton.cdiv(c, 128))
-        _conv_silu_blc_kernel[grid](x, w, bias if bias is not None else w, out, l, c, x.stride(0), x.stride(1),
-                                    out.stride(0), out.stride(1), K=w.shape[-1], HAS_BIAS=bias is not None,
-                                    BLOCK_L=64, BLOCK_C=128)
-        return out
+    """causal_conv1d on the (b, l, c) layout in_proj produces (channels contiguous, any length stride).
+
+    Without gradients (inference): a forward-only Triton kernel on CUDA (no transposes, one pass). When a gradient
+    is needed (`grad_needed`): `causal_conv1d` on the transposed copy, i.e. causal_conv1d's autograd Function on
+    CUDA when installed, else the PyTorch reference; both differentiable. `interpret` runs the Triton kernel body
+    on the CPU through Triton's interpreter (TRITON_INTERPRET=1), for tests."""
+    if (use_kernel and triton is not None and (x.is_cuda or interpret) and x.stride(-1) == 1
+            and not grad_needed(x, weight, bias)):
+        return _conv_silu_blc_triton(x, weight, bias)
     return causal_conv1d(x.transpose(1, 2).contiguous(), weight, bias, use_kernel).transpose(1, 2)
+
+
+def _conv_silu_blc_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Launch `_conv_silu_blc_kernel` (forward only: the result carries no autograd graph)."""
+    b, l, c = x.shape
+    out = torch.empty(b, l, c, dtype=x.dtype, device=x.device)
+    w = weight.contiguous()
+    grid = (b, triton.cdiv(l, 64), triton.cdiv(c, 128))
+    _conv_silu_blc_kernel[grid](x, w, bias if bias is not None else w, out, l, c, x.stride(0), x.stride(1),
+                                out.stride(0), out.stride(1), K=w.shape[-1], HAS_BIAS=bias is not None,
+                                BLOCK_L=64, BLOCK_C=128)
+    return out
 
 
 def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        use_kernel: bool = True) -> torch.Tensor:
-    """One conv step for x (b, c): shifts x into conv_state (b, c, k) in place, returns SiLU(conv) (b, c)."""
-    if use_kernel and _conv_update_kernel is not None and x.is_cuda:
+    """One conv step for x (b, c): shifts x into conv_state (b, c, k) in place, returns SiLU(conv) (b, c).
+    causal_conv1d_update on CUDA when no gradient is needed (it has no backward), else the reference."""
+    if use_kernel and _conv_update_kernel is not None and x.is_cuda and not grad_needed(x, conv_state, weight, bias):
         return _conv_update_kernel(x, conv_state, weight, bias, activation="silu")
-    conv_state.copy_(torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1))
-    out = (conv_state * weight).sum(-1)
+    window = torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1)
+    conv_state.copy_(window)
+    out = (window * weight).sum(-1)  # the new tensor, not the state buffer that the next step overwrites
     if bias is not None:
         out = out + bias
     return F.silu(out).to(x.dtype)
@@ -203,7 +230,8 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
 
 def rmsnorm_gated(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
                   use_kernel: bool = True) -> torch.Tensor:
-    """RMSNorm(x * SiLU(z)) over groups of `group_size` channels, times weight (Mamba-2, norm_before_gate=False)."""
+    """RMSNorm(x * SiLU(z)) over groups of `group_size` channels, times weight (Mamba-2, norm_before_gate=False).
+    mamba_ssm's rmsnorm_fn on CUDA (an autograd Function), else the reference."""
     if use_kernel and _rmsnorm_gated_kernel is not None and x.is_cuda:
         return _rmsnorm_gated_kernel(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
     dtype = x.dtype
