@@ -64,7 +64,7 @@ def check_output(output: str | os.PathLike, inputs: Iterable[tuple[str, str | os
     if _is_within(cwd, out):
         what = "is" if out == cwd else "contains"
         raise UnsafeOutputError(f"{option} {output} {what} the working directory ({cwd}): replacing it would delete "
-                                f"what is there. Name a new folder, e.g. {option} out/model.")
+                                f"what is there. Name a new folder below it instead.")
     for name, value in inputs:
         if value is None or not Path(value).expanduser().exists():
             continue
