@@ -14,6 +14,7 @@ import matvlm_hf.mamba2_mixer as mixer_module
 from matvlm_hf.modeling_matvlm import checkpoint_key
 from matvlm_hf.conversion import ConversionError, convert_tinyllava_to_matvlm, main, mixer_from_attention
 from matvlm_hf.fabricate import write_tinyllava_checkpoint
+from matvlm_hf.errors import UserError
 from tinyllava_reference import load_tinyllava_reference, reference_logits
 
 IMAGE = -200
@@ -207,7 +208,7 @@ def test_existing_output_needs_overwrite(phi_ckpt, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(ConversionError, match="exists and is not empty; pass --overwrite"):
+    with pytest.raises(UserError, match="exists and is not empty. Choose a new folder, or pass --overwrite"):
         convert_tinyllava_to_matvlm(phi_ckpt, out, mamba_ratio=0.25)
     assert (out / "keep.txt").read_text() == "user data"
     convert_tinyllava_to_matvlm(phi_ckpt, out, mamba_ratio=0.25, overwrite=True, progress=False)
@@ -223,7 +224,7 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
 def test_cli_errors_exit_with_a_message(phi_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--mamba-ratio", "0.25"])
-    assert exit_info.value.code == 2 and "neither an existing folder" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no such file or folder" in capsys.readouterr().err
     assert main(["--input", str(phi_ckpt), "--output", str(tmp_path / "o"), "--mamba-layers", "0,3"]).exists()
 
 

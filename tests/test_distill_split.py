@@ -68,7 +68,7 @@ def test_per_device_batch_1_is_the_authors_recipe(tmp_path):
     teacher's input - teacher's output) + F.kl_div(..., reduction="batchmean"), one sample at a time, averaged over
     the accumulated samples; computed here without the package's loss functions."""
     teacher, student = make_models()
-    names = {f"language_model.model.layers.{i}.self_attn." for i in MAMBA_LAYERS} | {"connector."}
+    names = {f"model.language_model.layers.{i}.self_attn." for i in MAMBA_LAYERS} | {"model.connector."}
     trainable = {n: p for n, p in student.named_parameters() if n.startswith(tuple(names))}
     assert set(trainable) == set(trainable_parameter_names(student, "mamba+connector"))
     samples = make_samples(student.config)

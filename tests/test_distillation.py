@@ -356,7 +356,7 @@ def test_first_step_fails_naming_a_conv_that_gets_no_gradient(tmp_path, monkeypa
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     with pytest.raises(GradientCheckError) as err:
         trainer.train()
-    assert err.value.missing == sorted(f"language_model.model.layers.{i}.self_attn.conv1d.{w}"
+    assert err.value.missing == sorted(f"model.language_model.layers.{i}.self_attn.conv1d.{w}"
                                        for i in (1, 3) for w in ("bias", "weight"))
     assert "layers.1.self_attn.conv1d.weight" in str(err.value)
     assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())  # no optimizer step was taken

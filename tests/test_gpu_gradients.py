@@ -170,7 +170,7 @@ def test_mamba_layer_gradients_kernels_on_equal_reference_fp32():
 def test_hybrid_gradients_kernels_on_equal_reference_fp32():
     model = small_hybrid()
     params = dict(model.named_parameters())
-    unused = {n for n in params if n.startswith("vision_tower.") and (".head." in n or "post_layernorm" in n
+    unused = {n for n in params if n.startswith("model.vision_tower.") and (".head." in n or "post_layernorm" in n
                                                                          or ".layers.1." in n)}
     params = {n: p for n, p in params.items() if n not in unused}  # outside hidden_states[-2]: never a gradient
     loss_fn = hybrid_loss_fn(model)
@@ -189,7 +189,7 @@ def test_gradients_bf16_autocast_within_the_reference_noise(what):
         loss_for = lambda dtype: layer_loss_fn(layer, x, mask, weight, dtype)  # noqa: E731
     else:
         model = small_hybrid()
-        params = {n: p for n, p in model.named_parameters() if not n.startswith("vision_tower.")}
+        params = {n: p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")}
         loss_for = lambda dtype: hybrid_loss_fn(model, dtype)  # noqa: E731
     set_kernels(model, False)
     truth = gradients(params, loss_for(None))  # fp32 reference

@@ -316,7 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--append", action="store_true", help="add to OUT/benchmark.json (same device)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
     args = parser.parse_args(argv)
+    from .safe_output import check_output
+
     out = Path(args.out)
+    check_output(out, option="--out")
     if args.plot_only:
         results = json.loads((out / "benchmark.json").read_text())
         plot(results, out)

@@ -24,7 +24,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"usage: matvlm COMMAND [options]\n\ncommands:\n{lines}")
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    module.main(argv[1:])
+    from .errors import UserError
+
+    try:
+        module.main(argv[1:])
+    except UserError as err:  # a user's mistake: its message, no traceback
+        print(f"matvlm {argv[0]}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

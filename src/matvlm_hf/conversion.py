@@ -11,9 +11,9 @@ processor, generation config and a model card into a temporary folder that is re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import shutil
-import tempfile
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +21,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from .configuration_matvlm import SUPPORTED_TEXT_MODEL_TYPES, MaTVLMConfig, mamba_layer_indices
+from .errors import UserError
+from .input_checks import local_or_hub
 from .mamba2_mixer import MaTVLMMamba2Mixer
 from .modeling_matvlm import MaTVLMForConditionalGeneration
+from .model_card import front_matter
 from .processing_matvlm import processor_from_tinyllava
+from .safe_output import check_output, staged_output
 
 KEY_PREFIXES = {  # TinyLLaVA state-dict prefix -> MaTVLM prefix (transformers 5's SiglipVisionModel has no vision_model.)
     "language_model.": "language_model.",
@@ -37,23 +41,28 @@ KEY_PREFIXES = {  # TinyLLaVA state-dict prefix -> MaTVLM prefix (transformers 5
 }
 ATTENTION_OUT = {"phi": "dense", "llama": "o_proj", "qwen2": "o_proj"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUPPORTED_VISION_MODEL_TYPES = ("siglip_vision_model",)  # the key renames below assume SigLIP's layout
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """The input cannot be converted (not a TinyLLaVA checkpoint, missing or damaged weights, bad options)."""
 
 
 # --- reading the source ------------------------------------------------------------------------------------------
 
-def resolve_checkpoint(path_or_repo: str | Path) -> Path:
-    """A local folder, else a Hub repo id fetched through huggingface_hub (fails clearly when offline)."""
-    path = Path(path_or_repo)
-    if path.exists():
-        if not path.is_dir():
-            raise ConversionError(f"{path} is a file; expected a TinyLLaVA checkpoint folder.")
-        return path
-    if str(path_or_repo).count("/") != 1:
-        raise ConversionError(f"{path_or_repo} is neither an existing folder nor a Hub repo id (owner/name).")
+def resolve_checkpoint(path_or_repo: str | Path, option: str = "--input") -> Path:
+    """A local folder, else a Hub repo id fetched through huggingface_hub (fails clearly when offline).
+
+    Which strings are Hub ids: `input_checks.is_hub_id`; a local path that does not exist raises ConversionError.
+    """
+    try:
+        where = local_or_hub(path_or_repo, option)
+    except UserError as err:
+        raise ConversionError(str(err)) from err
+    if isinstance(where, Path):
+        if not where.is_dir():
+            raise ConversionError(f"{option} {where} is a file; expected a TinyLLaVA checkpoint folder.")
+        return where
     from huggingface_hub import snapshot_download
 
     try:
@@ -87,6 +96,12 @@ def read_tinyllava_config(folder: Path) -> dict:
         raise ConversionError(
             f"Unsupported language model type {lm_type!r} in {config_file}: supported are "
             f"{', '.join(SUPPORTED_TEXT_MODEL_TYPES)}."
+        )
+    vision_type = config["vision_config"].get("model_type")
+    if vision_type not in SUPPORTED_VISION_MODEL_TYPES:
+        raise ConversionError(
+            f"Unsupported vision_config.model_type {vision_type!r} in {config_file}: supported are "
+            f"{', '.join(SUPPORTED_VISION_MODEL_TYPES)} (TinyLLaVA's SigLIP tower)."
         )
     if config.get("connector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ConversionError(f"Unsupported connector_type {config['connector_type']!r}: only mlp2x_gelu.")
@@ -254,8 +269,7 @@ def convert_tinyllava_to_matvlm(
     middle | end; init: attention (paper) | random; dtype: float32 | bfloat16 | float16 (default: keep the source's).
     """
     output = Path(output_path)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise ConversionError(f"Output {output} exists and is not empty; pass --overwrite to replace it.")
+    check_output(output, [("--input", input_path)], overwrite=overwrite)
     if init not in ("attention", "random"):
         raise ConversionError(f"init must be 'attention' or 'random', got {init!r}.")
     if dtype is not None and dtype not in DTYPES:
@@ -263,32 +277,102 @@ def convert_tinyllava_to_matvlm(
     source = resolve_checkpoint(input_path)
     tinyllava = read_tinyllava_config(source)
     n_layers = tinyllava["text_config"]["num_hidden_layers"]
-    if mamba_layers is None:
-        try:
-            mamba_layers = mamba_layer_indices(n_layers, 0.0 if mamba_ratio is None else mamba_ratio, placement)
-        except ValueError as err:
-            raise ConversionError(str(err)) from err
+    mamba_layers = choose_mamba_layers(n_layers, mamba_ratio, mamba_layers, placement)
     try:
         config = matvlm_config_from_tinyllava(tinyllava, list(mamba_layers))
     except ValueError as err:
         raise ConversionError(str(err)) from err
     key_to_file = weight_files(source)
+    check_shapes(config, key_to_file)
+    processor = load_processor(source, config)  # before any weight is written: a missing tokenizer fails here
     target_dtype = DTYPES[dtype] if dtype else None
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with staged_output(output, overwrite=overwrite, inputs=[("--input", source)]) as staging:
         _write_weights(config, key_to_file, staging, target_dtype, init, seed, max_shard_size, progress)
-        _write_metadata(config, source, tinyllava, staging, init, placement, target_dtype or _source_dtype(key_to_file))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _write_metadata(config, processor, tinyllava, source, staging, init, placement,
+                        target_dtype or _source_dtype(key_to_file))
     if push_to_hub:
         upload_folder(output, push_to_hub)
     return output
+
+
+def choose_mamba_layers(n_layers: int, mamba_ratio: float | None, mamba_layers: list[int] | None,
+                       placement: str) -> list[int]:
+    """The Mamba layer list of `--mamba-ratio` / `--mamba-layers`; ConversionError when a ratio above 0 or an
+    explicit list gives no Mamba layer (that would silently be the teacher) or a layer is out of range."""
+    if mamba_layers is not None:
+        if not mamba_layers:
+            raise ConversionError("--mamba-layers names no layer; give e.g. --mamba-layers 0,4 (or --mamba-ratio 0 "
+                                  "for the teacher).")
+        bad = [i for i in mamba_layers if not 0 <= i < n_layers]
+        if bad:
+            raise ConversionError(f"--mamba-layers {bad} out of range: the language model has layers 0..{n_layers - 1}.")
+        return sorted(set(mamba_layers))
+    ratio = 0.0 if mamba_ratio is None else mamba_ratio
+    try:
+        layers = mamba_layer_indices(n_layers, ratio, placement)
+    except ValueError as err:
+        raise ConversionError(f"--mamba-ratio {ratio}: {err}") from err
+    if ratio > 0 and not layers:
+        raise ConversionError(f"--mamba-ratio {ratio} of {n_layers} layers rounds to no Mamba layer (the output would "
+                              f"be the teacher); use at least {0.5 / n_layers:.3g}, or --mamba-layers.")
+    return layers
+
+
+def check_shapes(config: MaTVLMConfig, key_to_file: dict[str, Path]) -> None:
+    """ConversionError naming the tensor (and its layer) whose shape differs from what config.json implies.
+
+    Every source tensor the teacher model has is compared with the teacher built from the same config on the meta
+    device (no memory); the attention weights of the layers that become Mamba are checked the same way, so the mixer
+    initialisation never meets a wrong shape.
+    """
+    teacher_config = MaTVLMConfig(**{**config.to_dict(), "mamba_layers": []})
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MaTVLMForConditionalGeneration(teacher_config).state_dict().items()}
+    by_file: dict[Path, list[str]] = {}
+    for key, file in key_to_file.items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(str(file), "pt") as f:
+            for key in keys:
+                want = expected.get(rename_key(key))
+                found = tuple(f.get_slice(key).get_shape())
+                if want is not None and found != want:
+                    layer = key.split("layers.", 1)[1].split(".", 1)[0] if "layers." in key else None
+                    where = f" (layer {layer})" if layer is not None else ""
+                    raise ConversionError(
+                        f"Tensor {key}{where} in {file.name} has shape {list(found)}, but config.json implies "
+                        f"{list(want)}: the weights and config.json of the checkpoint do not match; restore the "
+                        "original files.")
+
+
+@contextlib.contextmanager
+def _without_config_type_warning() -> Iterator[None]:
+    """Drops transformers' "You are using a model of type `tinyllava` to instantiate a model of type ``" warning,
+    which AutoTokenizer prints while it reads the TinyLLaVA config.json only to find the tokenizer class."""
+    config_logger = logging.getLogger("transformers.configuration_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "to instantiate a model of type" not in record.getMessage()
+
+    config_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        config_logger.removeFilter(keep)
+
+
+def load_processor(source: Path, config: MaTVLMConfig):
+    """The MaTVLM processor of a TinyLLaVA folder; ConversionError naming the folder when its tokenizer files are
+    missing or unreadable."""
+    try:
+        with _without_config_type_warning():
+            return processor_from_tinyllava(source, config.image_token_id, config.num_image_tokens)
+    except Exception as err:  # noqa: BLE001 - every tokenizer/processor load failure reads the same to a user
+        raise ConversionError(
+            f"Could not load the tokenizer or processor files of {source} ({type(err).__name__}: {err}). The folder "
+            "needs the TinyLLaVA tokenizer files (tokenizer.json or vocab.json + merges.txt, tokenizer_config.json); "
+            "copy them from the original checkpoint.") from err
 
 
 def _source_dtype(key_to_file: dict[str, Path]) -> torch.dtype:
@@ -341,8 +425,8 @@ def _mamba_layer_of(key: str, mamba: set[int]) -> int | None:
     return layer if layer in mamba else None
 
 
-def _write_metadata(config: MaTVLMConfig, source: Path, tinyllava: dict, folder: Path, init: str, placement: str,
-                    dtype: torch.dtype) -> None:
+def _write_metadata(config: MaTVLMConfig, processor, tinyllava: dict, source: Path, folder: Path, init: str,
+                    placement: str, dtype: torch.dtype) -> None:
     """Config + remote code, tokenizer, processor, generation config and model card."""
     config.dtype = dtype
     with torch.device("meta"):
@@ -350,11 +434,7 @@ def _write_metadata(config: MaTVLMConfig, source: Path, tinyllava: dict, folder:
     custom_object_save(shell, folder, config=config)
     config.architectures = [type(shell).__name__]
     config.save_pretrained(folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as err:
-        raise ConversionError(f"Could not load the tokenizer files of {source}: {err}") from err
-    processor = processor_from_tinyllava(source, config.image_token_id, config.num_image_tokens)
+    tokenizer = processor.tokenizer
     processor.save_pretrained(folder)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -367,13 +447,7 @@ def _write_metadata(config: MaTVLMConfig, source: Path, tinyllava: dict, folder:
 def model_card(config: MaTVLMConfig, tinyllava: dict, source: Path, init: str, placement: str) -> str:
     n = config.text_config.num_hidden_layers
     base = tinyllava.get("_name_or_path") or source.name
-    return f"""---
-library_name: transformers
-pipeline_tag: image-text-to-text
-tags: [matvlm, mamba2, hybrid, tinyllava, distillation]
-base_model: {base}
----
-# MaTVLM hybrid of {base}
+    return front_matter(base) + f"""# MaTVLM hybrid of {base}
 
 A [MaTVLM](https://arxiv.org/abs/2503.13440) hybrid made with `matvlm-hf`: {len(config.mamba_layers)} of {n}
 decoder layers ({len(config.mamba_layers) / n:.1%}) of the {config.text_config.model_type} language model had their
@@ -432,7 +506,7 @@ def main(argv: list[str] | None = None) -> Path:
             placement=args.placement, init=args.init, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
             max_shard_size=args.max_shard_size, push_to_hub=args.push_to_hub,
         )
-    except ConversionError as err:
+    except UserError as err:
         parser.exit(2, f"error: {err}\n")
     print(f"wrote {out}")
     return out

@@ -29,10 +29,30 @@ import torch
 from PIL import Image
 
 from .chat_template import IGNORE_INDEX, IMAGE_PLACEHOLDER, image_block_end, tokenize_conversation
+from .errors import UserError
 from .processing_matvlm import expand_to_square
 
+#: ShareGPT / OpenAI-style speaker names accepted as LLaVA's
+ROLE_ALIASES = {"user": "human", "assistant": "gpt"}
 
-class LLaVADataError(ValueError):
+
+def normalize_turns(turns: list[Any]) -> list[Any]:
+    """LLaVA turns from ShareGPT-style ones: `role`/`content` keys become `from`/`value`, speakers `user` and
+    `assistant` become `human` and `gpt` (other turns are returned unchanged)."""
+    out = []
+    for turn in turns:
+        if isinstance(turn, dict):
+            turn = dict(turn)
+            if "from" not in turn and "role" in turn:
+                turn["from"] = turn.pop("role")
+            if "value" not in turn and "content" in turn:
+                turn["value"] = turn.pop("content")
+            turn["from"] = ROLE_ALIASES.get(turn.get("from"), turn.get("from"))
+        out.append(turn)
+    return out
+
+
+class LLaVADataError(UserError):
     """A sample that cannot be turned into a training example; the message names the sample."""
 
 
@@ -84,12 +104,13 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.image_folder = Path(image_folder) if image_folder is not None else None
         if isinstance(json_path, (str, os.PathLike)):
             self.json_path = Path(json_path)
-            with open(self.json_path, encoding="utf-8") as f:
-                samples = json.load(f)
+            samples = read_samples(self.json_path)
         else:
             self.json_path, samples = None, list(json_path)
         if not isinstance(samples, list):
             raise LLaVADataError(f"{self.json_path}: expected a JSON list of samples, got {type(samples).__name__}")
+        if not samples:
+            raise LLaVADataError(f"{self.json_path or 'the data'}: the list of samples is empty; nothing to train on")
         self.samples = samples
 
     def __len__(self) -> int:
@@ -135,8 +156,9 @@ class LLaVADataset(torch.utils.data.Dataset):
         if not isinstance(turns, list) or not turns:
             raise LLaVADataError(f"{self.sample_name(index)}: no 'conversations' list")
         try:
-            ids, labels = tokenize_conversation(turns, self.tokenizer, self.image_token_id, self.num_image_tokens)
-        except (ValueError, KeyError, TypeError) as err:
+            ids, labels = tokenize_conversation(normalize_turns(turns), self.tokenizer, self.image_token_id,
+                                                self.num_image_tokens)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise LLaVADataError(f"{self.sample_name(index)}: {err}") from err
         if self.max_length is not None and len(ids) > self.max_length:
             end = image_block_end(ids, self.image_token_id)
@@ -151,8 +173,9 @@ class LLaVADataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids, labels = self.tokenize(index)
         paths = self.image_paths(index)
-        n_placeholders = sum(t.get("value", "").count(IMAGE_PLACEHOLDER) for t in self.samples[index]["conversations"]
-                             if isinstance(t.get("value"), str))
+        n_placeholders = sum(t.get("value", "").count(IMAGE_PLACEHOLDER)
+                             for t in normalize_turns(self.samples[index]["conversations"])
+                             if isinstance(t, dict) and isinstance(t.get("value"), str))
         n_blocks = ids.count(self.image_token_id) // self.num_image_tokens
         if len(paths) != n_blocks:
             raise LLaVADataError(
@@ -164,6 +187,20 @@ class LLaVADataset(torch.utils.data.Dataset):
             images = [self.load_image(index, p) for p in paths]
             item["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
         return item
+
+
+def read_samples(path: Path) -> Any:
+    """The parsed JSON of a data file; `LLaVADataError` naming the file (and line/column) when unreadable."""
+    if not path.is_file():
+        raise LLaVADataError(f"{path}: no such data file" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise LLaVADataError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; a "
+                             "LLaVA-format file is one JSON list of samples (not JSON lines)") from err
+    except UnicodeDecodeError as err:
+        raise LLaVADataError(f"{path} is not UTF-8 text ({err}); save it as UTF-8 JSON") from err
 
 
 class LLaVACollator:

@@ -18,6 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from .conversion import convert_tinyllava_to_matvlm
 from .fabricate import write_tinyllava_checkpoint
+from .safe_output import claim_workdir
 from .synthetic_vqa import make_question, render_scene, sample_scene
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    work = Path(args.workdir)
+    work = claim_workdir(args.workdir, [("--teacher", args.teacher)])
     teacher_src = Path(args.teacher) if args.teacher else work / "tinyllava-tiny"
     if args.teacher is None and not (teacher_src / "config.json").exists():
         print(f"fabricating a tiny random TinyLLaVA checkpoint in {teacher_src}")

@@ -176,8 +176,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from . import MaTVLMForConditionalGeneration, mamba2_ops
     from .train_cli import parse_config
 
+    from .safe_output import claim_workdir
+
     hf_logging.set_verbosity_error()
-    work = Path(args.workdir)
+    work = claim_workdir(args.workdir)
     t0 = time.perf_counter()
     paths = prepare(work, args.size, args.ratio, args.max_length, n_samples=64)
     prepare_s = time.perf_counter() - t0

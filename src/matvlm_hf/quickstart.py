@@ -580,6 +580,7 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
     from .conversion import convert_tinyllava_to_matvlm, read_tinyllava_config, resolve_checkpoint
     from .data import LLaVADataset
     from .demo import decode_speed
+    from .safe_output import claim_workdir
     from .processing_matvlm import MaTVLMProcessor
     from .synthetic_vqa import generate_samples
 
@@ -588,8 +589,7 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
     if unknown:
         raise ValueError(f"unknown quickstart knob(s): {', '.join(unknown)}")
     knobs.update({k: v for k, v in overrides.items() if v is not None})
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    work = claim_workdir(workdir, [("--teacher", teacher)])
     set_seed(seed)
     timings: dict[str, float] = {}
 

@@ -373,7 +373,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="knob overrides (see STUDY)")
     args = parser.parse_args(argv)
-    work = Path(args.workdir)
+    from .safe_output import check_output, claim_workdir
+
+    if args.stage == "report":
+        work = Path(args.workdir)
+        check_output(args.docs, [("--workdir", work)], option="--docs")
+    else:
+        work = claim_workdir(args.workdir)
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 

@@ -719,10 +719,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                         help=f"comma-separated subset of {','.join(QUESTION_TYPES)} (default: all)")
     parser.add_argument("--questions-per-image", type=int, default=1)
     parser.add_argument("--contact-sheet", default=None, help="also save a PNG grid of the first 16 train images here")
+    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    from .safe_output import staged_output
+
     types = args.question_types.split(",") if args.question_types else None
-    paths = make_dataset(args.out, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size,
-                         seed=args.seed, question_types=types, questions_per_image=args.questions_per_image)
+    out = Path(args.out)
+    with staged_output(out, overwrite=args.overwrite, option="--out") as staging:
+        built = make_dataset(staging, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size,
+                             seed=args.seed, question_types=types, questions_per_image=args.questions_per_image)
+    paths = {name: out / p.relative_to(staging) for name, p in built.items()}
     for name, p in paths.items():
         print(f"{name}: {p}")
     for split in ("train", "test"):

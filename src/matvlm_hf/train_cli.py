@@ -36,8 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
 
 # ------------------------------------------------------------------------------------------------------------
 # Knobs and their defaults (the paper's recipe). YAML keys and CLI options (--learning-rate) share these names.
@@ -84,11 +87,12 @@ DEFAULTS: dict[str, Any] = dict(
     save_steps=1000,  # 0 = no checkpoints (the final student is still saved)
     save_total_limit=2,
     resume=None,  # true = latest checkpoint in output, or a checkpoint folder
+    overwrite=False,  # replace a non-empty --output (built beside it, swapped in at the end)
     deepspeed=None,  # DeepSpeed JSON config (e.g. examples/configs/ds_zero2.json)
     report_to="none",  # none | tensorboard | wandb | ...
 )
 REQUIRED = ("student", "teacher", "data", "output")
-BOOL_KEYS = ("gradient_checkpointing",)
+BOOL_KEYS = ("gradient_checkpointing", "overwrite")
 CHOICES = dict(kl_positions=("all", "answer"), layer_loss=("frobenius", "mse"),
                train_mode=("mamba+connector", "mamba", "mamba+mlp+connector", "all"),
                teacher_dtype=("auto", "float32", "bfloat16", "float16"))
@@ -186,11 +190,12 @@ def _resolve_bf16(value: Any) -> bool:
     return _bool(value)
 
 
-def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None):
+def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, run_dir: Path | None = None):
     """The `MaTVLMDistillationTrainer` that `main` runs for the knobs `cfg` (from `parse_config`).
 
     models: an already loaded (student, teacher) pair to use instead of reading cfg["student"] / cfg["teacher"]
     (benchmarks that try several batch sizes); the student's trainable parameters are set here either way.
+    run_dir: where checkpoints go (default: cfg["output"]; `main` passes the folder built beside an output it replaces).
     """
     import torch
     from transformers import TrainingArguments, set_seed
@@ -203,7 +208,7 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     grad_accum = gradient_accumulation(cfg["global_batch_size"], cfg["per_device_batch_size"], world_size)
     bf16 = _resolve_bf16(cfg["bf16"])
-    output = Path(cfg["output"])
+    output = Path(run_dir or cfg["output"])
 
     # -- models and processor ----------------------------------------------------------------------------------
     if models is None:
@@ -231,6 +236,9 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None):
                            image_aspect_ratio=cfg["image_aspect_ratio"])
     if cfg["max_samples"] is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(cfg["max_samples"], len(dataset))))
+    if models is None:
+        for line in check_supervision(dataset, cfg["data"]):
+            print(line)
     collator = LLaVACollator(processor.tokenizer.pad_token_id, padding_side="right")
 
     # -- trainer -------------------------------------------------------------------------------------------------
@@ -287,27 +295,115 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None):
     return trainer
 
 
-def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_config(argv)
+def check_supervision(dataset, data_name: str, scan_limit: int = 20000) -> list[str]:
+    """Count the samples without a supervised (answer) token; `UserError` when none has one, else notes to print.
+
+    Tokenises up to `scan_limit` samples (text only: no image is opened). Samples without answer tokens still
+    contribute to L_layer and an all-positions L_prob, but not to L_ce or an answer-only L_prob.
+    """
+    from .data import LLaVADataError
+
+    base = dataset.dataset if hasattr(dataset, "indices") else dataset
+    indices = list(dataset.indices) if hasattr(dataset, "indices") else range(len(dataset))
+    scanned = list(indices)[:scan_limit]
+    empty = []
+    for i in scanned:
+        try:
+            _, labels = base.tokenize(i)
+        except LLaVADataError as err:
+            raise UserError(str(err)) from err
+        if all(label < 0 for label in labels):
+            empty.append(base.sample_name(i))
+    if empty and len(empty) == len(scanned):
+        raise UserError(f"--data {data_name}: none of the {len(scanned)} samples scanned has an answer token to "
+                        f"supervise (e.g. {empty[0]}): each needs a 'gpt' (or 'assistant') turn with a non-empty answer "
+                        "that --max-length does not cut off.")
+    if empty:
+        return [f"warning: {len(empty)} of {len(scanned)} samples scanned have no supervised answer token "
+                f"(e.g. {empty[0]}); they train only the layer and all-position KL terms."]
+    return []
+
+
+def prepare_output(cfg: dict[str, Any]) -> tuple[bool, Any]:
+    """Validate inputs and --output before anything is loaded; returns (replace, resume).
+
+    replace: the run is built beside --output and swapped in at the end (--overwrite on a non-empty folder);
+    resume: None, or the checkpoint folder to resume from (checked for damaged files). `UserError` for: a student or
+    teacher that is not a MaTVLM checkpoint (a TinyLLaVA one: with the convert command), a mismatched pair, missing
+    data/images/processor paths, an output that is or holds an input or the working directory, a non-empty output
+    without --resume or --overwrite, and a damaged resume checkpoint.
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
-    trainer = build_trainer(cfg)
-    student, output = trainer.model, Path(cfg["output"])
-    resume = cfg["resume"]
-    if resume is not None and resume is not False and str(resume).lower() not in ("false", "no", "0"):
-        if resume is True or str(resume).lower() in ("true", "yes", "1", "latest"):
-            resume = get_last_checkpoint(str(output)) if output.is_dir() else None
-            if resume is None:
-                print(f"note: --resume given but no checkpoint in {output}; starting from scratch")
-    else:
-        resume = None
-    trainer.train(resume_from_checkpoint=resume)
+    from .input_checks import check_matvlm_checkpoint, check_resume_checkpoint, check_student_teacher, local_or_hub
+    from .safe_output import check_output, is_nonempty_dir, recover
 
-    # -- final student ---------------------------------------------------------------------------------------------
-    trainer.save_model(str(output))  # save_pretrained (safetensors) + processor, main process only
+    student = check_matvlm_checkpoint(cfg["student"], "--student", "student")
+    teacher = check_matvlm_checkpoint(cfg["teacher"], "--teacher", "teacher")
+    for note in check_student_teacher(student, teacher, cfg["student"], cfg["teacher"]):
+        print(note)
+    for key in ("data", "images", "deepspeed"):
+        if cfg[key] is not None and not Path(cfg[key]).exists():
+            raise UserError(f"--{key} {cfg[key]}: no such file or folder.")
+    if cfg["processor"] is not None:
+        local_or_hub(cfg["processor"], "--processor")
+    inputs = [("--" + k, cfg[k]) for k in ("student", "teacher", "processor", "data", "images", "deepspeed")]
+    output = check_output(cfg["output"], inputs)
+    resume = cfg["resume"]
+    resume = None if resume is None or str(resume).lower() in ("false", "no", "0") else resume
+    if resume is not None and cfg["overwrite"]:
+        raise UserError("--resume continues the run in --output and --overwrite replaces it: pass only one.")
+    if resume is True or str(resume).lower() in ("true", "yes", "1", "latest"):
+        resume = get_last_checkpoint(str(output)) if output.is_dir() else None
+        if resume is None:
+            print(f"note: --resume given but no checkpoint in {output}; starting from scratch")
+    elif resume is not None and not Path(resume).is_dir():
+        raise UserError(f"--resume {resume}: no such checkpoint folder.")
+    if resume is not None:
+        check_resume_checkpoint(Path(resume))
+    recover(output)
+    replace = is_nonempty_dir(output) and resume is None
+    if replace and not cfg["overwrite"]:
+        held = ", ".join(sorted(p.name for p in output.iterdir())[:4])
+        raise UserError(f"--output {cfg['output']} is not empty (it holds {held}...): pass --resume to continue that "
+                        "run, --overwrite to replace it (kept until the new run is complete), or choose a new folder.")
+    if replace and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"--overwrite with several processes cannot swap --output {cfg['output']} safely; move the "
+                        "old run folder away first, or choose a new --output.")
+    return replace, resume
+
+
+def _train_and_save(cfg: dict[str, Any], run_dir: Path, resume: Any) -> None:
+    from .model_card import distilled_card
+
+    trainer = build_trainer(cfg, run_dir=run_dir)
+    student = trainer.model
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(run_dir))  # save_pretrained (safetensors) + processor, main process only
     if trainer.is_world_process_zero():
         if getattr(student, "generation_config", None) is not None:
-            student.generation_config.save_pretrained(output)
+            student.generation_config.save_pretrained(run_dir)
+        (run_dir / "README.md").write_text(distilled_card(
+            list(student.config.mamba_layers), student.config.text_config.num_hidden_layers, cfg,
+            trainer.state.global_step))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg = parse_config(argv)
+    from .safe_output import staged_output
+
+    output = Path(cfg["output"])
+    try:
+        replace, resume = prepare_output(cfg)
+        if replace:
+            with staged_output(output, overwrite=True) as run_dir:
+                _train_and_save(cfg, run_dir, None)
+        else:
+            _train_and_save(cfg, output, resume)
+    except UserError as err:  # a user's mistake: its message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"saved the distilled student to {output}")
     return output
 
