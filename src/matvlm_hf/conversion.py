@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from .configuration_matvlm import SUPPORTED_TEXT_MODEL_TYPES, MaTVLMConfig, mamba_layer_indices
@@ -350,12 +350,12 @@ def _write_metadata(config: MaTVLMConfig, source: Path, tinyllava: dict, folder:
     custom_object_save(shell, folder, config=config)
     config.architectures = [type(shell).__name__]
     config.save_pretrained(folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+    try:  # reads the tokenizer files only: the source's remote code is never consulted nor run
+        processor = processor_from_tinyllava(source, config.image_token_id, config.num_image_tokens)
     except Exception as err:
         raise ConversionError(f"Could not load the tokenizer files of {source}: {err}") from err
-    processor = processor_from_tinyllava(source, config.image_token_id, config.num_image_tokens)
     processor.save_pretrained(folder)
+    tokenizer = processor.tokenizer
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
