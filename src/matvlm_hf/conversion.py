@@ -343,23 +343,27 @@ def _mamba_layer_of(key: str, mamba: set[int]) -> int | None:
 
 def _write_metadata(config: MaTVLMConfig, source: Path, tinyllava: dict, folder: Path, init: str, placement: str,
                     dtype: torch.dtype) -> None:
-    """Config + remote code, tokenizer, processor, generation config and model card."""
+    """Config + remote code, tokenizer, processor, generation config and model card.
+
+    The special ids in the config and the generation config are the tokenizer's (TinyLLaVA's text_config may lack
+    pad_token_id), so that Trainer / generate find nothing to realign."""
+    try:  # reads the tokenizer files only: the source's remote code is never consulted nor run
+        processor = processor_from_tinyllava(source, config.image_token_id, config.num_image_tokens)
+    except Exception as err:
+        raise ConversionError(f"Could not load the tokenizer files of {source}: {err}") from err
+    tokenizer = processor.tokenizer
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    bos = tokenizer.bos_token_id
+    config.text_config.update({"eos_token_id": eos, "pad_token_id": pad, "bos_token_id": bos})
     config.dtype = dtype
     with torch.device("meta"):
         shell = MaTVLMForConditionalGeneration(config)
     custom_object_save(shell, folder, config=config)
     config.architectures = [type(shell).__name__]
     config.save_pretrained(folder)
-    try:  # reads the tokenizer files only: the source's remote code is never consulted nor run
-        processor = processor_from_tinyllava(source, config.image_token_id, config.num_image_tokens)
-    except Exception as err:
-        raise ConversionError(f"Could not load the tokenizer files of {source}: {err}") from err
     processor.save_pretrained(folder)
-    tokenizer = processor.tokenizer
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
-                     max_new_tokens=256).save_pretrained(folder)
+    GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos, max_new_tokens=256).save_pretrained(folder)
     (folder / "README.md").write_text(model_card(config, tinyllava, source, init, placement))
 
 
