@@ -1,33 +1,32 @@
-"""Distil a MaTVLM hybrid from its attention teacher on LLaVA-format data (the paper's recipe by default).
+"""Distil a MaTVLM hybrid from its attention teacher on LLaVA-format data.
 
-    python examples/train_distill.py --student OUT/student --teacher OUT/teacher \\
-        --data sharegpt4v_mix665k.json --images playground/data --output runs/matvlm-25
+    matvlm distill --student out/matvlm-25 --teacher out/teacher --data llava.json --images IMAGES --output runs/m25
+    matvlm distill --preset paper ...                       # the authors' recipe exactly (3B models, 24 GB GPUs)
+    matvlm distill --config examples/configs/distill_paper.yaml ...   # knobs from YAML; flags override it
 
-    # knobs from a YAML file (keys = the long option names with "_"), command-line flags override it
-    python examples/train_distill.py --config examples/configs/distill_paper.yaml --student ... --output ...
+Student and teacher are MaTVLM checkpoints (`matvlm convert`: `--mamba-ratio 0.25` for the student,
+`--mamba-ratio 0` for the teacher); the processor (tokenizer + image processor) is read from the student folder
+unless --processor says otherwise.
 
-Student and teacher are MaTVLM checkpoints (`conversion.py`: `--mamba-ratio 0.25` for the student, `--mamba-ratio 0`
-for the teacher); the processor (tokenizer + image processor) is read from the student folder unless --processor
-says otherwise.
+The recipe (matvlm_hf/recipe.py) is the paper's objective: AdamW betas (0.9, 0.95), lr 2e-4, weight decay 0.01
+(none on biases, norms, A_log, dt_bias, D), warmup-stable-decay with 10 % warmup and 10 % (cosine) decay, global batch
+64 samples per optimizer step, 1 epoch, max length 1428, max grad norm 0.1, bf16 where CUDA has it, loss
+1 * L_layer (Frobenius) + 1 * L_prob (KL over all positions, T = 1) + 0 * L_ce, trainable: Mamba mixers + connector.
+Preset "auto" (the default) fits the per-device batch (the largest that fits), gradient checkpointing (on with CUDA,
+off on a CPU) and loader workers to the machine, keeping the global batch; preset "paper" is the authors' setting
+(per-device batch 1 x 64 accumulation, gradient checkpointing, 2 workers). The chosen values are printed at the start.
 
-Defaults (the authors' released configs): AdamW betas (0.9, 0.95), lr 2e-4, weight decay 0.01 (none on biases,
-norms, A_log, dt_bias, D), warmup-stable-decay with 10 % warmup and 10 % (cosine) decay, effective batch 64
-(= per-device batch x gradient accumulation x processes: the accumulation is computed), 1 epoch, max length 1428,
-max grad norm 0.1, gradient checkpointing, bf16 mixed precision when CUDA has it, loss 1 * L_layer (Frobenius) +
-1 * L_prob (KL over all positions, T = 1) + 0 * L_ce, trainable: Mamba mixers + connector.
+Several GPUs (one process per GPU; the accumulation shrinks so that the global batch stays --global-batch-size):
 
-Several GPUs (one process per GPU; the accumulation shrinks so the effective batch stays --global-batch-size):
-
-    accelerate launch --num_processes 4 examples/train_distill.py --config examples/configs/distill_paper.yaml ...
-    torchrun --nproc_per_node 4 examples/train_distill.py --config examples/configs/distill_paper.yaml ...
+    accelerate launch --num_processes 4 -m matvlm_hf.cli distill --config examples/configs/distill_paper.yaml ...
+    torchrun --nproc_per_node 4 -m matvlm_hf.cli distill --config examples/configs/distill_paper.yaml ...
     # DeepSpeed ZeRO-2 (the authors' setup: pip install deepspeed), optimizer states sharded across GPUs:
-    accelerate launch --num_processes 4 examples/train_distill.py --deepspeed examples/configs/ds_zero2.json ...
+    accelerate launch --num_processes 4 -m matvlm_hf.cli distill --deepspeed examples/configs/ds_zero2.json ...
 
-On a machine without CUDA (tests, smoke runs) the script trains on the CPU and several processes talk over gloo:
-`torchrun --standalone --nproc_per_node 2 ...` or `accelerate launch --multi_gpu --num_processes 2 ...` (note:
-`accelerate launch --cpu --num_processes 2` starts a single process). Checkpoints (`checkpoint-N`, every --save-steps optimizer steps) hold the student, the optimizer, the
-scheduler and RNG states; `--resume` continues from the latest one in --output (or `--resume DIR`). The final
-student is written to --output with `save_pretrained` (safetensors, remote code, processor): it loads with
+Without CUDA it trains on the CPU, and several processes talk over gloo (`torchrun --standalone --nproc_per_node 2
+-m matvlm_hf.cli distill ...`). Checkpoints (`checkpoint-N`, every --save-steps optimizer steps) hold the student,
+the optimizer, the scheduler and RNG states; `--resume` continues from the latest one in --output (or `--resume DIR`).
+The final student is written to --output with `save_pretrained` (safetensors, remote code, processor): it loads with
 `AutoModel.from_pretrained(output)` (import matvlm_hf first, or pass trust_remote_code=True).
 """
 
