@@ -355,7 +355,9 @@ def _write_metadata(config: MaTVLMConfig, source: Path, tinyllava: dict, folder:
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     bos = tokenizer.bos_token_id
-    config.text_config.update({"eos_token_id": eos, "pad_token_id": pad, "bos_token_id": bos})
+    ids = {"eos_token_id": eos, "pad_token_id": pad, "bos_token_id": bos}
+    config.text_config.update(ids)
+    config.update(ids)  # transformers < 5.2x's Trainer compares the top-level config's ids
     config.dtype = dtype
     with torch.device("meta"):
         shell = MaTVLMForConditionalGeneration(config)
