@@ -306,7 +306,8 @@ def test_cli_config_yaml_and_flags(tmp_path):
     import json
     from pathlib import Path
 
-    from matvlm_hf.train_cli import DEFAULTS, gradient_accumulation, parse_config
+    from matvlm_hf.recipe import DistillationRecipe
+    from matvlm_hf.train_cli import DEFAULTS, parse_config
 
     root = Path(__file__).resolve().parents[1]
     paths = ["--student", "s", "--teacher", "t", "--data", "d.json", "--output", "o"]
@@ -324,9 +325,10 @@ def test_cli_config_yaml_and_flags(tmp_path):
                         "1e-3", "--gradient-checkpointing", "false", "--kl-positions", "answer", "--resume"])
     assert cfg["learning_rate"] == 1e-3 and cfg["gradient_checkpointing"] is False
     assert cfg["kl_positions"] == "answer" and cfg["resume"] is True
-    assert gradient_accumulation(64, 1, 4) == 16 and gradient_accumulation(64, 2, 1) == 32
-    with pytest.raises(SystemExit, match="not a multiple"):
-        gradient_accumulation(64, 3, 1)
+    assert DistillationRecipe(per_device_batch_size=1).gradient_accumulation(4) == 16
+    assert DistillationRecipe(per_device_batch_size=2).gradient_accumulation(1) == 32
+    with pytest.raises(ValueError, match="not a multiple"):
+        DistillationRecipe(per_device_batch_size=3).gradient_accumulation(1)
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 1e-3\n")
     with pytest.raises(SystemExit, match="unknown key"):

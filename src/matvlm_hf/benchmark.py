@@ -309,12 +309,14 @@ def plot(results: dict, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="matvlm bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=list(SIZES), default="full")
-    parser.add_argument("--out", default="docs/benchmarks")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
-    parser.add_argument("--plot-only", action="store_true", help="redraw the plots from OUT/benchmark.json")
-    parser.add_argument("--append", action="store_true", help="add to OUT/benchmark.json (same device)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    parser.add_argument("--size", choices=list(SIZES), default="full",
+                        help="model sizes: full (TinyLLaVA-3.1B, GPU) | tiny (CPU smoke run) (default: full)")
+    parser.add_argument("--out", default="docs/benchmarks",
+                        help="folder for benchmark.json and the plots (default: docs/benchmarks)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated models to time (default: all: {','.join(MODELS)})")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from OUT/benchmark.json (default: off)")
+    parser.add_argument("--append", action="store_true", help="add to OUT/benchmark.json instead of replacing it; same device (default: off)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated measurements (default: all: {','.join(PARTS)})")
     args = parser.parse_args(argv)
     from .safe_output import check_output
 

@@ -427,19 +427,26 @@ def _mamba_layer_of(key: str, mamba: set[int]) -> int | None:
 
 def _write_metadata(config: MaTVLMConfig, processor, tinyllava: dict, source: Path, folder: Path, init: str,
                     placement: str, dtype: torch.dtype) -> None:
-    """Config + remote code, tokenizer, processor, generation config and model card."""
+    """Config + remote code, tokenizer, processor, generation config and model card.
+
+    The special ids in the config and the generation config are the tokenizer's (TinyLLaVA's text_config may lack
+    pad_token_id), so that Trainer / generate find nothing to realign."""
+    tokenizer = processor.tokenizer
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    bos = tokenizer.bos_token_id
+    ids = {"eos_token_id": eos, "pad_token_id": pad, "bos_token_id": bos}
+    config.text_config.update(ids)
+    config.update(ids)  # transformers < 5.2x's Trainer compares the top-level config's ids
     config.dtype = dtype
     with torch.device("meta"):
         shell = MaTVLMForConditionalGeneration(config)
     custom_object_save(shell, folder, config=config)
     config.architectures = [type(shell).__name__]
     config.save_pretrained(folder)
-    tokenizer = processor.tokenizer
     processor.save_pretrained(folder)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # the image token id marks prompt placeholders only: generation never emits it
-    GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id, max_new_tokens=256,
+    GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos, max_new_tokens=256,
                      suppress_tokens=[config.image_token_id]).save_pretrained(folder)
     (folder / "README.md").write_text(model_card(config, tinyllava, source, init, placement))
 
@@ -485,20 +492,24 @@ def upload_folder(folder: Path, repo_id: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="TinyLLaVA checkpoint folder (or Hub repo id)")
-    parser.add_argument("--output", required=True, help="output folder for the MaTVLM checkpoint")
+    parser = argparse.ArgumentParser(prog="matvlm convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="TinyLLaVA checkpoint folder (or Hub repo id); its remote code is never run; required")
+    parser.add_argument("--output", required=True, help="output folder for the MaTVLM checkpoint; required")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--mamba-ratio", type=float, default=None, help="fraction of layers to turn into Mamba (0 = teacher)")
+    which.add_argument("--mamba-ratio", type=float, default=None, help="fraction of decoder layers turned into Mamba-2; 0 = the teacher repackaged (default: 0)")
     which.add_argument("--mamba-layers", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=None,
-                       help="explicit comma-separated layer list, e.g. 0,4,8")
-    parser.add_argument("--placement", choices=["even", "start", "middle", "end"], default="even")
-    parser.add_argument("--init", choices=["attention", "random"], default="attention")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the source's dtype")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-shard-size", type=int, default=2 * 1024**3, help="bytes per output shard")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None)
+                       help="exactly these Mamba layer indices, comma-separated, e.g. 0,4,8 (default: from --mamba-ratio)")
+    parser.add_argument("--placement", choices=["even", "start", "middle", "end"], default="even",
+                        help="where --mamba-ratio puts the Mamba layers (default: even, the paper's)")
+    parser.add_argument("--init", choices=["attention", "random"], default="attention",
+                        help="mixer initialisation: attention (x <- W_V, B <- W_K, C <- W_Q; the paper) | random "
+                        "(default: attention)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="weight dtype of the output (default: the source's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the fresh mixer parameters (default: 0)")
+    parser.add_argument("--max-shard-size", type=int, default=2 * 1024**3, help="largest output shard, bytes (default: 2147483648 = 2 GiB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (default: off)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                        help="also upload the result to this Hub repo (default: no upload)")
     args = parser.parse_args(argv)
     try:
         out = convert_tinyllava_to_matvlm(

@@ -43,11 +43,13 @@ def decode_speed(model, processor, image, question: str, new_tokens: int) -> tup
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="matvlm demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", default=None, help="a TinyLLaVA checkpoint folder (default: fabricate a tiny one)")
-    parser.add_argument("--workdir", default="matvlm-demo", help="where checkpoints are written")
-    parser.add_argument("--mamba-ratio", type=float, default=0.25)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher", default=None, help="TinyLLaVA checkpoint folder to convert (default: fabricate a tiny random one)")
+    parser.add_argument("--workdir", default="matvlm-demo", help="folder the checkpoints are written to (default: matvlm-demo)")
+    parser.add_argument("--mamba-ratio", type=float, default=0.25,
+                        help="fraction of decoder layers turned into Mamba-2 (default: 0.25)")
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help="tokens each model generates for the question (default: 32)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the fabricated weights (default: 0)")
     args = parser.parse_args(argv)
     work = claim_workdir(args.workdir, [("--teacher", args.teacher)])
     teacher_src = Path(args.teacher) if args.teacher else work / "tinyllava-tiny"

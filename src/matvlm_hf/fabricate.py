@@ -3,15 +3,21 @@
     from matvlm_hf.fabricate import write_tinyllava_checkpoint
     path = write_tinyllava_checkpoint(tmp_path / "tinyllava", lm_type="phi", size="tiny")
 
-The folder holds what `tinyllava/TinyLLaVA-Phi-2-SigLIP-3.1B` holds (minus its remote code):
-- `config.json`: model_type "tinyllava" with the full `text_config` / `vision_config` dicts;
+The folder holds what `tinyllava/TinyLLaVA-Phi-2-SigLIP-3.1B` holds, custom-code parts included:
+- `config.json`: model_type "tinyllava" with the full `text_config` / `vision_config` dicts and the `auto_map`
+  that points transformers at the remote code beside the weights (`configuration.py`,
+  `modeling_tinyllava_<lm>.py`). Those two files are stand-ins (TinyLLaVA's own code is not shipped here): by
+  default importing them raises, and tests pass `remote_code=` a body that writes a marker file, so that any
+  loader which executes a source's code fails a test (matvlm-hf reads checkpoints, it never runs their code);
 - weights as safetensors (`model.safetensors`, or `model-0000i-of-0000n.safetensors` shards plus
   `model.safetensors.index.json`) under the TinyLLaVA prefixes:
   `language_model.` + the transformers CausalLM state dict,
   `vision_tower._vision_tower.vision_model.` + the SigLIP vision state dict (head included),
   `connector._connector.{0,2}.{weight,bias}` (mlp2x_gelu);
-- tokenizer files built here with `tokenizers` (byte-level BPE trained on a small built-in corpus),
-  loadable offline with `AutoTokenizer.from_pretrained(folder)`; `generation_config.json`.
+- tokenizer files built here with `tokenizers` (byte-level BPE trained on a small built-in corpus), as published:
+  phi writes what TinyLLaVA's slow `CodeGenTokenizer` saved (`vocab.json`, `merges.txt`, `added_tokens.json`,
+  `special_tokens_map.json`, `tokenizer_config.json`; no `tokenizer.json`), llama / qwen2 a `tokenizer.json`;
+  `generation_config.json`.
 
 `save_tinyllava_checkpoint(model, tokenizer, out)` writes a *trained* attention-only MaTVLM (e.g. the teacher
 `matvlm quickstart` trains from scratch) in the same layout, through the same config/tokenizer writers, so that the
@@ -63,6 +69,19 @@ FULL_SHARD_SIZE = 2 * 1024**3
 LM_NAMES = {"phi": "microsoft/phi-2", "llama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "qwen2": "Qwen/Qwen2-0.5B"}
 VISION_NAME = "google/siglip-so400m-patch14-384"
 TOKENIZER_MODEL_MAX_LENGTH = 3072
+
+# TinyLLaVA's remote code: the files the published config.json's `auto_map` names, beside the weights
+REMOTE_CODE_STAND_IN = (
+    "# Stand-in for TinyLLaVA's remote code (written by matvlm_hf.fabricate); matvlm-hf never imports it.\n"
+    "raise ImportError(\"a stand-in for TinyLLaVA's remote code was imported: a loader ran a checkpoint's code\")\n"
+)
+
+
+def remote_code_files(lm_type: str) -> dict[str, str]:
+    """`auto_map` of a published TinyLLaVA config.json: auto class -> "module.Class" (module = a file beside it)."""
+    return {"AutoConfig": "configuration.TinyLlavaConfig",
+            "AutoModelForCausalLM": f"modeling_tinyllava_{lm_type}.TinyLlavaForConditionalGeneration"}
+
 
 LM_PREFIX = "language_model."
 VISION_PREFIX = "vision_tower._vision_tower.vision_model."
@@ -191,6 +210,7 @@ def _tinyllava_config(lm_type: str, text_config, vision_config, tokenizer, image
         "tune_vision_tower_from_layer": 0,
         "torch_dtype": dtype_name,
         "transformers_version": transformers.__version__,
+        "auto_map": remote_code_files(lm_type),
     }
 
 
@@ -211,9 +231,13 @@ def tinyllava_configs(tokenizer, lm_type: str = "phi", size: str = "tiny", *, dt
 
 
 def _write_metadata(out: Path, lm_type: str, tokenizer, text_config, vision_config, image_aspect_ratio: str,
-                    dtype: torch.dtype, feature_select: tuple[int, str] = (-2, "patch")) -> None:
-    """Tokenizer files, config.json and generation_config.json of a TinyLLaVA checkpoint folder."""
+                    dtype: torch.dtype, feature_select: tuple[int, str] = (-2, "patch"),
+                    remote_code: str = REMOTE_CODE_STAND_IN) -> None:
+    """Tokenizer files, config.json (with `auto_map`), the remote-code files it names (each holding the text
+    `remote_code`) and generation_config.json of a TinyLLaVA checkpoint folder."""
     _save_tokenizer(tokenizer, lm_type, out)
+    for ref in remote_code_files(lm_type).values():
+        (out / (ref.split(".", 1)[0] + ".py")).write_text(remote_code)
     config = _tinyllava_config(lm_type, text_config, vision_config, tokenizer, image_aspect_ratio, dtype,
                                feature_select)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -224,12 +248,13 @@ def _write_metadata(out: Path, lm_type: str, tokenizer, text_config, vision_conf
 
 
 def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
-                              image_aspect_ratio: str = "square") -> Path:
+                              image_aspect_ratio: str = "square", remote_code: str = REMOTE_CODE_STAND_IN) -> Path:
     """Write a trained MaTVLM teacher (a `MaTVLMForConditionalGeneration` with no Mamba layers) in the published
     TinyLLaVA layout, as `write_tinyllava_checkpoint` does for random weights: config.json (model_type
     "tinyllava"), `model.safetensors` under the TinyLLaVA prefixes, tokenizer files, generation_config.json.
 
     `tokenizer` must be the one the model was trained with; lm_type comes from the model's text config.
+    remote_code: the text of the stand-in remote-code files (see the module docstring).
     """
     config = model.config
     if config.mamba_layers:
@@ -253,7 +278,7 @@ def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_metadata(out, lm_type, tokenizer, text_config, vision_config, image_aspect_ratio, dtype,
-                    (config.vision_feature_layer, config.vision_feature_select_strategy))
+                    (config.vision_feature_layer, config.vision_feature_select_strategy), remote_code)
     renames = {"language_model.": LM_PREFIX, "vision_tower.": VISION_PREFIX, "connector.": CONNECTOR_PREFIX}
     tensors = {}
     for key, t in model.state_dict().items():
@@ -330,12 +355,18 @@ def _save_tokenizer(tokenizer, lm_type: str, out_dir: Path) -> None:
     # pre-tokenizers, so the generic class keeps tokenizer.json as written.
     cfg["tokenizer_class"] = "CodeGenTokenizer" if lm_type == "phi" else "PreTrainedTokenizerFast"
     cfg["add_bos_token"] = lm_type == "llama"
+    if lm_type == "phi":  # as TinyLLaVA's slow CodeGenTokenizer saved it: vocab + merges + added tokens
+        tokenizer.backend_tokenizer.model.save(str(out_dir))
+        (out_dir / "tokenizer.json").unlink()
+        added = sorted(tokenizer.added_tokens_decoder.items())
+        (out_dir / "added_tokens.json").write_text(json.dumps({t.content: i for i, t in added}, indent=2) + "\n")
+        fields = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+        cfg["added_tokens_decoder"] = {str(i): {k: getattr(t, k) for k in fields} for i, t in added}
+        cfg.pop("backend", None)  # a transformers 5 field; the published file predates it
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
                if getattr(tokenizer, k) is not None}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    if lm_type == "phi":  # Phi-2 also ships vocab.json + merges.txt
-        tokenizer.backend_tokenizer.model.save(str(out_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -435,13 +466,15 @@ def write_tinyllava_checkpoint(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str | None = None,
     image_aspect_ratio: str = "square",
+    remote_code: str = REMOTE_CODE_STAND_IN,
 ) -> Path:
     """Write a random TinyLLaVA checkpoint (config, safetensors weights, tokenizer) to `out_dir`.
 
     lm_type: "phi" (Phi-2), "llama" or "qwen2" (both GQA in the tiny size). size: "tiny" (CPU tests) or
     "full" (TinyLLaVA-Phi-2-SigLIP-3.1B dimensions, phi only). dtype: float32 for tiny, bfloat16 for full
     when None. max_shard_size: bytes or "2GB"-style; None = one file for tiny, 2 GiB shards for full.
-    image_aspect_ratio: "square" or "pad" (stored in config.json for the preprocessing).
+    image_aspect_ratio: "square" or "pad" (stored in config.json for the preprocessing). remote_code: the text of
+    the files `auto_map` names (default: a stand-in that raises ImportError when imported).
     """
     if size not in ("tiny", "full"):
         raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
@@ -462,7 +495,8 @@ def write_tinyllava_checkpoint(
 
     tokenizer = build_tokenizer(lm_type, phi2_ids=(size == "full"))
     text_config, vision_config = tinyllava_configs(tokenizer, lm_type, size, dtype=dtype)
-    _write_metadata(out, lm_type, tokenizer, text_config, vision_config, image_aspect_ratio, dtype)
+    _write_metadata(out, lm_type, tokenizer, text_config, vision_config, image_aspect_ratio, dtype,
+                    remote_code=remote_code)
 
     specs = _param_specs(text_config, vision_config)
     _write_weights(out, specs, seed=seed, size=size, dtype=dtype, max_shard_size=max_shard_size)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PretrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -283,7 +283,10 @@ def processor_from_tinyllava(checkpoint_dir: str | os.PathLike, image_token_id: 
                              num_image_tokens: int | None = None) -> MaTVLMProcessor:
     """Build the processor of a TinyLLaVA folder: its tokenizer files and its config's image size,
     image_aspect_ratio, tokenizer padding side and model_max_length (num_image_tokens from the vision
-    config's image/patch size and the "patch" strategy when not given)."""
+    config's image/patch size and the "patch" strategy when not given).
+
+    The folder's remote code (TinyLLaVA's config.json `auto_map`) is never consulted nor run: the tokenizer class
+    comes from tokenizer_config.json, and one that exists only as remote code raises ValueError."""
     d = Path(checkpoint_dir)
     config = json.loads((d / "config.json").read_text())
     vision = config["vision_config"]
@@ -291,7 +294,9 @@ def processor_from_tinyllava(checkpoint_dir: str | os.PathLike, image_token_id: 
     if num_image_tokens is None:
         num_image_tokens = num_image_tokens_for(image_size, vision["patch_size"],
                                                 config.get("vision_feature_select_strategy", "patch"))
-    tokenizer = AutoTokenizer.from_pretrained(d, model_max_length=config.get("tokenizer_model_max_length", 3072))
+    tokenizer = AutoTokenizer.from_pretrained(  # an empty config: AutoConfig would ask to run config.json's auto_map
+        d, config=PretrainedConfig(), trust_remote_code=False,
+        model_max_length=config.get("tokenizer_model_max_length", 3072))
     if (d / "preprocessor_config.json").exists():
         image_processor = _SiglipPil.from_pretrained(d)
     else:

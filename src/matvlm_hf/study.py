@@ -356,22 +356,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="matvlm study", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("stage", choices=("all", "teacher", "variant", "variants", "report"))
-    parser.add_argument("--docs", default="docs/study", help="report: where README.md, study.png, study.json go")
-    parser.add_argument("--note", default="", help="report: a paragraph put under the title (scale, caveats)")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--name", help="variant: one of VARIANTS (or a new name with --ratio etc.)")
+    parser.add_argument("stage", choices=("all", "teacher", "variant", "variants", "report"),
+                        help="what to run: all | teacher | variant (one) | variants (several) | report")
+    parser.add_argument("--docs", default="docs/study", help="report: folder for README.md, study.png, study.json (default: docs/study)")
+    parser.add_argument("--note", default="", help="report: a paragraph put under the title, e.g. scale and caveats (default: none)")
+    parser.add_argument("--workdir", required=True, help="folder for data, checkpoints and results; required")
+    parser.add_argument("--name", help="variant: one of VARIANTS, or a new name with --ratio etc. (default: none)")
     parser.add_argument("--only", nargs="*", help="variants: run only these names (default: every VARIANTS entry)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="variants: run this many at once, each in its own process (one GPU holds several)")
-    parser.add_argument("--ratio", type=float)
-    parser.add_argument("--placement", choices=("even", "start", "middle", "end"))
-    parser.add_argument("--layers", type=int, nargs="+", help="variant: exactly these Mamba layers (instead of "
-                                                                "--ratio / --placement)")
-    parser.add_argument("--init", choices=("attention", "random"))
-    parser.add_argument("--loss", choices=tuple(LOSSES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="knob overrides (see STUDY)")
+                        help="variants: processes run at once, one variant each; one GPU holds several (default: 1)")
+    parser.add_argument("--ratio", type=float, help="variant: fraction of decoder layers turned into Mamba-2 "
+                        "(default: the named variant's)")
+    parser.add_argument("--placement", choices=("even", "start", "middle", "end"),
+                        help="variant: where the Mamba layers go (default: the named variant's)")
+    parser.add_argument("--layers", type=int, nargs="+", help="variant: exactly these Mamba layer indices, "
+                        "instead of --ratio / --placement (default: none)")
+    parser.add_argument("--init", choices=("attention", "random"),
+                        help="variant: mixer initialisation from attention (paper) or random (default: the named variant's)")
+    parser.add_argument("--loss", choices=tuple(LOSSES),
+                        help="variant: which distillation losses (default: the named variant's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="knob overrides, e.g. device=cpu (see STUDY; default: none)")
     args = parser.parse_args(argv)
     from .safe_output import check_output, claim_workdir
 

@@ -709,17 +709,20 @@ def render_contact_sheet(samples: Sequence[Sample], path: str | Path, *, columns
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     """CLI: write a dataset and print its paths and per-type counts."""
-    parser = argparse.ArgumentParser(prog="python -m matvlm_hf.synthetic_vqa", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--n-train", type=int, default=10000, help="number of train images")
-    parser.add_argument("--n-test", type=int, default=1000, help="number of test images")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="matvlm data", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (train.json, test.json, images/); required")
+    parser.add_argument("--n-train", type=int, default=10000, help="training images (default: 10000)")
+    parser.add_argument("--n-test", type=int, default=1000, help="held-out images (default: 1000)")
+    parser.add_argument("--image-size", type=int, default=64, help="image side, pixels (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--question-types", default=None,
                         help=f"comma-separated subset of {','.join(QUESTION_TYPES)} (default: all)")
-    parser.add_argument("--questions-per-image", type=int, default=1)
-    parser.add_argument("--contact-sheet", default=None, help="also save a PNG grid of the first 16 train images here")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--questions-per-image", type=int, default=1,
+                        help="questions asked about each image (default: 1)")
+    parser.add_argument("--contact-sheet", default=None,
+                        help="also save a PNG grid of the first 16 training images to this file (default: none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder (built beside it, swapped in at the end)")
     args = parser.parse_args(argv)
     from .safe_output import staged_output
 

@@ -1,39 +1,39 @@
-"""Distil a MaTVLM hybrid from its attention teacher on LLaVA-format data (the paper's recipe by default).
+"""Distil a MaTVLM hybrid from its attention teacher on LLaVA-format data.
 
-    python examples/train_distill.py --student OUT/student --teacher OUT/teacher \\
-        --data sharegpt4v_mix665k.json --images playground/data --output runs/matvlm-25
+    matvlm distill --student out/matvlm-25 --teacher out/teacher --data llava.json --images IMAGES --output runs/m25
+    matvlm distill --preset paper ...                       # the authors' recipe exactly (3B models, 24 GB GPUs)
+    matvlm distill --config examples/configs/distill_paper.yaml ...   # knobs from YAML; flags override it
 
-    # knobs from a YAML file (keys = the long option names with "_"), command-line flags override it
-    python examples/train_distill.py --config examples/configs/distill_paper.yaml --student ... --output ...
+Student and teacher are MaTVLM checkpoints (`matvlm convert`: `--mamba-ratio 0.25` for the student,
+`--mamba-ratio 0` for the teacher); the processor (tokenizer + image processor) is read from the student folder
+unless --processor says otherwise.
 
-Student and teacher are MaTVLM checkpoints (`conversion.py`: `--mamba-ratio 0.25` for the student, `--mamba-ratio 0`
-for the teacher); the processor (tokenizer + image processor) is read from the student folder unless --processor
-says otherwise.
+The recipe (matvlm_hf/recipe.py) is the paper's objective: AdamW betas (0.9, 0.95), lr 2e-4, weight decay 0.01
+(none on biases, norms, A_log, dt_bias, D), warmup-stable-decay with 10 % warmup and 10 % (cosine) decay, global batch
+64 samples per optimizer step, 1 epoch, max length 1428, max grad norm 0.1, bf16 where CUDA has it, loss
+1 * L_layer (Frobenius) + 1 * L_prob (KL over all positions, T = 1) + 0 * L_ce, trainable: Mamba mixers + connector.
+Preset "auto" (the default) fits the per-device batch (the largest that fits), gradient checkpointing (on with CUDA,
+off on a CPU) and loader workers to the machine, keeping the global batch; preset "paper" is the authors' setting
+(per-device batch 1 x 64 accumulation, gradient checkpointing, 2 workers). The chosen values are printed at the start.
 
-Defaults (the authors' released configs): AdamW betas (0.9, 0.95), lr 2e-4, weight decay 0.01 (none on biases,
-norms, A_log, dt_bias, D), warmup-stable-decay with 10 % warmup and 10 % (cosine) decay, effective batch 64
-(= per-device batch x gradient accumulation x processes: the accumulation is computed), 1 epoch, max length 1428,
-max grad norm 0.1, gradient checkpointing, bf16 mixed precision when CUDA has it, loss 1 * L_layer (Frobenius) +
-1 * L_prob (KL over all positions, T = 1) + 0 * L_ce, trainable: Mamba mixers + connector.
+Several GPUs (one process per GPU; the accumulation shrinks so that the global batch stays --global-batch-size):
 
-Several GPUs (one process per GPU; the accumulation shrinks so the effective batch stays --global-batch-size):
-
-    accelerate launch --num_processes 4 examples/train_distill.py --config examples/configs/distill_paper.yaml ...
-    torchrun --nproc_per_node 4 examples/train_distill.py --config examples/configs/distill_paper.yaml ...
+    accelerate launch --num_processes 4 -m matvlm_hf.cli distill --config examples/configs/distill_paper.yaml ...
+    torchrun --nproc_per_node 4 -m matvlm_hf.cli distill --config examples/configs/distill_paper.yaml ...
     # DeepSpeed ZeRO-2 (the authors' setup: pip install deepspeed), optimizer states sharded across GPUs:
-    accelerate launch --num_processes 4 examples/train_distill.py --deepspeed examples/configs/ds_zero2.json ...
+    accelerate launch --num_processes 4 -m matvlm_hf.cli distill --deepspeed examples/configs/ds_zero2.json ...
 
-On a machine without CUDA (tests, smoke runs) the script trains on the CPU and several processes talk over gloo:
-`torchrun --standalone --nproc_per_node 2 ...` or `accelerate launch --multi_gpu --num_processes 2 ...` (note:
-`accelerate launch --cpu --num_processes 2` starts a single process). Checkpoints (`checkpoint-N`, every --save-steps optimizer steps) hold the student, the optimizer, the
-scheduler and RNG states; `--resume` continues from the latest one in --output (or `--resume DIR`). The final
-student is written to --output with `save_pretrained` (safetensors, remote code, processor): it loads with
+Without CUDA it trains on the CPU, and several processes talk over gloo (`torchrun --standalone --nproc_per_node 2
+-m matvlm_hf.cli distill ...`). Checkpoints (`checkpoint-N`, every --save-steps optimizer steps) hold the student,
+the optimizer, the scheduler and RNG states; `--resume` continues from the latest one in --output (or `--resume DIR`).
+The final student is written to --output with `save_pretrained` (safetensors, remote code, processor): it loads with
 `AutoModelForImageTextToText.from_pretrained(output)` (import matvlm_hf first, or pass trust_remote_code=True).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -41,61 +41,46 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .recipe import PRESETS, DistillationRecipe, recipe_fields
 
 # ------------------------------------------------------------------------------------------------------------
-# Knobs and their defaults (the paper's recipe). YAML keys and CLI options (--learning-rate) share these names.
-DEFAULTS: dict[str, Any] = dict(
-    # inputs / outputs
-    student=None,  # MaTVLM checkpoint with Mamba layers (required)
-    teacher=None,  # MaTVLM checkpoint without Mamba layers (required)
-    data=None,  # LLaVA-format JSON (required)
-    images=None,  # folder the JSON's image paths are relative to
-    output=None,  # run folder: checkpoints and the final student (required)
-    processor=None,  # folder with the processor (default: the student's)
-    # loss
-    alpha=1.0,  # weight of L_layer
-    beta=1.0,  # weight of L_prob (KL)
-    gamma=0.0,  # weight of L_ce
-    temperature=1.0,
-    kl_positions="all",  # all | answer
-    layer_loss="frobenius",  # frobenius | mse
-    train_mode="mamba+connector",  # mamba+connector | mamba | mamba+mlp+connector | all
-    teacher_dtype="auto",  # auto | float32 | bfloat16 | float16
-    # optimisation
-    learning_rate=2e-4,
-    weight_decay=0.01,
-    adam_beta1=0.9,
-    adam_beta2=0.95,
-    lr_scheduler="warmup_stable_decay",
-    warmup_ratio=0.1,
-    decay_ratio=0.1,  # warmup_stable_decay only
-    global_batch_size=64,  # per-device batch x gradient accumulation x processes
-    per_device_batch_size=1,
-    max_length=1428,
-    num_epochs=1.0,
-    max_steps=-1,  # > 0 overrides num_epochs
-    max_grad_norm=0.1,
-    bf16="auto",  # auto (= CUDA with bf16) | true | false
-    gradient_checkpointing=True,
-    seed=42,
-    # data loading
-    num_workers=2,
-    max_samples=None,  # use only the first N samples (smoke runs)
-    image_aspect_ratio=None,  # pad | square (default: the processor's)
-    # bookkeeping
-    logging_steps=10,
-    save_steps=1000,  # 0 = no checkpoints (the final student is still saved)
-    save_total_limit=2,
-    resume=None,  # true = latest checkpoint in output, or a checkpoint folder
-    overwrite=False,  # replace a non-empty --output (built beside it, swapped in at the end)
-    deepspeed=None,  # DeepSpeed JSON config (e.g. examples/configs/ds_zero2.json)
-    report_to="none",  # none | tensorboard | wandb | ...
+# Knobs: YAML keys and CLI options (--learning-rate) share these names. The training knobs are the fields of
+# `DistillationRecipe` (recipe.py); the others say where things are and how the run is kept.
+# name: (default, help: what it means, its unit)
+IO_KNOBS: dict[str, tuple[Any, str]] = dict(
+    student=(None, "MaTVLM checkpoint folder to train (with Mamba layers; `matvlm convert --mamba-ratio 0.25`); "
+             "required"),
+    teacher=(None, "MaTVLM checkpoint folder of the teacher (`matvlm convert --mamba-ratio 0`); required"),
+    data=(None, "LLaVA-format JSON file of conversations; required"),
+    images=(None, "folder the JSON's image paths are relative to"),
+    output=(None, "run folder: checkpoints and the final student; required"),
+    processor=(None, "folder with the processor (tokenizer + image processor); unset = the student's"),
+    preset=("auto", "training recipe: auto (the paper's objective and global batch, memory knobs fitted to this "
+            "machine) | paper (the authors' exact recipe: per-device batch 1, gradient checkpointing, 2 workers)"),
 )
+BOOKKEEPING_KNOBS: dict[str, tuple[Any, str]] = dict(
+    max_samples=(None, "use only the first N samples of --data (smoke runs); unset = all"),
+    image_aspect_ratio=(None, "pad | square; unset = the processor's (from the TinyLLaVA config)"),
+    logging_steps=(10, "log the losses every N optimizer steps"),
+    save_steps=(1000, "write a checkpoint every N optimizer steps; 0 = none (the final student is still saved)"),
+    save_total_limit=(2, "checkpoints kept in --output (older ones are deleted)"),
+    resume=(None, "continue from the latest checkpoint in --output (flag alone) or from DIR"),
+    overwrite=(False, "replace a non-empty --output (the new run is built beside it and swapped in at the end)"),
+    deepspeed=(None, "DeepSpeed JSON config file (e.g. examples/configs/ds_zero2.json); unset = none"),
+    report_to=("none", "where to log: none | tensorboard | wandb | ... (transformers report_to)"),
+)
+RECIPE_KEYS = tuple(f.name for f in recipe_fields())
+HELP = {**{k: h for k, (_, h) in IO_KNOBS.items()}, **{f.name: f.metadata["help"] for f in recipe_fields()},
+        **{k: h for k, (_, h) in BOOKKEEPING_KNOBS.items()}}
+DEFAULTS: dict[str, Any] = {**{k: d for k, (d, _) in IO_KNOBS.items()},
+                            **dataclasses.asdict(DistillationRecipe()),
+                            **{k: d for k, (d, _) in BOOKKEEPING_KNOBS.items()}}
 REQUIRED = ("student", "teacher", "data", "output")
 BOOL_KEYS = ("gradient_checkpointing", "overwrite")
 CHOICES = dict(kl_positions=("all", "answer"), layer_loss=("frobenius", "mse"),
                train_mode=("mamba+connector", "mamba", "mamba+mlp+connector", "all"),
-               teacher_dtype=("auto", "float32", "bfloat16", "float16"))
+               teacher_dtype=("auto", "float32", "bfloat16", "float16"), preset=tuple(PRESETS))
+UNSET_MEANS_FITTED = ("per_device_batch_size", "gradient_checkpointing", "num_workers")
 
 
 def _bool(value: Any) -> bool:
@@ -114,37 +99,39 @@ def _opt_int(value: Any) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="matvlm distill", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1], argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="YAML file of knobs (keys as below with '_'); flags override it")
+    p.add_argument("--config", metavar="YAML", help="YAML file of knobs (keys as below with '_'); flags override it "
+                   "(default: none)")
     for key, default in DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
-        help_ = f"default: {default}"
+        shown = "unset" if default is None else default
+        help_ = f"{HELP[key]} (default: {shown})"
         if key == "resume":
-            p.add_argument(flag, nargs="?", const=True, help="resume from the latest checkpoint in --output, or DIR")
+            p.add_argument(flag, nargs="?", const=True, metavar="DIR", help=help_)
         elif key in BOOL_KEYS:
-            p.add_argument(flag, type=_bool, nargs="?", const=True, help=help_)
-        elif key == "bf16":
-            p.add_argument(flag, help="auto | true | false (default: auto)")
+            p.add_argument(flag, type=_bool, nargs="?", const=True, metavar="BOOL", help=help_)
         elif key in CHOICES:
             p.add_argument(flag, choices=CHOICES[key], help=help_)
-        elif key in ("max_samples",):
-            p.add_argument(flag, type=_opt_int, help=help_)
+        elif key in ("max_samples", "per_device_batch_size", "num_workers"):
+            p.add_argument(flag, type=_opt_int, metavar="N", help=help_)
         elif isinstance(default, bool):
             p.add_argument(flag, type=_bool, help=help_)
         elif isinstance(default, int):
-            p.add_argument(flag, type=int, help=help_)
+            p.add_argument(flag, type=int, metavar="N", help=help_)
         elif isinstance(default, float):
-            p.add_argument(flag, type=float, help=help_)
+            p.add_argument(flag, type=float, metavar="X", help=help_)
         else:
             p.add_argument(flag, help=help_)
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> dict[str, Any]:
-    """Defaults <- YAML (--config) <- command-line flags; checks required keys and unknown YAML keys."""
+    """Defaults <- the preset <- YAML (--config) <- command-line flags; checks required keys and unknown YAML keys.
+    Knobs left None (per_device_batch_size, gradient_checkpointing, num_workers) are fitted in `build_trainer`."""
     args = vars(build_parser().parse_args(argv))
-    config = dict(DEFAULTS)
+    loaded: dict[str, Any] = {}
     if args.get("config"):
         import yaml
 
@@ -154,51 +141,44 @@ def parse_config(argv: list[str] | None = None) -> dict[str, Any]:
         unknown = sorted(set(loaded) - set(DEFAULTS))
         if unknown:
             raise SystemExit(f"error: unknown key(s) in {args['config']}: {', '.join(unknown)}")
-        config.update(loaded)
+    preset = args.get("preset", loaded.get("preset", DEFAULTS["preset"]))
+    if preset not in PRESETS:
+        raise SystemExit(f"error: preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    config = {**DEFAULTS, **dataclasses.asdict(PRESETS[preset]), **loaded}
     config.update({k: v for k, v in args.items() if k != "config"})
+    config["preset"] = preset
     missing = [k for k in REQUIRED if not config.get(k)]
     if missing:
         raise SystemExit("error: missing " + ", ".join("--" + k for k in missing))
     for key, choices in CHOICES.items():
         if config[key] not in choices:
             raise SystemExit(f"error: {key} must be one of {', '.join(choices)}, got {config[key]!r}")
-    config["gradient_checkpointing"] = _bool(config["gradient_checkpointing"])
+    if config["gradient_checkpointing"] is not None and str(config["gradient_checkpointing"]).lower() != "none":
+        config["gradient_checkpointing"] = _bool(config["gradient_checkpointing"])
+    else:
+        config["gradient_checkpointing"] = None
     for key in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "warmup_ratio", "decay_ratio", "alpha",
                 "beta", "gamma", "temperature", "max_grad_norm", "num_epochs"):
         config[key] = float(config[key])
-    for key in ("global_batch_size", "per_device_batch_size", "max_length", "max_steps", "seed", "num_workers",
-                "logging_steps", "save_steps", "save_total_limit"):
+    for key in ("global_batch_size", "max_length", "max_steps", "seed", "logging_steps", "save_steps",
+                "save_total_limit"):
         config[key] = int(config[key])
-    config["max_samples"] = _opt_int(config["max_samples"])
+    for key in ("max_samples", "per_device_batch_size", "num_workers"):
+        config[key] = _opt_int(config[key])
     return config
-
-
-def gradient_accumulation(global_batch: int, per_device_batch: int, world_size: int) -> int:
-    """global batch = per-device batch x accumulation x processes."""
-    per_step = per_device_batch * world_size
-    if global_batch % per_step:
-        raise SystemExit(f"error: --global-batch-size {global_batch} is not a multiple of per-device batch "
-                         f"{per_device_batch} x {world_size} process(es) = {per_step}")
-    return global_batch // per_step
-
-
-def _resolve_bf16(value: Any) -> bool:
-    import torch
-
-    if str(value).lower() == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return _bool(value)
 
 
 def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, run_dir: Path | None = None):
     """The `MaTVLMDistillationTrainer` that `main` runs for the knobs `cfg` (from `parse_config`).
 
-    models: an already loaded (student, teacher) pair to use instead of reading cfg["student"] / cfg["teacher"]
-    (benchmarks that try several batch sizes); the student's trainable parameters are set here either way.
-    run_dir: where checkpoints go (default: cfg["output"]; `main` passes the folder built beside an output it replaces).
+    The training knobs become one `DistillationRecipe`, fitted to this machine and these models where the preset
+    leaves them unset, and printed once. models: an already loaded (student, teacher) pair to use instead of reading
+    cfg["student"] / cfg["teacher"] (benchmarks that try several batch sizes); the student's trainable parameters
+    are set here either way. run_dir: where checkpoints go (default: cfg["output"]; `main` passes the folder built
+    beside an output it replaces).
     """
     import torch
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from . import MaTVLMForConditionalGeneration, MaTVLMProcessor
     from .data import LLaVACollator, LLaVADataset
@@ -206,8 +186,11 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
 
     set_seed(cfg["seed"])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    grad_accum = gradient_accumulation(cfg["global_batch_size"], cfg["per_device_batch_size"], world_size)
-    bf16 = _resolve_bf16(cfg["bf16"])
+    recipe = DistillationRecipe(**{k: cfg[k] for k in RECIPE_KEYS})
+    if recipe.global_batch_size % world_size:
+        raise SystemExit(f"error: --global-batch-size {recipe.global_batch_size} is not a multiple of {world_size} "
+                         "processes")
+    bf16 = recipe.use_bf16()
     output = Path(run_dir or cfg["output"])
 
     # -- models and processor ----------------------------------------------------------------------------------
@@ -230,9 +213,15 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
                          f"per image, the student expects {student.config.num_image_tokens} x id "
                          f"{student.config.image_token_id}")
     trainable = set_trainable(student, cfg["train_mode"])
+    fitted = [k for k in UNSET_MEANS_FITTED if getattr(recipe, k) is None]
+    recipe = recipe.fit(student, teacher, world_size=world_size)
+    try:
+        recipe.gradient_accumulation(world_size)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
 
     # -- data ----------------------------------------------------------------------------------------------------
-    dataset = LLaVADataset(cfg["data"], cfg["images"], processor, max_length=cfg["max_length"],
+    dataset = LLaVADataset(cfg["data"], cfg["images"], processor, max_length=recipe.max_length,
                            image_aspect_ratio=cfg["image_aspect_ratio"])
     if cfg["max_samples"] is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(cfg["max_samples"], len(dataset))))
@@ -242,56 +231,29 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
     collator = LLaVACollator(processor.tokenizer.pad_token_id, padding_side="right")
 
     # -- trainer -------------------------------------------------------------------------------------------------
-    lr_scheduler_kwargs = {}
-    if cfg["lr_scheduler"] == "warmup_stable_decay":
-        lr_scheduler_kwargs = {"decay_type": "cosine"}
-    args = TrainingArguments(
-        output_dir=str(output),
-        per_device_train_batch_size=cfg["per_device_batch_size"],
-        gradient_accumulation_steps=grad_accum,
-        learning_rate=cfg["learning_rate"],
-        weight_decay=cfg["weight_decay"],
-        adam_beta1=cfg["adam_beta1"],
-        adam_beta2=cfg["adam_beta2"],
-        optim="adamw_torch",
-        lr_scheduler_type=cfg["lr_scheduler"],
-        lr_scheduler_kwargs=lr_scheduler_kwargs,
-        warmup_steps=cfg["warmup_ratio"],
-        max_grad_norm=cfg["max_grad_norm"],
-        num_train_epochs=cfg["num_epochs"],
-        max_steps=cfg["max_steps"],
-        bf16=bf16,
-        gradient_checkpointing=cfg["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=cfg["logging_steps"],
-        logging_first_step=True,
-        save_strategy="steps" if cfg["save_steps"] > 0 else "no",
-        save_steps=cfg["save_steps"],
-        save_total_limit=cfg["save_total_limit"],
-        seed=cfg["seed"],
-        dataloader_num_workers=cfg["num_workers"],
-        remove_unused_columns=False,
-        report_to=cfg["report_to"],
-        deepspeed=cfg["deepspeed"],
-        ddp_find_unused_parameters=False,
-        use_cpu=not torch.cuda.is_available(),  # also what makes a CPU multi-process run (gloo) distributed
-        disable_tqdm=False,
-    )
-    distill_args = DistillationArguments(alpha=cfg["alpha"], beta=cfg["beta"], gamma=cfg["gamma"],
-                                         temperature=cfg["temperature"], kl_positions=cfg["kl_positions"],
-                                         layer_loss=cfg["layer_loss"], teacher_dtype=cfg["teacher_dtype"],
-                                         decay_ratio=cfg["decay_ratio"])
+    args = recipe.training_arguments(
+        str(output), world_size, logging_steps=cfg["logging_steps"], logging_first_step=True,
+        save_strategy="steps" if cfg["save_steps"] > 0 else "no", save_steps=cfg["save_steps"],
+        save_total_limit=cfg["save_total_limit"], report_to=cfg["report_to"], deepspeed=cfg["deepspeed"],
+        disable_tqdm=False)
+    distill_args = DistillationArguments(alpha=recipe.alpha, beta=recipe.beta, gamma=recipe.gamma,
+                                         temperature=recipe.temperature, kl_positions=recipe.kl_positions,
+                                         layer_loss=recipe.layer_loss, teacher_dtype=recipe.teacher_dtype,
+                                         decay_ratio=recipe.decay_ratio)
     trainer = MaTVLMDistillationTrainer(model=student, teacher_model=teacher, distill_args=distill_args, args=args,
                                         train_dataset=dataset, data_collator=collator, processing_class=processor)
     if trainer.is_world_process_zero():
         n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in student.parameters())
+        device = "CUDA" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
         print(f"student: {cfg['student']} (Mamba layers {student.config.mamba_layers}); teacher: {cfg['teacher']}")
-        print(f"trainable ({cfg['train_mode']}): {n_train:,} of {n_all:,} parameters in {len(trainable)} tensors")
-        print(f"{len(dataset)} samples; effective batch {cfg['global_batch_size']} = {cfg['per_device_batch_size']} "
-              f"x {grad_accum} accumulation x {world_size} process(es); bf16={bf16}")
+        print(f"trainable ({recipe.train_mode}): {n_train:,} of {n_all:,} parameters in {len(trainable)} tensors")
+        print(f"recipe '{cfg['preset']}' on {device}"
+              + (f" (fitted: {', '.join(k.replace('_', ' ') for k in fitted)})" if fitted else "")
+              + f": {len(dataset)} samples; {recipe.describe(world_size)}")
         output.mkdir(parents=True, exist_ok=True)
-        (output / "distill_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        record = {**cfg, **dataclasses.asdict(recipe)}
+        (output / "distill_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return trainer
 
 
