@@ -241,3 +241,37 @@ def test_a_prompt_past_the_position_limit_is_refused():
     ids = torch.randint(0, 300, (1, model.config.text_config.max_position_embeddings + 1))
     with pytest.raises(ValueError, match="position limit"):
         model.generate(input_ids=ids, max_new_tokens=2)
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused(tmp_path):
+    model = tiny_model("phi", HYBRID)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["mamba_layers"] = [1, 3]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"weights hold Mamba mixers at layers \[0, 2, 5\].*missing tensors"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path)
+
+
+def test_batched_generation_with_the_processor_equals_each_prompt_alone(tmp_path):
+    from matvlm_hf import MaTVLMProcessor
+    from matvlm_hf.fabricate import build_tokenizer
+    from matvlm_hf.processing_matvlm import siglip_image_processor
+    from PIL import Image
+
+    model = tiny_model("phi", HYBRID)
+    processor = MaTVLMProcessor(siglip_image_processor(32), build_tokenizer("phi", vocab_size=290),  # ids < 320
+                                image_token_id=model.config.image_token_id, num_image_tokens=model.config.num_image_tokens)
+    processor.save_pretrained(tmp_path)
+    processor = MaTVLMProcessor.from_pretrained(tmp_path)  # the saved processor pads for generation
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                           {"type": "text", "text": q}]}],
+                                             add_generation_prompt=True)
+               for q in ("What colour is the large shape in the top left corner?", "Why?")]
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    batch = processor(images=images, text=prompts, padding=True)
+    out = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+        alone = processor(images=[image], text=prompt)
+        expected = model.generate(**alone, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert torch.equal(out[i, -6:], expected[0, -6:])

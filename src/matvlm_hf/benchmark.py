@@ -36,10 +36,10 @@ MODELS = {"teacher": 0.0, "hybrid-12.5": 0.125, "hybrid-25": 0.25, "hybrid-50": 
 SIZES = {  # contexts, batches, prefill lengths, memory totals, decode steps timed, eager contexts
     "full": dict(contexts=[256, 1024, 4096, 8192, 16384], batches=[1, 16, 64], prefill=[1024, 4096, 8192, 16384, 32768],
                  memory=[1024, 4096, 8192, 16384, 32768], steps=64, eager=[(1, 1024), (16, 1024), (1, 8192)],
-                 compiled=[(1, 1024), (16, 8192)],
+                 compiled=[(1, 1024), (16, 8192)], static=[(1, 1024), (16, 1024)],
                  max_batch_context=16384, max_batch_cap=512, hbm_bytes_per_s=3.35e12),
     "tiny": dict(contexts=[32, 128], batches=[1, 4], prefill=[32, 128], memory=[64, 256], steps=8, eager=[(1, 32)],
-                 compiled=[],
+                 compiled=[], static=[(1, 32)],
                  max_batch_context=128, max_batch_cap=8, hbm_bytes_per_s=None),
 }
 
@@ -111,13 +111,19 @@ class StepTimer(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def time_eager(model, batch: int, context: int, steps: int, device: str) -> dict:
-    """transformers' generate() (dynamic cache, eager): median step time after the first (prefill) step."""
+def time_generate(model, batch: int, context: int, steps: int, device: str, **generate_kwargs) -> dict:
+    """transformers' generate() end to end (a real prefill of `context` tokens, then `steps` decode steps): median
+    step time after the first (prefill) step. No kwargs: the dynamic cache, eager. `cache_implementation="static"`:
+    transformers' static cache, whose forward generate() compiles by itself on CUDA (the first call of a shape pays
+    the compilation: it is run once untimed)."""
     ids = torch.randint(0, 1000, (batch, context), device=model.device)
-    timer = StepTimer(device)
+    kw = dict(input_ids=ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, eos_token_id=None,
+              pad_token_id=0, **generate_kwargs)
     with torch.no_grad():
-        model.generate(input_ids=ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
-                       eos_token_id=None, pad_token_id=0, stopping_criteria=StoppingCriteriaList([timer]))
+        if generate_kwargs:  # warm-up: compilation and CUDA-graph capture of the static-cache path
+            model.generate(**kw)
+        timer = StepTimer(device)
+        model.generate(**kw, stopping_criteria=StoppingCriteriaList([timer]))
     ms = statistics.median(b - a for a, b in zip(timer.stamps[:-1], timer.stamps[1:])) * 1e3
     return {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms}
 
@@ -186,12 +192,12 @@ def guarded(fn, *args):
         return "OOM"
 
 
-PARTS = ("decode", "eager", "compiled", "prefill", "memory", "max_batch")
+PARTS = ("decode", "eager", "static", "compiled", "prefill", "memory", "max_batch")
 
 
 def run(size: str, out: Path, device: str, models: dict[str, float], append: bool = False,
-        parts: tuple[str, ...] = PARTS) -> dict:
-    knobs = SIZES[size]
+        parts: tuple[str, ...] = PARTS, **knob_overrides: list[int]) -> dict:
+    knobs = {**SIZES[size], **knob_overrides}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results = {"size": size, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "torch": torch.__version__, "dtype": str(dtype), "knobs": knobs, "models": {}}
@@ -205,12 +211,13 @@ def run(size: str, out: Path, device: str, models: dict[str, float], append: boo
         model = build_model(ratio, size, device, dtype)
         r = results["models"].setdefault(name, {})
         r.update({"ratio": ratio, "mamba_layers": model.config.mamba_layers, "lm_weight_bytes": lm_bytes(model)})
-        for field in ("decode", "eager", "compiled", "prefill_ms", "peak_gib"):
+        for field in ("decode", "eager", "static", "compiled", "prefill_ms", "peak_gib"):
             r.setdefault(field, {})
         jobs = [("decode", b, c) for b in knobs["batches"] for c in knobs["contexts"]]
         jobs += [("prefill", 1, n) for n in knobs["prefill"]] + [("memory", 1, n) for n in knobs["memory"]]
         if name in ("teacher", "hybrid-50"):
             jobs += [("eager", b, c) for b, c in knobs["eager"]] + [("compiled", b, c) for b, c in knobs["compiled"]]
+            jobs += [("static", b, c) for b, c in knobs["static"]]
         jobs = [job for job in jobs if job[0] in parts]
         for kind, batch, n in tqdm(jobs, desc=name, unit="point"):
             release(model)
@@ -225,7 +232,12 @@ def run(size: str, out: Path, device: str, models: dict[str, float], append: boo
                 if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
                     point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
             elif kind == "eager":
-                r["eager"][key] = guarded(time_eager, model, batch, n, min(knobs["steps"], 32), device)
+                r["eager"][key] = guarded(time_generate, model, batch, n, min(knobs["steps"], 32), device)
+            elif kind == "static":  # transformers' own static-cache path (auto-compiled on CUDA), beside fast_decode
+                point = r["static"][key] = guarded(time_generate, model, batch, n, knobs["steps"], device,
+                                                   cache_implementation="static")
+                if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
+                    point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
             elif kind == "prefill":
                 r["prefill_ms"][str(n)] = guarded(time_prefill, model, n, device)
             else:
@@ -317,6 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from OUT/benchmark.json (default: off)")
     parser.add_argument("--append", action="store_true", help="add to OUT/benchmark.json instead of replacing it; same device (default: off)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated measurements (default: all: {','.join(PARTS)})")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated batch sizes of the decode points (default: the size's list)")
+    parser.add_argument("--contexts", default=None,
+                        help="comma-separated context lengths of the decode points, tokens (default: the size's list)")
     args = parser.parse_args(argv)
     from .safe_output import check_output
 
@@ -330,7 +346,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.size == "full" and device != "cuda":
         parser.error("--size full needs a CUDA GPU; use --size tiny on a CPU")
     models = {m: MODELS[m] for m in args.models.split(",")}
-    results = run(args.size, out, device, models, append=args.append, parts=tuple(args.parts.split(",")))
+    knobs = {name: [int(x) for x in value.split(",")] for name, value in
+             (("batches", args.batches), ("contexts", args.contexts)) if value}
+    results = run(args.size, out, device, models, append=args.append, parts=tuple(args.parts.split(",")), **knobs)
     print(json.dumps({name: {"largest_batch": r.get("largest_batch", {}).get("batch"), "compiled": r["compiled"]}
                       for name, r in results["models"].items()}, indent=1)[:4000])
     return results

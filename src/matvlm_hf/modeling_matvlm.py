@@ -124,6 +124,38 @@ class MaTVLMPreTrainedModel(PreTrainedModel):
         Mamba hybrids (Bamba, Jamba). The teacher (no Mamba layer) is not stateful."""
         return bool(self.config.mamba_layers)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint whose tensors do not fill the model exactly.
+
+        transformers only logs missing and unexpected tensors and initialises the missing ones at random; for a
+        MaTVLM checkpoint that is always a mistake (a `mamba_layers` in config.json edited by hand, a raw TinyLLaVA
+        folder, a truncated file), so it raises ValueError naming the tensors. With `output_loading_info=True` the
+        loading info is returned as usual."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        headless = not isinstance(model, GenerationMixin)  # MaTVLMModel: a full checkpoint's head is not for it
+        missing = sorted(info.get("missing_keys") or [])
+        unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not (headless and k.startswith("lm_head")))
+        if missing or unexpected:
+            def listed(keys: list[str]) -> str:
+                return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+            def layers_with(keys: list[str]) -> set[int]:  # layers whose A_log (a mixer-only tensor) is listed
+                return {int(k.split(".layers.")[1].split(".")[0]) for k in keys if k.endswith("self_attn.A_log")}
+
+            in_weights = sorted(set(model.config.mamba_layers) - layers_with(missing) | layers_with(unexpected))
+            raise ValueError(
+                f"The checkpoint {args[0] if args else kwargs.get('pretrained_model_name_or_path')!s} does not match "
+                f"its config.json: config.json says mamba_layers {model.config.mamba_layers}, the weights hold Mamba "
+                f"mixers at layers {in_weights}; "
+                + (f"missing tensors: {listed(missing)}. " if missing else "")
+                + (f"unexpected tensors: {listed(unexpected)}. " if unexpected else "")
+                + "Check that config.json is the one written with these weights (mamba_layers must name exactly the "
+                "layers whose weights are Mamba mixers), or re-create the checkpoint with `matvlm convert`."
+            )
+        return (model, info) if want_info else model
+
     @torch.no_grad()
     def initialize_weights(self) -> None:
         # The mixers sit inside the transformers LM, whose own `_init_weights` reaches only their Linear/Conv layers;
