@@ -190,3 +190,25 @@ def test_commands_refuse_unsafe_outputs_and_bad_input(tmp_path, capsys):
     assert "not a matvlm-hf checkpoint" in capsys.readouterr().err
     imported = import_command.main(["--input", str(src), "--output", str(tmp_path / "imported")])
     assert (imported / "config.json").is_file()
+
+
+def test_full_size_authors_layout_matches_the_importer():
+    """TinyLLaVA-Phi-2-SigLIP-3.1B at 25 % (hustvl/MaTVLM_0_25_Mamba2's shape), from meta-device modules: every
+    fabricated tensor maps onto the imported model's, same shape (the full write itself runs in the GPU example)."""
+    from matvlm_hf.authors_checkpoint import import_key, matvlm_config_from_authors
+    from matvlm_hf.fabricate import _lm_config, _vision_config
+    from matvlm_hf.fabricate_authors import authors_param_specs, train_script_mamba_config
+    from matvlm_hf.modeling_matvlm import MaTVLMForConditionalGeneration
+
+    text, vision = _lm_config("phi", "full", {"bos": 50256, "eos": 50256}, torch.bfloat16), _vision_config("full")
+    mamba = train_script_mamba_config(text, paper_mamba_layers(32, 0.25))
+    assert mamba["ssm_cfg"] == {"expand": 1, "ngroups": 32, "d_state": 80} and mamba["d_xb"] == 2560
+    specs = {k: s for k, s, _ in authors_param_specs(text, vision, mamba)}
+    assert specs["language_model.model.layers.4.mamba.in_proj.weight"] == (4 * 2560 + 32, 2560)
+    assert specs["language_model.model.layers.4.mamba.conv1d.weight"] == (3 * 2560, 1, 4)
+    assert "language_model.model.layers.4.self_attn.q_proj.weight" not in specs
+    config = matvlm_config_from_authors({"text_config": text.to_dict(), "vision_config": vision.to_dict()}, mamba)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MaTVLMForConditionalGeneration(config).state_dict().items()}
+    assert {import_key(k, set(config.mamba_layers)): s for k, s in specs.items()} == expected
+    assert sum(torch.Size(s).numel() for s in specs.values()) > 3.0e9

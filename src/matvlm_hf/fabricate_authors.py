@@ -53,6 +53,22 @@ def _mixer_specs(mamba: dict[str, Any], layer: int) -> list[tuple[str, tuple[int
     return specs
 
 
+def authors_param_specs(text_config, vision_config, mamba: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, kind) of every tensor of the authors' checkpoint, in TinyLLaVA's order, the mixer where the
+    attention was (fabricate.py's specs with the Mamba layers' self_attn.* replaced by mamba.*)."""
+    n = mamba["n_layer"]
+    mamba_prefixes = tuple(f"{LM_PREFIX}model.layers.{i}." for i in range(n) if i not in mamba["attn_layers"])
+    specs = []
+    for spec in _param_specs(text_config, vision_config):
+        key = spec[0]
+        if key.startswith(mamba_prefixes) and ".self_attn." in key:
+            if key.endswith("self_attn.q_proj.weight"):
+                specs += _mixer_specs(mamba, int(key[len(LM_PREFIX + "model.layers."):].split(".", 1)[0]))
+            continue
+        specs.append(spec)
+    return specs
+
+
 def write_authors_checkpoint(
     out_dir: str | os.PathLike,
     *,
@@ -90,14 +106,6 @@ def write_authors_checkpoint(
     mamba = train_script_mamba_config(text_config, sorted(ssm_layers), is_bias)
     (out / MAMBA_CONFIG_NAME).write_text(json.dumps(mamba, indent=4) + "\n")
 
-    mamba_prefixes = tuple(f"{LM_PREFIX}model.layers.{i}." for i in ssm_layers)
-    specs = []
-    for spec in _param_specs(text_config, vision_config):
-        key = spec[0]
-        if key.startswith(mamba_prefixes) and ".self_attn." in key:
-            if key.endswith("self_attn.q_proj.weight"):  # the mixer takes the attention's place in the key order
-                specs += _mixer_specs(mamba, int(key[len(LM_PREFIX + "model.layers."):].split(".", 1)[0]))
-            continue
-        specs.append(spec)
+    specs = authors_param_specs(text_config, vision_config, mamba)
     _write_weights(out, specs, seed=seed, size=size, dtype=dtype, max_shard_size=max_shard_size)
     return out
