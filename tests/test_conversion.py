@@ -100,7 +100,6 @@ def test_gqa_teacher_mixer_has_kv_sized_x_and_b(llama_ckpt, tmp_path):
 def test_initialised_mixer_computes_softmax_free_attention(phi_ckpt, monkeypatch):
     """With A = 0, dt = 1, D = 0, identity conv and no gate/norm, the mixer made from an attention layer computes
     y_n = sum_{t<=n} (Q_n . K_t) V_t per head (no 1/sqrt(d) scale: it is absorbed into W_Q by training; no RoPE)."""
-    from matvlm_hf import MaTVLMConfig
     from matvlm_hf.conversion import matvlm_config_from_tinyllava, read_tinyllava_config
 
     config = matvlm_config_from_tinyllava(read_tinyllava_config(phi_ckpt), [1])

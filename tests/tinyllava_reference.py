@@ -15,6 +15,7 @@ transformers 5's SiglipVisionModel state dict has no `vision_model.` level, whil
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def _take(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_tinyllava_reference(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> TinyLlavaReference:
+def load_tinyllava_reference(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
+                             language_model_hook: Callable[[nn.Module], None] | None = None) -> TinyLlavaReference:
+    """language_model_hook: called on the built LM before the weights load (e.g. to swap decoder layers)."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     d = Path(checkpoint_dir)
@@ -78,6 +81,8 @@ def load_tinyllava_reference(checkpoint_dir: str | Path, dtype: torch.dtype = to
     lm_config = config_cls.from_dict(text_config)
     lm_config._attn_implementation = "eager"
     language_model = lm_cls(lm_config)
+    if language_model_hook is not None:
+        language_model_hook(language_model)
 
     vision_dict = {k: v for k, v in config["vision_config"].items()
                    if k not in ("model_name_or_path", "model_name_or_path2")}

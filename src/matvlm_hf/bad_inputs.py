@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
 
 VERDICTS = ("lost", "crash", "unclear", "silent", "clear", "handled")
 

@@ -3,7 +3,9 @@
 Teacher and hybrids (12.5 / 25 / 50 % Mamba) are built at the TinyLLaVA-Phi-2-SigLIP-3.1B sizes with random weights
 (speed and memory do not depend on the values) and measured on the same decode path: the static hybrid cache with
 one CUDA graph per step (`generate(fast_decode=True)`). The teacher is also measured on transformers' eager
-`generate` (dynamic cache), which is what the paper compared against.
+`generate` (dynamic cache), for reference. The paper does not say how its speed-up was timed: MaTVLM ships no speed
+script, and MambaInLlama's (which it builds on) times the hybrid with CUDA graphs against the teacher on HF `generate`
+with flash-attention-2, in float16.
 
 Decode points: the cache is filled to the context length without computing it (one short real prefill initialises
 every state, then the attention layers' fill pointer and mask jump to the context length): a decode step's cost does

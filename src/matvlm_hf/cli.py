@@ -14,6 +14,8 @@ COMMANDS = {
     "distill": ("matvlm_hf.train_cli", "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)"),
     "bench-distill": ("matvlm_hf.distill_benchmark", "distillation step time, memory, largest micro-batch (GPU)"),
     "study": ("matvlm_hf.study", "the synthetic-world study: ratios and loss/placement/init ablations, report"),
+    "import": ("matvlm_hf.commands.import_", "import an authors'-layout MaTVLM checkpoint (hustvl/MaTVLM) as matvlm-hf"),
+    "export": ("matvlm_hf.commands.export", "write a matvlm-hf checkpoint in the authors' layout (--format authors)"),
 }
 
 

@@ -5,6 +5,7 @@ Self-contained (transformers imports only) so it can be saved beside the weights
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -147,6 +148,13 @@ class MaTVLMConfig(PreTrainedConfig):
         """The layer type layer `index` has in the teacher (its attention kind, never the Mamba type)."""
         layer_type = (getattr(self.text_config, "layer_types", None) or ["full_attention"] * (index + 1))[index]
         return "full_attention" if layer_type == MAMBA_LAYER_TYPE else layer_type
+
+    def attention_text_config(self) -> PreTrainedConfig:
+        """A copy of the text config with every layer an attention layer: the teacher's language model (for tools
+        that build or write the teacher's layers, e.g. the fabricator and the random-layer ablation)."""
+        config = copy.deepcopy(self.text_config)
+        config.layer_types = [self.attention_layer_type(i) for i in range(config.num_hidden_layers)]
+        return config
 
     @property
     def mamba_d_inner(self) -> int:

@@ -30,6 +30,7 @@ from .input_checks import local_or_hub
 from .mamba2_mixer import MaTVLMMamba2Mixer
 from .modeling_matvlm import MaTVLMForConditionalGeneration
 from .model_card import front_matter
+from .paper_preset import FreshDecoderLayers, paper_mamba_layers, preset_mixer_options, resolve_init
 from .processing_matvlm import processor_from_tinyllava
 from .safe_output import check_output, staged_output
 
@@ -256,6 +257,7 @@ def convert_tinyllava_to_matvlm(
     mamba_layers: list[int] | None = None,
     placement: str = "even",
     init: str = "attention",
+    preset: str = "matvlm",
     dtype: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
@@ -266,20 +268,32 @@ def convert_tinyllava_to_matvlm(
     """Convert a TinyLLaVA checkpoint folder (or Hub id) to a MaTVLM checkpoint folder; returns the output path.
 
     mamba_ratio / mamba_layers: which layers become Mamba (ratio 0 repackages the teacher); placement: even | start |
-    middle | end; init: attention (paper) | random; dtype: float32 | bfloat16 | float16 (default: keep the source's).
+    middle | end; init: attention (paper) | random (fresh mixer) | random-layer (fresh mixer, MLP and norms: the
+    authors' init_with_kqvo=False); preset: matvlm (this project's choices) | paper (the authors': bias-free mixers,
+    their layer lists, `random` meaning random-layer; see paper_preset.py); dtype: float32 | bfloat16 | float16
+    (default: keep the source's).
     """
     output = Path(output_path)
     check_output(output, [("--input", input_path)], overwrite=overwrite)
-    if init not in ("attention", "random"):
-        raise ConversionError(f"init must be 'attention' or 'random', got {init!r}.")
+    if init not in ("attention", "random", "random-layer"):
+        raise ConversionError(f"init must be 'attention', 'random' or 'random-layer', got {init!r}.")
+    try:
+        init = resolve_init(preset, init)
+    except ValueError as err:
+        raise ConversionError(str(err)) from err
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     source = resolve_checkpoint(input_path)
     tinyllava = read_tinyllava_config(source)
     n_layers = tinyllava["text_config"]["num_hidden_layers"]
+    if mamba_layers is None and preset == "paper" and mamba_ratio:
+        try:
+            mamba_layers, placement = paper_mamba_layers(n_layers, mamba_ratio), "paper"
+        except ValueError as err:
+            raise ConversionError(f"--mamba-ratio {mamba_ratio}: {err}") from err
     mamba_layers = choose_mamba_layers(n_layers, mamba_ratio, mamba_layers, placement)
     try:
-        config = matvlm_config_from_tinyllava(tinyllava, list(mamba_layers))
+        config = matvlm_config_from_tinyllava(tinyllava, list(mamba_layers), **preset_mixer_options(preset))
     except ValueError as err:
         raise ConversionError(str(err)) from err
     key_to_file = weight_files(source)
@@ -384,6 +398,7 @@ def _source_dtype(key_to_file: dict[str, Path]) -> torch.dtype:
 def _write_weights(config: MaTVLMConfig, key_to_file: dict[str, Path], folder: Path, dtype: torch.dtype | None,
                    init: str, seed: int, max_shard_size: int, progress: bool) -> None:
     out_name = ATTENTION_OUT[config.text_config.model_type]
+    fresh = FreshDecoderLayers(config.attention_text_config(), config.mamba_layers, seed) if init == "random-layer" else None
     attn_parts = ("q_proj", "k_proj", "v_proj", out_name)
     mamba = set(config.mamba_layers)
     pending: dict[int, dict[str, torch.Tensor]] = {}  # attention tensors of Mamba layers until complete
@@ -400,6 +415,8 @@ def _write_weights(config: MaTVLMConfig, key_to_file: dict[str, Path], folder: P
         seen.add(new_key)
         layer = _mamba_layer_of(new_key, mamba)
         if layer is None:
+            if fresh is not None and (new := fresh.get(new_key)) is not None:
+                tensor = new.to(tensor.dtype)
             writer.add(new_key, tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor)
             continue
         pending.setdefault(layer, {})[key.split(".self_attn.", 1)[1]] = tensor
@@ -465,8 +482,8 @@ attention replaced by a Mamba-2 mixer.
 | teacher | {base} |
 | language model | {config.text_config.model_type}, {n} layers, hidden {config.text_config.hidden_size} |
 | Mamba layers | {config.mamba_layers} (placement: {placement}) |
-| mixer | d_state {config.mamba_d_state}, {config.mamba_nheads} heads x {config.mamba_headdim}, d_xb {config.mamba_d_xb}, conv {config.mamba_d_conv} |
-| initialisation | {"x <- W_V, B <- W_K, C <- W_Q, out <- W_O (paper Eq. 6); z, dt, A, D, conv, norm fresh" if init == "attention" else "random (ablation)"} |
+| mixer | d_state {config.mamba_d_state}, {config.mamba_nheads} heads x {config.mamba_headdim}, d_xb {config.mamba_d_xb}, conv {config.mamba_d_conv}, in/out bias {config.mamba_proj_bias}/{config.mamba_out_proj_bias} |
+| initialisation | {"x <- W_V, B <- W_K, C <- W_Q, out <- W_O (paper Eq. 6); z, dt, A, D, conv, norm fresh" if init == "attention" else f"{init} (ablation)"} |
 | image tokens | {config.num_image_tokens} per image, id {config.image_token_id} |
 
 Converted, not yet distilled: distil it from its teacher (`matvlm distill`) before use; until then it answers only as
@@ -500,10 +517,14 @@ def main(argv: list[str] | None = None) -> Path:
     which.add_argument("--mamba-layers", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=None,
                        help="exactly these Mamba layer indices, comma-separated, e.g. 0,4,8 (default: from --mamba-ratio)")
     parser.add_argument("--placement", choices=["even", "start", "middle", "end"], default="even",
-                        help="where --mamba-ratio puts the Mamba layers (default: even, the paper's)")
-    parser.add_argument("--init", choices=["attention", "random"], default="attention",
-                        help="mixer initialisation: attention (x <- W_V, B <- W_K, C <- W_Q; the paper) | random "
-                        "(default: attention)")
+                        help="where --mamba-ratio puts the Mamba layers (default: even, evenly spaced from layer 0)")
+    parser.add_argument("--init", choices=["attention", "random", "random-layer"], default="attention",
+                        help="initialisation: attention (x <- W_V, B <- W_K, C <- W_Q; the paper's Eq. 6) | random "
+                        "(fresh mixer) | random-layer (fresh mixer, MLP and norms) (default: attention)")
+    parser.add_argument("--preset", choices=["matvlm", "paper"], default="matvlm",
+                        help="paper: the authors' bias-free mixers, layer lists (12.5 %% = 0,6,12,18 of 32) and "
+                        "random-init ablation (--init random = random-layer); matvlm: this project's choices "
+                        "(default: matvlm)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="weight dtype of the output (default: the source's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the fresh mixer parameters (default: 0)")
     parser.add_argument("--max-shard-size", type=int, default=2 * 1024**3, help="largest output shard, bytes (default: 2147483648 = 2 GiB)")
@@ -514,7 +535,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         out = convert_tinyllava_to_matvlm(
             args.input, args.output, mamba_ratio=args.mamba_ratio, mamba_layers=args.mamba_layers,
-            placement=args.placement, init=args.init, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
+            placement=args.placement, init=args.init, preset=args.preset, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
             max_shard_size=args.max_shard_size, push_to_hub=args.push_to_hub,
         )
     except UserError as err:

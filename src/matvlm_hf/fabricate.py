@@ -268,7 +268,7 @@ def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
     # the LM's own config as TinyLLaVA stores it: without the layer_types MaTVLM adds for its caches
     text = {k: v for k, v in config.text_config.to_dict().items() if k not in ("layer_types", "model_type")}
     if "layer_types" in type(config.text_config)().to_dict():  # a model type that has them natively keeps them
-        text["layer_types"] = [config.attention_layer_type(i) for i in range(config.text_config.num_hidden_layers)]
+        text["layer_types"] = config.attention_text_config().layer_types
     text_config = type(config.text_config).from_dict(text)
     text_config.architectures = [type(text_config).__name__.replace("Config", "ForCausalLM")]
     text_config._name_or_path = LM_NAMES[lm_type]
