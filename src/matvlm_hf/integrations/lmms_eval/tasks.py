@@ -49,13 +49,22 @@ HEADLINE = {"pope": "pope_f1_score", "mme": "mme_perception_score", SYNTHETIC_TA
             "mmvet": "gpt_eval_score"}
 
 
+# Where the paper's tasks live inside lmms-eval's tasks folder (saves indexing its ~300 task folders).
+_KNOWN_YAML = {"mme": "mme/mme.yaml", "mmmu_val": "mmmu/mmmu_val.yaml", "pope": "pope/pope.yaml",
+               "mmvet": "mmvet/mmvet.yaml", "textvqa_val": "textvqa/textvqa_val.yaml",
+               "mmbench_en_dev": "mmbench/mmbench_en_dev.yaml", "scienceqa_img": "scienceqa/scienceqa_img.yaml",
+               "gqa": "gqa/gqa.yaml", "vqav2_val": "vqav2/vqav2_val.yaml"}
+
+
 def upstream_yaml(task: str) -> Path:
     """lmms-eval's yaml of a (leaf) task; ValueError naming the task when lmms-eval has no such task or it is a
     group (run groups with lmms-eval itself)."""
-    from lmms_eval.tasks import TaskManager
+    import lmms_eval.tasks
 
-    index = TaskManager(verbosity="ERROR").task_index
-    entry = index.get(task)
+    known = Path(lmms_eval.tasks.__file__).parent / _KNOWN_YAML.get(task, "-")
+    if known.is_file() and _raw_config(known).get("task") == task:
+        return known
+    entry = lmms_eval.tasks.TaskManager(verbosity="ERROR").task_index.get(task)
     if entry is None:
         raise ValueError(f"lmms-eval has no task {task!r} (list them with `lmms-eval tasks list`)")
     if entry.get("type") != "task" or not isinstance(entry.get("yaml_path"), str):

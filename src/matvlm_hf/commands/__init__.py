@@ -1,0 +1,1 @@
+"""Thin `matvlm` subcommands (registered in matvlm_hf.cli.COMMANDS)."""
