@@ -162,7 +162,9 @@ def test_synthetic_task_through_the_lmms_eval_cli_scores_like_the_quickstart(wor
     result = json.loads(Path(glob.glob(str(tmp_path / "out" / "*" / "*_results.json"))[0]).read_text())
     assert result["results"]["matvlm_synthetic"]["accuracy,none"] == pytest.approx(expected["accuracy"])
     samples = [json.loads(line) for line in open(glob.glob(str(tmp_path / "out" / "*" / "*_samples_*.jsonl"))[0])]
-    assert {records[s["doc_id"]]["id"]: s["filtered_resps"][0] for s in samples} == predictions
+    responses = {records[s["doc_id"]]["id"]: s["filtered_resps"] for s in samples}
+    responses = {k: v[0] if isinstance(v, list) else v for k, v in responses.items()}
+    assert responses == predictions
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -194,8 +196,11 @@ def _benchmarks(work: Path, root: Path) -> dict[str, Path]:
         "image_source": ["synthetic"] * n, "image": _image_column(work, n), "category": ["adversarial"] * n,
     }, Features(id=s, question_id=s, question=s, answer=s, image_source=s, image=HFImage(), category=s))
     mme = _write_hub_layout(root / "MME", "test", {
-        "question_id": [f"count/{i:04d}.png" for i in range(n)], "image": _image_column(work, n),
-        "question": ["Is there one shape in this image? Please answer yes or no."] * n,
+        # MME asks two questions (answers Yes and No) about each image; question_id is the image's name
+        "question_id": ["count/0000.png", "count/0000.png", "color/0001.png", "color/0001.png"],
+        "image": [_image_column(work, 2)[i // 2] for i in range(n)],
+        "question": ["Is there one shape in this image? Please answer yes or no.",
+                     "Are there five shapes in this image? Please answer yes or no."] * (n // 2),
         "answer": ["Yes", "No"] * (n // 2), "category": ["count", "count", "color", "color"],
     }, Features(question_id=s, image=HFImage(), question=s, answer=s, category=s))
     textvqa = _write_hub_layout(root / "textvqa", "validation", {
