@@ -220,6 +220,8 @@ def _benchmarks(work: Path, root: Path) -> dict[str, Path]:
 def test_matvlm_eval_runs_local_pope_mme_textvqa_teacher_vs_hybrid(work, tmp_path, monkeypatch):
     for key, value in {**OFFLINE, "HF_HOME": str(tmp_path / "hf")}.items():
         monkeypatch.setenv(key, value)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # nothing may be written here (TextVQA writes a submission file)
     data = _benchmarks(work, tmp_path / "benchmarks")
     out = tmp_path / "eval"
     args = ["--model", str(work / "hybrid"), "--teacher", str(work / "teacher"), "--tasks", "pope,mme,textvqa_val",
@@ -238,7 +240,8 @@ def test_matvlm_eval_runs_local_pope_mme_textvqa_teacher_vs_hybrid(work, tmp_pat
     assert saved["tasks"] == ["pope", "mme", "textvqa_val"]
     table = (out / "results.md").read_text()
     assert "hybrid - teacher" in table and all(f"| {t} |" in table for t in data)
-    assert not list(tmp_path.glob(".eval.partial-*"))
+    assert not list(tmp_path.glob(".eval.partial-*")) and not list((tmp_path / "cwd").iterdir())
+    assert list((out / "lmms-eval" / "hybrid" / "submissions").glob("textvqa_submission_*.json"))
     with pytest.raises(SystemExit, match="not empty"):  # a second run must not replace it silently
         eval_command.main(args)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,8 +103,21 @@ def results_table(tasks: list[str], runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + f"\n\nwall time per item (model load excluded): {timing}\n"
 
 
-def evaluate_model(path: str, tasks: list[str], task_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One model on `tasks` (wrapper yamls in `task_dir`) with lmms-eval's `simple_evaluate`."""
+def lmms_eval_cli_args(output_path: Path) -> argparse.Namespace:
+    """lmms-eval's own CLI defaults with `--output_path output_path` (tasks read files' locations from them)."""
+    from lmms_eval.__main__ import parse_eval_args
+
+    argv, sys.argv = sys.argv, ["lmms-eval", "--output_path", str(output_path)]
+    try:
+        return parse_eval_args()[1]
+    finally:
+        sys.argv = argv
+
+
+def evaluate_model(path: str, tasks: list[str], task_dir: Path, files: Path,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """One model on `tasks` (wrapper yamls in `task_dir`) with lmms-eval's `simple_evaluate`; files that tasks write
+    (e.g. TextVQA's submission file) go under `files`, not into the working directory."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -115,7 +129,8 @@ def evaluate_model(path: str, tasks: list[str], task_dir: Path, args: argparse.N
                           model_name="matvlm")
     start = time.perf_counter()
     out = simple_evaluate(model=model, tasks=tasks, limit=args.limit, task_manager=manager, log_samples=True,
-                          batch_size=args.batch_size, verbosity="WARNING")
+                          batch_size=args.batch_size, verbosity="WARNING",
+                          cli_args=lmms_eval_cli_args(files))
     seconds = time.perf_counter() - start
     items = sum(int(n.get("effective", 0)) for n in out.get("n-samples", {}).values())
     samples = {task: [{"doc_id": s["doc_id"], "target": s.get("target"), "response": s.get("filtered_resps"),
@@ -149,7 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             task_dir = write_task_dir(staging / "tasks", tasks, data)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-        runs = {label: evaluate_model(path, tasks, task_dir, args) for label, path in models.items()}
+        runs = {label: evaluate_model(path, tasks, task_dir, staging / "lmms-eval" / label, args)
+                for label, path in models.items()}
         report = {"tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "fast_decode": args.fast_decode,
                   "data": {k: str(v) for k, v in data.items()}, "models": runs}
         from lmms_eval.utils import handle_non_serializable
