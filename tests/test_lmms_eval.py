@@ -93,6 +93,11 @@ def test_batched_generation_with_left_padding_equals_one_by_one(work, hybrid):
     hybrid.batch_size_per_gpu = 3
     batched = hybrid.generate_until(_requests(docs, "generate_until", gen))
     assert batched == single and len(single) == len(docs)
+    hybrid.fast_decode = True  # the static-cache decode path (no CUDA graph on a CPU) answers the same
+    try:
+        assert hybrid.generate_until(_requests(docs, "generate_until", gen)) == single
+    finally:
+        hybrid.fast_decode = False
     # and one-by-one equals a plain generate() on the TinyLLaVA prompt
     processor, model = hybrid.processor, hybrid.model
     inputs = processor(images=[docs[0]["image"]], text=build_prompt(docs[0]["question"], True), return_tensors="pt")
