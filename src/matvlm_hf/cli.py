@@ -16,6 +16,7 @@ COMMANDS = {
     "study": ("matvlm_hf.study", "the synthetic-world study: ratios and loss/placement/init ablations, report"),
     "import": ("matvlm_hf.commands.import_", "import an authors'-layout MaTVLM checkpoint (hustvl/MaTVLM) as matvlm-hf"),
     "export": ("matvlm_hf.commands.export", "write a matvlm-hf checkpoint in the authors' layout (--format authors)"),
+    "eval": ("matvlm_hf.commands.eval", "the paper's benchmarks (or the synthetic world) through lmms-eval"),
 }
 
 

@@ -1,1 +1,2 @@
-"""`matvlm` subcommands: thin command-line files; the work lives in the modules they call."""
+"""`matvlm` subcommands: thin command-line files registered in `matvlm_hf.cli.COMMANDS`; the work lives in the
+modules they call."""
