@@ -52,8 +52,9 @@ def chat(base_url: str, chat_path: str, out_path: str) -> None:
     results = []
     for req in json.loads(open(chat_path).read()):
         try:
-            reply = client.chat.completions.create(model=req["model"], messages=req["messages"], max_tokens=req["max_tokens"],
-                                                   temperature=0.0, extra_body={"ignore_eos": True})
+            reply = client.chat.completions.create(model=req["model"], messages=req["messages"],
+                                                   max_tokens=req["max_tokens"], temperature=0.0,
+                                                   extra_body={"ignore_eos": True})
             results.append({"text": reply.choices[0].message.content})
         except openai.APIStatusError as err:
             results.append({"status": err.status_code, "error": str(err)})

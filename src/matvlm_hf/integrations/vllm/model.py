@@ -115,8 +115,8 @@ class MaTVLMForConditionalGeneration(nn.Module, SupportsMultiModal, IsHybrid, Ha
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
                              f"got {tuple(pixel_values.shape)}.")
-        features = self.vision_tower(pixel_values.to(self.vision_tower.dtype),
-                                     feature_select_strategy=_FEATURE_SELECT[self.config.vision_feature_select_strategy])
+        strategy = _FEATURE_SELECT[self.config.vision_feature_select_strategy]
+        features = self.vision_tower(pixel_values.to(self.vision_tower.dtype), feature_select_strategy=strategy)
         return tuple(self.connector(features))
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
