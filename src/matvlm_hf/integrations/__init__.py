@@ -1,1 +1,2 @@
-"""Bridges to external tools (lmms-eval, ...); each is an optional extra, imported only when used."""
+"""Bridges to external engines (lmms-eval, vLLM, ...): each is an optional extra whose submodule imports its engine;
+importing matvlm_hf imports none of them."""

@@ -113,11 +113,8 @@ class MaTVLM(lmms):
 
     def _left_padded(self, prompts: list[str], images: list[list[Any]]) -> dict[str, torch.Tensor]:
         flat = [im for ims in images for im in ims]
-        previous, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
-        try:
-            inputs = self.processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
-        finally:
-            self.tokenizer.padding_side = previous
+        inputs = self.processor(images=flat or None, text=prompts, padding=True, padding_side="left",
+                                return_tensors="pt")
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs.to(self._device)
