@@ -368,7 +368,7 @@ def test_first_step_fails_naming_a_trainable_parameter_outside_the_loss(tmp_path
     teacher, student = make_pair(mamba_layers=(1, 3))
     items = make_items(teacher.config)
     trainer = make_trainer(tmp_path, teacher, student, items)
-    post_norm = "vision_tower.post_layernorm.weight"
+    post_norm = "model.vision_tower.post_layernorm.weight"
     dict(student.named_parameters())[post_norm].requires_grad_(True)  # the vision head never reaches the LM
     with pytest.raises(GradientCheckError, match="post_layernorm.weight") as err:
         trainer.train()

@@ -1,5 +1,5 @@
 """train_cli end to end on CPU: a 2-process DDP run (torchrun, gloo) against a 1-process run with the same effective
-batch, checkpoints, resume, and the saved student loading with AutoModel.
+batch, checkpoints, resume, and the saved student loading with AutoModelForImageTextToText.
 
 Tiny fabricated TinyLLaVA -> teacher (0 % Mamba) and student (layers 0 and 2) via the conversion module; a tiny
 LLaVA JSON with generated images and text-only samples (so DDP must cope with batches that leave the connector out).
@@ -104,7 +104,7 @@ def test_two_process_ddp_run_matches_one_process_and_saves(setup, tmp_path):
             assert torch.equal(w2[key], w0[key]), f"frozen {key} changed"
     assert changed > 0
 
-    # the saved student loads with AutoModel and runs
+    # the saved student loads with AutoModelForImageTextToText and runs
     import matvlm_hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

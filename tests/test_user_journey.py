@@ -102,8 +102,8 @@ def journey(tmp_path_factory):
     script = f"""
 import json, matvlm_hf
 from PIL import Image
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained({str(d / "run")!r}).eval()
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained({str(d / "run")!r}).eval()
 processor = AutoProcessor.from_pretrained({str(d / "run")!r})
 sample = json.load(open({str(d / "data" / "test.json")!r}))[0]
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown?"}}]}}]

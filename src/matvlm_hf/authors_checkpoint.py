@@ -43,7 +43,7 @@ from .conversion import (DTYPES, ConversionError, _ShardWriter, _source_dtype, i
                          matvlm_config_from_tinyllava, read_tinyllava_config, rename_key, resolve_checkpoint,
                          upload_folder, weight_files)
 from .fabricate import LM_NAMES, _tinyllava_config
-from .modeling_matvlm import MaTVLMForConditionalGeneration
+from .modeling_matvlm import MaTVLMForConditionalGeneration, checkpoint_key
 from .processing_matvlm import MaTVLMProcessor, processor_from_tinyllava
 
 MAMBA_CONFIG_NAME = "mamba_config.json"
@@ -202,7 +202,8 @@ def export_key(key: str, mamba_layers: set[int]) -> str:
 def _check_layout(config: MaTVLMConfig, key_to_file: dict[str, Path], rename, source: Path) -> None:
     """Every tensor of the model present with its shape, nothing else: checked on the file headers only."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in MaTVLMForConditionalGeneration(config).state_dict().items()}
+        expected = {checkpoint_key(k): tuple(v.shape)
+                    for k, v in MaTVLMForConditionalGeneration(config).state_dict().items()}
     found: dict[str, tuple[int, ...]] = {}
     for key, file in key_to_file.items():
         with safe_open(str(file), "pt") as f:

@@ -28,7 +28,7 @@ from .configuration_matvlm import SUPPORTED_TEXT_MODEL_TYPES, MaTVLMConfig, mamb
 from .errors import UserError
 from .input_checks import local_or_hub
 from .mamba2_mixer import MaTVLMMamba2Mixer
-from .modeling_matvlm import MaTVLMForConditionalGeneration
+from .modeling_matvlm import MaTVLMForConditionalGeneration, checkpoint_key
 from .model_card import front_matter
 from .paper_preset import FreshDecoderLayers, paper_mamba_layers, preset_mixer_options, resolve_init
 from .processing_matvlm import processor_from_tinyllava
@@ -342,7 +342,8 @@ def check_shapes(config: MaTVLMConfig, key_to_file: dict[str, Path]) -> None:
     """
     teacher_config = MaTVLMConfig(**{**config.to_dict(), "mamba_layers": []})
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in MaTVLMForConditionalGeneration(teacher_config).state_dict().items()}
+        expected = {checkpoint_key(k): tuple(v.shape)
+                    for k, v in MaTVLMForConditionalGeneration(teacher_config).state_dict().items()}
     by_file: dict[Path, list[str]] = {}
     for key, file in key_to_file.items():
         by_file.setdefault(file, []).append(key)

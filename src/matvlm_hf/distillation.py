@@ -53,6 +53,7 @@ from torch import nn
 from transformers import Trainer
 
 from .chat_template import IGNORE_INDEX
+from .mamba2_mixer import CACHE_ARG
 
 TRAIN_MODES = ("mamba+connector", "mamba", "mamba+mlp+connector", "all")
 KL_POSITIONS = ("all", "answer")
@@ -296,8 +297,8 @@ def apply_decoder_layer(layer: nn.Module, hidden_states: torch.Tensor, attention
     hidden_states = hidden_states.to(dtype)
     if torch.is_grad_enabled() and getattr(layer, "gradient_checkpointing", False) and layer.training:
         hidden_states = hidden_states.detach().requires_grad_()
-    out = layer(hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, position_embeddings=None, mamba_mask=attention_mask)
+    out = layer(hidden_states, attention_mask=None, position_ids=None, use_cache=False, position_embeddings=None,
+                mamba_mask=attention_mask, **{CACHE_ARG: None})
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -46,8 +46,8 @@ A [MaTVLM](https://arxiv.org/abs/2503.13440) hybrid distilled from its attention
 {table}
 
 ```python
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("PATH", trust_remote_code=True)
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained("PATH", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("PATH", trust_remote_code=True)
 ```
 """

@@ -169,6 +169,8 @@ class MaTVLMPreTrainedModel(PreTrainedModel):
 class MaTVLMModel(MaTVLMPreTrainedModel):
     """Vision tower + connector + the hybrid language model, without the LM head (what `AutoModel` loads)."""
 
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # a full checkpoint's head, not part of this model
+
     def __init__(self, config: MaTVLMConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)

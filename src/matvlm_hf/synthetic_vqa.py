@@ -722,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--contact-sheet", default=None,
                         help="also save a PNG grid of the first 16 training images to this file (default: none)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --out folder (built beside it, swapped in at the end)")
+                        help="replace an existing --out folder (built beside it, swapped in at the end) (default: off)")
     args = parser.parse_args(argv)
     from .safe_output import staged_output
 
