@@ -14,6 +14,7 @@ from authors_reference import load_authors_reference
 from matvlm_hf.authors_checkpoint import export_authors_checkpoint, import_authors_checkpoint
 from matvlm_hf.commands import export as export_command
 from matvlm_hf.commands import import_ as import_command
+from matvlm_hf.modeling_matvlm import checkpoint_key
 from matvlm_hf.conversion import ConversionError, convert_tinyllava_to_matvlm
 from matvlm_hf.fabricate import write_tinyllava_checkpoint
 from matvlm_hf.fabricate_authors import write_authors_checkpoint
@@ -209,6 +210,7 @@ def test_full_size_authors_layout_matches_the_importer():
     assert "language_model.model.layers.4.self_attn.q_proj.weight" not in specs
     config = matvlm_config_from_authors({"text_config": text.to_dict(), "vision_config": vision.to_dict()}, mamba)
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in MaTVLMForConditionalGeneration(config).state_dict().items()}
+        expected = {checkpoint_key(k): tuple(v.shape)
+                    for k, v in MaTVLMForConditionalGeneration(config).state_dict().items()}
     assert {import_key(k, set(config.mamba_layers)): s for k, s in specs.items()} == expected
     assert sum(torch.Size(s).numel() for s in specs.values()) > 3.0e9

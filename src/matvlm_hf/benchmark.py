@@ -187,9 +187,9 @@ def release(model) -> None:
         torch.cuda.empty_cache()
 
 
-def guarded(fn, *args):
+def guarded(fn, *args, **kwargs):
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except torch.OutOfMemoryError:
         return "OOM"
 

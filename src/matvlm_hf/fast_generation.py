@@ -33,10 +33,11 @@ class SamplingParams:
     suppress_ids: tuple[int, ...] = ()  # token ids never chosen (the image token id)
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """(b, vocab) float logits -> (b,) next tokens; graph-safe (no host synchronisation)."""
-    if params.suppress_ids:
-        logits = logits.index_fill(-1, torch.tensor(params.suppress_ids, device=logits.device), float("-inf"))
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, suppress: torch.Tensor | None = None) -> torch.Tensor:
+    """(b, vocab) float logits -> (b,) next tokens; graph-safe (no host synchronisation). suppress: (k,) token ids on
+    the logits' device never chosen (`params.suppress_ids`, made once by the caller: no copy inside a graph)."""
+    if suppress is not None:
+        logits = logits.index_fill(-1, suppress, float("-inf"))
     if not params.do_sample:
         return logits.argmax(-1)
     logits = logits / max(params.temperature, 1e-5)
@@ -62,6 +63,7 @@ class StaticDecoder:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the token fed to the next step
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.mask = torch.full((batch_size, 1, 1, self.max_length), torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.suppress = torch.tensor(params.suppress_ids, dtype=torch.long, device=device) if params.suppress_ids else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_graph = device.type == "cuda"
         # optional: inductor fuses the step's small kernels; the fused step is still captured in our own graph
@@ -80,7 +82,7 @@ class StaticDecoder:
         out = lm(inputs_embeds=lm.get_input_embeddings()(self.tokens), attention_mask=lm_mask,
                  position_ids=self.positions, use_cache=True, **{CACHE_ARG: self.cache})
         logits = self.model.lm_head(out.last_hidden_state[:, -1])
-        self.tokens.copy_(choose_tokens(logits.float(), self.params)[:, None])
+        self.tokens.copy_(choose_tokens(logits.float(), self.params, self.suppress)[:, None])
         self.positions.add_(1)
 
     def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -100,7 +102,7 @@ class StaticDecoder:
                 out = self.model(inputs_embeds=embeds[:, start:end], attention_mask=attention_mask[:, :end],
                                  position_ids=positions[:, start:end], cache=self.cache, use_cache=True,
                                  logits_to_keep=1)
-        first = choose_tokens(out.logits[:, -1].float(), self.params)
+        first = choose_tokens(out.logits[:, -1].float(), self.params, self.suppress)
         self.tokens.copy_(first[:, None])
         self.positions.copy_(positions[:, -1:] + 1)
         return first

@@ -300,8 +300,10 @@ class MaTVLMModel(MaTVLMPreTrainedModel):
             image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
-        elif input_ids is not None and (n_tokens := int((input_ids == self.config.image_token_id).sum())):
-            raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given.")
+        elif input_ids is not None and input_ids.shape[1] > 1:  # a prompt (a decode step's token is never the image
+            # id: generation suppresses it; skipping the check there keeps the step free of host synchronisation)
+            if n_tokens := int((input_ids == self.config.image_token_id).sum()):
+                raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given.")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)

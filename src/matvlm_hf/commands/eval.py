@@ -197,19 +197,19 @@ def _swap(staging: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="matvlm eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--model", required=True, help="MaTVLM checkpoint (folder or Hub id): the hybrid")
-    parser.add_argument("--teacher", default=None, help="its teacher (a ratio-0 conversion): adds the comparison")
+    parser.add_argument("--model", required=True, help="MaTVLM checkpoint (folder or Hub id) to evaluate, e.g. the hybrid; required")
+    parser.add_argument("--teacher", default=None, help="its teacher (a ratio-0 conversion): adds the teacher-vs-hybrid comparison (default: none)")
     parser.add_argument("--tasks", default=None,
                         help="comma-separated lmms-eval tasks and/or matvlm_synthetic (default: the paper's nine)")
-    parser.add_argument("--limit", type=int, default=None, help="first N documents of each task (smoke tests)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--fast-decode", action="store_true", help="static cache + CUDA graphs (fast_generation)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task, e.g. for smoke tests (default: all)")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call, left-padded (default: 1)")
+    parser.add_argument("--fast-decode", action="store_true", help="decode with generate(fast_decode=True): static cache + CUDA graphs, GPU (default: off)")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (CUDA when available) (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="weights dtype: auto (the checkpoint's), float32, bfloat16, float16 (default: auto)")
     parser.add_argument("--data", action="append", default=[], metavar="TASK=DIR",
-                        help="local copy of a task's data set (published HF layout); repeatable")
+                        help="local copy of a task's data set (published HF layout); repeatable (default: none: the HF cache)")
     parser.add_argument("--synthetic-n", type=int, default=400,
-                        help="questions generated for matvlm_synthetic when --data does not give its folder")
-    parser.add_argument("--out", default="matvlm-eval", help="output folder (results.json, results.md, tasks/)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+                        help="questions generated for matvlm_synthetic when --data does not give its folder (default: 400)")
+    parser.add_argument("--out", default="matvlm-eval", help="output folder: results.json, results.md, tasks/ (default: matvlm-eval)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out, built beside it and swapped in at the end (default: off)")
     return run(parser.parse_args(argv))
