@@ -14,6 +14,7 @@ COMMANDS = {
     "distill": ("matvlm_hf.train_cli", "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)"),
     "bench-distill": ("matvlm_hf.distill_benchmark", "distillation step time, memory, largest micro-batch (GPU)"),
     "study": ("matvlm_hf.study", "the synthetic-world study: ratios and loss/placement/init ablations, report"),
+    "serve": ("matvlm_hf.commands.serve", "a chat page (Gradio): image upload, streamed answers, teacher beside"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Thin `matvlm` subcommands: each parses its options and calls the library."""
