@@ -81,9 +81,10 @@ def read_image(path: str | Path) -> Image.Image:
     try:
         image = load_image(str(path))
         image.load()
-    except ValueError as e:
-        raise InputError(f"Could not read {Path(path).name!r} as an image ({e.__cause__ or e}). "
-                         "Upload a PNG, JPEG, WebP or similar picture.") from e
+    except ValueError as e:  # the reason without the server's path of the upload
+        name, reason = Path(path).name, str(e.__cause__ or e).replace(f"{str(path)!r}", "").replace(str(path), "")
+        raise InputError(f"Could not read {name!r} as an image ({reason.strip()}). Upload a PNG, JPEG, WebP or "
+                         "similar picture.") from e
     return image
 
 

@@ -127,7 +127,8 @@ def build_app(models: dict[str, ChatModel], *, max_new_tokens: int = 128, title:
             clear_button = gr.Button("Clear", elem_id="clear", scale=0)
         event = box.submit(respond, [box, session, temperature, top_p, max_new, *chats],
                            [box, session, *chats, *speeds], concurrency_limit=1, concurrency_id="models")
-        clear_button.click(clear, None, [box, session, *chats, *speeds], queue=False, cancels=[event])
+        for trigger in (clear_button.click, *(chat.clear for chat in chats)):  # a chat's own bin clears all
+            trigger(clear, None, [box, session, *chats, *speeds], queue=False, cancels=[event])
     return app
 
 
