@@ -68,8 +68,9 @@ def test_streamed_sampling_equals_generate_with_the_same_seed(chat_model, hybrid
 def test_second_turn_prompt_is_tinyllavas_template(chat_model, image):
     session = Session(image, {"m": [user_message("How many shapes?", True), assistant_message("two")]})
     inputs = chat_model.prepare(session, "m", "Which colour?", Settings())
-    text = format_conversation([{"from": "human", "value": "<image>\nHow many shapes?"}, {"from": "gpt", "value": "two"},
-                                {"from": "human", "value": "Which colour?"}], add_generation_prompt=True)
+    text = format_conversation([{"from": "human", "value": "<image>\nHow many shapes?"},
+                                {"from": "gpt", "value": "two"}, {"from": "human", "value": "Which colour?"}],
+                               add_generation_prompt=True)
     assert text.endswith("USER: Which colour? ASSISTANT:") and text.count("<image>") == 1
     expected = chat_model.processor(images=[image], text=text, return_tensors="pt")
     assert torch.equal(inputs["input_ids"], expected["input_ids"])
