@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the page's initial 'max new tokens'")
     parser.add_argument("--no-fast-decode", action="store_true", help="on a GPU, use generate() instead")
     args = parser.parse_args(argv)
-    if importlib.util.find_spec("gradio") is None:
+    gradio = importlib.util.find_spec("gradio")
+    if gradio is None or gradio.origin is None:  # (a folder named gradio in the working directory is not Gradio)
         raise SystemExit('matvlm serve needs Gradio: pip install "matvlm-hf[demo]"')
     model = Path(args.model) if args.model else default_model()
     if args.model is None and args.teacher is None and (QUICKSTART_TEACHER / "config.json").is_file():
