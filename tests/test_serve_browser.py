@@ -260,6 +260,9 @@ def test_chat_page_in_a_headless_browser(open_page, checkpoints, images):
                                     [("What is in the image?", first), ("And what colour is it?", None)])
         assert words(second[i]) == words(expected)
 
+    # one image per conversation
+    assert all("already has its image" in r for r in alice.ask("And this one?", upload=images["b"]))
+
     # a prompt longer than the model's context: a message, then Clear forgets the conversation and its image
     assert all("too long" in r for r in alice.ask("word " * 2100))
     alice.driver.find_element("css selector", "#clear").click()

@@ -144,12 +144,10 @@ def _read_upload(session: Session, files: list[str]) -> Any:
     return image
 
 
-def launch(models: dict[str, ChatModel], host: str = "127.0.0.1", port: int = 7860, max_new_tokens: int = 128,
-           block: bool = True):
-    """Serve the page on host:port (one request at a time); returns the Blocks (block=False: serving goes on in a
-    background thread until `.close()`)."""
+def launch(models: dict[str, ChatModel], host: str = "127.0.0.1", port: int = 7860,
+           max_new_tokens: int = 128) -> None:
+    """Serve the page on http://host:port until interrupted; one request at a time."""
     app = build_app(models, max_new_tokens=max_new_tokens)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, show_error=True,
-               max_file_size="50mb", theme=THEME, footer_links=["gradio"], quiet=not block)
-    return app
+    app.launch(server_name=host, server_port=port, share=False, show_error=True, max_file_size="50mb", theme=THEME,
+               footer_links=["gradio"])
