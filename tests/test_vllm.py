@@ -9,12 +9,10 @@ why, when that environment is absent; with MATVLM_REQUIRE_VLLM=1 (set by .ci/run
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 

@@ -17,6 +17,7 @@ COMMANDS = {
     "import": ("matvlm_hf.commands.import_", "import an authors'-layout MaTVLM checkpoint (hustvl/MaTVLM) as matvlm-hf"),
     "export": ("matvlm_hf.commands.export", "write a matvlm-hf checkpoint in the authors' layout (--format authors)"),
     "eval": ("matvlm_hf.commands.eval", "the paper's benchmarks (or the synthetic world) through lmms-eval"),
+    "serve": ("matvlm_hf.commands.serve", "a chat page (Gradio): image upload, streamed answers, teacher beside"),
 }
 
 

@@ -27,6 +27,11 @@ command-line flags. Everything is seeded (`--seed`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 import argparse
 import json
 import shutil
@@ -234,7 +239,7 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
     return log
 
 
-def resolve_device(name: str = "auto") -> "torch.device":
+def resolve_device(name: str = "auto") -> torch.device:
     import torch
 
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
