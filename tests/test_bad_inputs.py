@@ -1,8 +1,7 @@
 """The bad-input matrix (src/matvlm_hf/bad_inputs.py) in full: nothing lost, no crash, every error clear.
 
-The model core's cases (owner "lead": processor(text=""), prompts past the position limit, a hand-edited
-mamba_layers) are run and must lose nothing; their verdicts are checked once the core's fixes are in (xfail until
-then, so a fix shows up as XPASS).
+The model core's cases (owner "model core": processor(text=""), prompts past the position limit, a hand-edited
+mamba_layers) are checked on their own.
 """
 
 from __future__ import annotations
@@ -23,14 +22,13 @@ def test_nothing_lost_anywhere(rows):
 
 def test_every_entry_point_case_is_clear_or_handled(rows):
     bad = [(r["case"], r["verdict"], r["message"]) for r in rows
-           if r["owner"] != "lead" and r["verdict"] not in ("clear", "handled")]
+           if r["owner"] != "model core" and r["verdict"] not in ("clear", "handled")]
     assert bad == []
-    assert len([r for r in rows if r["owner"] != "lead"]) >= 55
+    assert len([r for r in rows if r["owner"] != "model core"]) >= 55
 
 
-@pytest.mark.xfail(reason="the model core's validation (processor, generate, load) is the lead's fix", strict=False)
 def test_model_core_cases_are_clear(rows):
-    assert [(r["case"], r["verdict"]) for r in rows if r["owner"] == "lead" and r["verdict"] != "clear"] == []
+    assert [(r["case"], r["verdict"]) for r in rows if r["owner"] == "model core" and r["verdict"] != "clear"] == []
 
 
 def test_report_counts_match_rows(rows):

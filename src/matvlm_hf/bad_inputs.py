@@ -14,7 +14,8 @@ processor and `generate`) from that folder, and is judged:
 - silent: it went on although it should have refused;
 - handled: a case that should work (or be repaired) did.
 
-Cases marked `lead` belong to the model core (processor, generate, load-time checks) and are reported like the others.
+Cases of owner `model core` are answered by the model core (processor, generate, load-time checks), the others by
+the commands; both are reported alike.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Case:
     mentions: tuple[str, ...] = ()  # an error is clear when its message holds each of these
     check: Callable[[Path, World], bool] | None = None  # for "ok": the result is right
     protect: tuple[str, ...] = (".",)  # paths (relative to the case folder) that must be unchanged afterwards
-    owner: str = "i12"
+    owner: str = "commands"  # the layer answering: the commands, or the model core (loading, processor, generate)
     trains: bool = False
 
 
@@ -410,13 +411,13 @@ def cases() -> list[Case]:
         Case("bench-distill --workdir .", "bench-distill --workdir . --out r.json",
              _cli("bench-distill", "--workdir", ".", "--out", "r.json", "--size", "tiny"), "error",
              ("working directory",)),
-        # the model core (the lead's)
+        # the model core
         Case("config.json mamba_layers edited by hand", "AutoModelForImageTextToText.from_pretrained(edited)", _api_edited_mamba_layers,
-             "error", ("mamba_layers",), owner="lead"),
+             "error", ("mamba_layers",), owner="model core"),
         Case("processor(text='') then generate", "processor(text=''); model.generate(**inputs)",
-             _api_processor_empty, "error", ("empty",), owner="lead"),
+             _api_processor_empty, "error", ("empty",), owner="model core"),
         Case("prompt past the position limit", "generate on max_position_embeddings + 50 tokens", _api_long_prompt,
-             "error", ("max_position_embeddings",), owner="lead"),
+             "error", ("max_position_embeddings",), owner="model core"),
     ]
     return c
 
@@ -493,13 +494,13 @@ def run_matrix(fast: bool = False) -> list[dict[str, Any]]:
 
 def report(rows: list[dict[str, Any]], fast: bool) -> str:
     counts = Counter(r["verdict"] for r in rows)
-    lead = Counter(r["verdict"] for r in rows if r["owner"] == "lead")
+    core = Counter(r["verdict"] for r in rows if r["owner"] == "model core")
     lines = ["# Bad inputs: every mistake answered clearly, nothing lost", "",
              "Written by `python -m matvlm_hf.bad_inputs --out docs/bad_inputs` (the module docstring says how each case "
              "is judged). " + ("Fast subset (cases that train skipped)." if fast else "Every case."), "",
              f"**{len(rows)} cases: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS) + "**", "",
-             f"Of these, {sum(lead.values())} belong to the model core (owner `lead`): "
-             + ", ".join(f"{lead.get(v, 0)} {v}" for v in VERDICTS if lead.get(v)) + ".", "",
+             f"Of these, {sum(core.values())} belong to the model core (owner `model core`): "
+             + ", ".join(f"{core.get(v, 0)} {v}" for v in VERDICTS if core.get(v)) + ".", "",
              "| # | case | what the user ran | owner | behaviour (the message) | clear? | anything lost? |",
              "|---:|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
