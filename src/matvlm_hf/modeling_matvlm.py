@@ -231,6 +231,8 @@ class MaTVLMModel(MaTVLMPreTrainedModel):
                 f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
                 f"got {tuple(pixel_values.shape)}."
             )
+        if output_hidden_states is None:  # the tower's config flag, as when transformers' VLMs call their tower
+            output_hidden_states = self.config.vision_config.output_hidden_states
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True,
@@ -357,6 +359,9 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
     checkpoints and `fast_decode`), so only a prompt's placeholders are ever image positions."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # the head is the embedding's parameter when tied, and the text model's plan shards the embedding: shard the head
+    # too (as Llava does), or tensor parallelism would gather a replicated head over a sharded embedding
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     # generate() options the fast decode path does not implement, with their neutral values
     _FAST_DEFAULTS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
                       "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_alpha": None}
