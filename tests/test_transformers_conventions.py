@@ -3,6 +3,7 @@ resizing, tuple outputs, config flags, the headless base model, image-feature ou
 images (expansion per prompt) and of the image token id (never generated)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -275,3 +276,42 @@ def test_batched_generation_with_the_processor_equals_each_prompt_alone(tmp_path
         alone = processor(images=[image], text=prompt)
         expected = model.generate(**alone, max_new_tokens=6, min_new_tokens=6, do_sample=False)
         assert torch.equal(out[i, -6:], expected[0, -6:])
+
+
+def test_outputs_carry_the_vision_towers_output(pixel_values):
+    """transformers' VLM outputs (5.2x) carry `image_outputs`; output_attentions reaches the vision tower too."""
+    model = tiny_model("phi", HYBRID)
+    model.set_attn_implementation("eager")   # SDPA returns no attention weights
+    ids = image_prompt(model.config)
+    out = model(input_ids=ids, pixel_values=pixel_values, output_attentions=True)
+    features = model.get_image_features(pixel_values).pooler_output
+    torch.testing.assert_close(out.image_outputs.pooler_output, features)
+    torch.testing.assert_close(out.image_hidden_states, features)
+    assert len(out.image_outputs.attentions) == model.config.vision_config.num_hidden_layers
+
+
+def test_image_features_follow_the_towers_output_hidden_states_flag(pixel_values):
+    model = tiny_model("phi", HYBRID)
+    assert model.get_image_features(pixel_values).hidden_states is None
+    model.config.vision_config.output_hidden_states = True
+    hidden = model.get_image_features(pixel_values).hidden_states
+    assert len(hidden) == model.config.vision_config.num_hidden_layers + 1
+
+
+def test_the_old_cache_name_warns_only_where_transformers_renamed_it(pixel_values):
+    """From 5.2x transformers' models take the cache as `cache` and warn for `past_key_values`; before, no warning."""
+    model = tiny_model("phi", HYBRID)
+    ids = image_prompt(model.config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = model(input_ids=ids, pixel_values=pixel_values, past_key_values=DynamicCache(config=model.config))
+    warned = any("`past_key_values` is deprecated" in str(w.message) for w in caught)
+    assert warned == (CACHE_ARG == "cache")
+    new = model(input_ids=ids, pixel_values=pixel_values, **{CACHE_ARG: DynamicCache(config=model.config)})
+    torch.testing.assert_close(old.logits, new.logits)
+
+
+def test_tied_head_is_sharded_with_the_embedding():
+    """A tied head is the embedding's parameter: the tensor-parallel plan shards both (Llava's `lm_head` entry)."""
+    model = tiny_model("phi", HYBRID)
+    assert model.tp_plan.get("lm_head") == "colwise_gather_output"

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+import warnings
+
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
@@ -64,11 +66,27 @@ def _output_fields(cache: Cache | None) -> dict:
     return {CACHE_ARG: cache}
 
 
+def _deprecated_cache_name(past_key_values: Cache | None) -> Cache | None:
+    """`past_key_values` passed to a forward: from 5.2x transformers calls it `cache` and warns for the old name
+    (removal announced for 5.40), as its own models do."""
+    if past_key_values is not None and CACHE_ARG == "cache":
+        warnings.warn("`past_key_values` is deprecated and will be removed in transformers 5.40.0; pass `cache`.",
+                      FutureWarning, stacklevel=3)
+    return past_key_values
+
+
+def _vision_kwargs(kwargs: dict) -> dict:
+    """The output flags of a forward's kwargs that the vision tower honours too (Llava passes them on)."""
+    return {k: kwargs[k] for k in ("output_attentions",) if k in kwargs}
+
+
 @dataclass
 class MaTVLMModelOutputWithPast(ModelOutput):
     """`MaTVLMModel` outputs. last_hidden_state (b, l, hidden); the decoding cache under the installed transformers'
     name (`cache` from 5.2x, else `past_key_values`); hidden_states / attentions as the language model returns them;
-    image_hidden_states (n_images, num_image_tokens, hidden): the projected image features of this call."""
+    image_hidden_states (n_images, num_image_tokens, hidden): the projected image features of this call;
+    image_outputs: `get_image_features`' output for them (the vision tower's, pooler_output = image_hidden_states;
+    transformers' VLM outputs carry it from 5.2x)."""
 
     last_hidden_state: torch.FloatTensor | None = None
     if CACHE_ARG == "cache":
@@ -78,6 +96,7 @@ class MaTVLMModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
@@ -94,6 +113,7 @@ class MaTVLMCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 class MaTVLMPreTrainedModel(PreTrainedModel):
@@ -211,9 +231,12 @@ class MaTVLMModel(MaTVLMPreTrainedModel):
                 f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
                 f"got {tuple(pixel_values.shape)}."
             )
+        if output_hidden_states is None:  # the tower's config flag, as when transformers' VLMs call their tower
+            output_hidden_states = self.config.vision_config.output_hidden_states
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True)
+        out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True,
+                                **kwargs)
         features = out.hidden_states[layer]
         if strategy == "patch":
             features = features[:, 1:]
@@ -292,12 +315,13 @@ class MaTVLMModel(MaTVLMPreTrainedModel):
         transformers Cache built from this config (created when use_cache and none is given)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        cache = cache if cache is not None else past_key_values
-        image_features = None
+        cache = cache if cache is not None else _deprecated_cache_name(past_key_values)
+        image_features = image_outputs = None
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            image_outputs = self.get_image_features(pixel_values, return_dict=True, **_vision_kwargs(kwargs))
+            image_features = image_outputs.pooler_output
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
         elif input_ids is not None and input_ids.shape[1] > 1:  # a prompt (a decode step's token is never the image
@@ -323,6 +347,7 @@ class MaTVLMModel(MaTVLMPreTrainedModel):
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             image_hidden_states=image_features,
+            image_outputs=image_outputs,
             **_output_fields(getattr(out, CACHE_ARG)),
         )
 
@@ -334,6 +359,9 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
     checkpoints and `fast_decode`), so only a prompt's placeholders are ever image positions."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # the head is the embedding's parameter when tied, and the text model's plan shards the embedding: shard the head
+    # too (as Llava does), or tensor parallelism would gather a replicated head over a sharded embedding
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     # generate() options the fast decode path does not implement, with their neutral values
     _FAST_DEFAULTS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
                       "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_alpha": None}
@@ -407,7 +435,7 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache if cache is not None else _deprecated_cache_name(past_key_values),
             return_dict=True,
             **kwargs,
         )
@@ -424,6 +452,7 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
             **_output_fields(getattr(outputs, CACHE_ARG)),
         )
 
