@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .recipe import PRESETS, DistillationRecipe, recipe_fields
+from .training.recipe import PRESETS, DistillationRecipe, recipe_fields
 
 # ------------------------------------------------------------------------------------------------------------
 # Knobs: YAML keys and CLI options (--learning-rate) share these names. The training knobs are the fields of
@@ -181,8 +181,8 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
     from transformers import set_seed
 
     from . import MaTVLMForConditionalGeneration, MaTVLMProcessor
-    from .data import LLaVACollator, LLaVADataset
-    from .distillation import DistillationArguments, MaTVLMDistillationTrainer, set_trainable
+    from .training.data import LLaVACollator, LLaVADataset
+    from .training.distillation import DistillationArguments, MaTVLMDistillationTrainer, set_trainable
 
     set_seed(cfg["seed"])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -263,7 +263,7 @@ def check_supervision(dataset, data_name: str, scan_limit: int = 20000) -> list[
     Tokenises up to `scan_limit` samples (text only: no image is opened). Samples without answer tokens still
     contribute to L_layer and an all-positions L_prob, but not to L_ce or an answer-only L_prob.
     """
-    from .data import LLaVADataError
+    from .training.data import LLaVADataError
 
     base = dataset.dataset if hasattr(dataset, "indices") else dataset
     indices = list(dataset.indices) if hasattr(dataset, "indices") else range(len(dataset))
@@ -336,7 +336,7 @@ def prepare_output(cfg: dict[str, Any]) -> tuple[bool, Any]:
 
 
 def _train_and_save(cfg: dict[str, Any], run_dir: Path, resume: Any) -> None:
-    from .model_card import distilled_card
+    from .convert.model_card import distilled_card
 
     trainer = build_trainer(cfg, run_dir=run_dir)
     student = trainer.model

@@ -63,7 +63,7 @@ def _synthetic_data(model_path: str, staging: Path, source: Path | None, n_test:
     from transformers import AutoConfig
 
     from ..integrations.lmms_eval.tasks import synthetic_to_parquet
-    from ..synthetic_vqa import make_dataset
+    from ..synthetic.synthetic_vqa import make_dataset
 
     if source is None:
         size = AutoConfig.from_pretrained(model_path, trust_remote_code=True).vision_config.image_size

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..authors_checkpoint import export_authors_checkpoint
+from ..convert.authors_checkpoint import export_authors_checkpoint
 from ..errors import UserError
 
 

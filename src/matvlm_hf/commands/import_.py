@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..authors_checkpoint import import_authors_checkpoint
-from ..conversion import DTYPES
+from ..convert.authors_checkpoint import import_authors_checkpoint
+from ..convert.conversion import DTYPES
 from ..errors import UserError
 
 

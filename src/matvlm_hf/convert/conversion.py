@@ -24,15 +24,15 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
-from .configuration_matvlm import SUPPORTED_TEXT_MODEL_TYPES, MaTVLMConfig, mamba_layer_indices
-from .errors import UserError
-from .input_checks import local_or_hub
-from .mamba2_mixer import MaTVLMMamba2Mixer
-from .modeling_matvlm import MaTVLMForConditionalGeneration, checkpoint_key
+from ..configuration_matvlm import SUPPORTED_TEXT_MODEL_TYPES, MaTVLMConfig, mamba_layer_indices
+from ..errors import UserError
+from ..input_checks import local_or_hub
+from ..mamba2_mixer import MaTVLMMamba2Mixer
+from ..modeling_matvlm import MaTVLMForConditionalGeneration, checkpoint_key
 from .model_card import front_matter
 from .paper_preset import FreshDecoderLayers, paper_mamba_layers, preset_mixer_options, resolve_init
-from .processing_matvlm import processor_from_tinyllava
-from .safe_output import check_output, staged_output
+from ..processing_matvlm import processor_from_tinyllava
+from ..safe_output import check_output, staged_output
 
 KEY_PREFIXES = {  # TinyLLaVA state-dict prefix -> MaTVLM prefix (transformers 5's SiglipVisionModel has no vision_model.)
     "language_model.": "language_model.",

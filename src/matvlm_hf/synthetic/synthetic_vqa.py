@@ -724,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder (built beside it, swapped in at the end) (default: off)")
     args = parser.parse_args(argv)
-    from .safe_output import staged_output
+    from ..safe_output import staged_output
 
     types = args.question_types.split(",") if args.question_types else None
     out = Path(args.out)

@@ -154,10 +154,10 @@ def build_teacher(knobs: dict[str, Any], image_size: int, seed: int):
     """A fresh attention-only MaTVLM with TinyLLaVA-Phi dimensions, its tokenizer and processor."""
     import torch
 
-    from .configuration_matvlm import MaTVLMConfig
-    from .fabricate import build_tokenizer, tinyllava_configs
-    from .modeling_matvlm import MaTVLMForConditionalGeneration
-    from .processing_matvlm import MaTVLMProcessor, siglip_image_processor
+    from ..configuration_matvlm import MaTVLMConfig
+    from ..convert.fabricate import build_tokenizer, tinyllava_configs
+    from ..modeling_matvlm import MaTVLMForConditionalGeneration
+    from ..processing_matvlm import MaTVLMProcessor, siglip_image_processor
 
     tokenizer = build_tokenizer("phi")
     text_config, vision_config = tinyllava_configs(tokenizer, "phi", "tiny", lm=knobs["lm"],
@@ -273,8 +273,8 @@ def train_teacher(model, items: list[dict], pad_token_id: int, knobs: dict[str, 
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from .data import LLaVACollator
-    from .distillation import optimizer_param_groups
+    from ..training.data import LLaVACollator
+    from ..training.distillation import optimizer_param_groups
 
     steps, batch_size = knobs["teacher_steps"], knobs["teacher_batch_size"]
     device = resolve_device(knobs["device"])
@@ -325,8 +325,8 @@ def train_new_teacher(data: dict[str, Any], knobs: dict[str, Any], image_size: i
     """A fresh teacher (`build_teacher`), its vision tower pretrained when `vision_pretrain_steps`, trained on
     data["train"] with held-out teacher-forced scores on data["test"], saved in the TinyLLaVA layout at `out`.
     Returns (model on `knobs["device"]`, tokenizer, processor, training log)."""
-    from .data import LLaVADataset
-    from .fabricate import save_tinyllava_checkpoint
+    from ..training.data import LLaVADataset
+    from ..convert.fabricate import save_tinyllava_checkpoint
 
     model, tokenizer, processor = build_teacher(knobs, image_size, seed)
     image_dir = data["paths"]["images"]
@@ -350,7 +350,7 @@ def load_matvlm(path: Path, knobs: dict[str, Any]):
     choice."""
     import torch
 
-    from .modeling_matvlm import MaTVLMForConditionalGeneration
+    from ..modeling_matvlm import MaTVLMForConditionalGeneration
 
     return MaTVLMForConditionalGeneration.from_pretrained(
         path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"],
@@ -368,8 +368,8 @@ def distill(student, teacher, processor, items: list[dict], out: Path, knobs: di
     from transformers import TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from .data import LLaVACollator
-    from .distillation import DistillationArguments, MaTVLMDistillationTrainer, set_trainable
+    from ..training.data import LLaVACollator
+    from ..training.distillation import DistillationArguments, MaTVLMDistillationTrainer, set_trainable
 
     steps = knobs["distill_steps"]
     device = resolve_device(knobs["device"])
@@ -436,7 +436,7 @@ def evaluate(model, processor, records: list[dict], image_dir: Path, *, batch_si
     """Greedy answers to `records` (batched, left padding) and their `synthetic_vqa.score`."""
     import torch
 
-    from .chat_template import format_conversation
+    from ..chat_template import format_conversation
     from .synthetic_vqa import score
 
     tokenizer = processor.tokenizer
@@ -582,11 +582,11 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
     t_start = time.perf_counter()
     from transformers import set_seed
 
-    from .conversion import convert_tinyllava_to_matvlm, read_tinyllava_config, resolve_checkpoint
-    from .data import LLaVADataset
+    from ..convert.conversion import convert_tinyllava_to_matvlm, read_tinyllava_config, resolve_checkpoint
+    from ..training.data import LLaVADataset
     from .demo import decode_speed
-    from .safe_output import claim_workdir
-    from .processing_matvlm import MaTVLMProcessor
+    from ..safe_output import claim_workdir
+    from ..processing_matvlm import MaTVLMProcessor
     from .synthetic_vqa import generate_samples
 
     knobs = {**KNOBS, **(FAST if fast else {})}

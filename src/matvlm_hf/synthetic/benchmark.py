@@ -28,10 +28,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PhiConfig, SiglipVisionConfig, StoppingCriteria, StoppingCriteriaList
 
-from .configuration_matvlm import MaTVLMConfig, mamba_layer_indices
-from .fabricate import FULL_PHI, FULL_VISION, TINY_LM, TINY_VISION
-from .fast_generation import PREFILL_CHUNK, SamplingParams, StaticDecoder
-from .modeling_matvlm import MaTVLMForConditionalGeneration
+from ..configuration_matvlm import MaTVLMConfig, mamba_layer_indices
+from ..convert.fabricate import FULL_PHI, FULL_VISION, TINY_LM, TINY_VISION
+from ..fast_generation import PREFILL_CHUNK, SamplingParams, StaticDecoder
+from ..modeling_matvlm import MaTVLMForConditionalGeneration
 
 # --- knobs -------------------------------------------------------------------------------------------------------
 MODELS = {"teacher": 0.0, "hybrid-12.5": 0.125, "hybrid-25": 0.25, "hybrid-50": 0.5}
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--contexts", default=None,
                         help="comma-separated context lengths of the decode points, tokens (default: the size's list)")
     args = parser.parse_args(argv)
-    from .safe_output import check_output
+    from ..safe_output import check_output
 
     out = Path(args.out)
     check_output(out, option="--out")

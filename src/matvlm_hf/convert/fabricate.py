@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from .modeling_matvlm import checkpoint_key
+from ..modeling_matvlm import checkpoint_key
 
 # ----------------------------------------------------------------------------------------------------------
 # Sizes. "tiny" is for CPU tests; "full" is TinyLLaVA-Phi-2-SigLIP-3.1B.

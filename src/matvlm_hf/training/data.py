@@ -28,9 +28,9 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from .chat_template import IGNORE_INDEX, IMAGE_PLACEHOLDER, image_block_end, tokenize_conversation
-from .errors import UserError
-from .processing_matvlm import expand_to_square
+from ..chat_template import IGNORE_INDEX, IMAGE_PLACEHOLDER, image_block_end, tokenize_conversation
+from ..errors import UserError
+from ..processing_matvlm import expand_to_square
 
 #: ShareGPT / OpenAI-style speaker names accepted as LLaVA's
 ROLE_ALIASES = {"user": "human", "assistant": "gpt"}

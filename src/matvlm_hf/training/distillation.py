@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from .chat_template import IGNORE_INDEX
-from .mamba2_mixer import CACHE_ARG
+from ..chat_template import IGNORE_INDEX
+from ..mamba2_mixer import CACHE_ARG
 
 TRAIN_MODES = ("mamba+connector", "mamba", "mamba+mlp+connector", "all")
 KL_POSITIONS = ("all", "answer")

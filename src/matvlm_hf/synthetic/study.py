@@ -101,7 +101,7 @@ def train_teacher_stage(work: Path, knobs: dict[str, Any], seed: int) -> dict[st
 
 def teacher_matvlm(work: Path, seed: int) -> Path:
     """The trained teacher converted to MaTVLM (ratio 0), converted once and shared by every variant."""
-    from .conversion import convert_tinyllava_to_matvlm
+    from ..convert.conversion import convert_tinyllava_to_matvlm
 
     source, teacher_dir = work / "teacher-tinyllava", work / "teacher-matvlm"
     if not (source / "config.json").exists():
@@ -117,9 +117,9 @@ def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, pl
     `loss` terms on, score it again -> work/variants/NAME.json (accuracies, loss log, timings)."""
     import torch
 
-    from .conversion import convert_tinyllava_to_matvlm
-    from .data import LLaVADataset
-    from .processing_matvlm import MaTVLMProcessor
+    from ..convert.conversion import convert_tinyllava_to_matvlm
+    from ..training.data import LLaVADataset
+    from ..processing_matvlm import MaTVLMProcessor
 
     source, teacher_dir = work / "teacher-tinyllava", teacher_matvlm(work, seed)
     out = work / "variants" / name
@@ -339,7 +339,7 @@ def run_parallel(work: Path, names: list[str], sets: list[str], seed: int, jobs:
     teacher_matvlm(work, seed)  # before the processes start: they would all convert it at once
 
     def one(name: str) -> int:
-        cmd = [sys.executable, "-m", "matvlm_hf.study", "variant", "--workdir", str(work), "--name", name,
+        cmd = [sys.executable, "-m", "matvlm_hf.synthetic.study", "variant", "--workdir", str(work), "--name", name,
                "--seed", str(seed), "--set", *sets]
         with open(work / "variants" / f"{name}.log", "w") as log:
             code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="knob overrides, e.g. device=cpu (see STUDY; default: none)")
     args = parser.parse_args(argv)
-    from .safe_output import check_output, claim_workdir
+    from ..safe_output import check_output, claim_workdir
 
     if args.stage == "report":
         work = Path(args.workdir)

@@ -76,8 +76,8 @@ def prepare(work: Path, size: str, ratio: float, max_length: int, n_samples: int
     samples all exceed `max_length` tokens; reuses what is already in `work`."""
     import torch
 
-    from .conversion import convert_tinyllava_to_matvlm
-    from .fabricate import write_tinyllava_checkpoint
+    from ..convert.conversion import convert_tinyllava_to_matvlm
+    from ..convert.fabricate import write_tinyllava_checkpoint
     from .synthetic_vqa import generate_samples
 
     source, teacher, student = work / "tinyllava", work / "teacher", work / f"student-{ratio:g}"
@@ -90,8 +90,8 @@ def prepare(work: Path, size: str, ratio: float, max_length: int, n_samples: int
     data = work / f"data-{max_length}.json"
     images = work / "images"
     if not data.exists():
-        from .configuration_matvlm import MaTVLMConfig
-        from .processing_matvlm import MaTVLMProcessor
+        from ..configuration_matvlm import MaTVLMConfig
+        from ..processing_matvlm import MaTVLMProcessor
 
         image_size = MaTVLMConfig.from_pretrained(student).vision_config.image_size
         tokenizer = MaTVLMProcessor.from_pretrained(student).tokenizer
@@ -117,7 +117,7 @@ def run_batch(cfg: dict[str, Any], models, batch_size: int, steps: int) -> dict[
     """`steps` optimizer steps at micro-batch `batch_size`; step times, tokens/s, peak memory (or {"oom": True})."""
     import torch
 
-    from .train_cli import build_trainer
+    from ..train_cli import build_trainer
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -175,10 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from . import MaTVLMForConditionalGeneration, mamba2_ops
-    from .train_cli import parse_config
+    from .. import MaTVLMForConditionalGeneration, mamba2_ops
+    from ..train_cli import parse_config
 
-    from .safe_output import claim_workdir
+    from ..safe_output import claim_workdir
 
     hf_logging.set_verbosity_error()
     work = claim_workdir(args.workdir)

@@ -37,14 +37,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
-from .configuration_matvlm import MaTVLMConfig
-from .safe_output import staged_output
+from ..configuration_matvlm import MaTVLMConfig
+from ..safe_output import staged_output
 from .conversion import (DTYPES, ConversionError, _ShardWriter, _source_dtype, iter_tensors,
                          matvlm_config_from_tinyllava, read_tinyllava_config, rename_key, resolve_checkpoint,
                          upload_folder, weight_files)
 from .fabricate import LM_NAMES, _tinyllava_config
-from .modeling_matvlm import MaTVLMForConditionalGeneration, checkpoint_key
-from .processing_matvlm import MaTVLMProcessor, processor_from_tinyllava
+from ..modeling_matvlm import MaTVLMForConditionalGeneration, checkpoint_key
+from ..processing_matvlm import MaTVLMProcessor, processor_from_tinyllava
 
 MAMBA_CONFIG_NAME = "mamba_config.json"
 AUTHORS_ARCHITECTURE = "HybridTinyLlavaForConditionalGeneration"

@@ -47,8 +47,8 @@ class World:
     student: Path = field(init=False)
 
     def build(self) -> World:
-        from .conversion import convert_tinyllava_to_matvlm
-        from .fabricate import write_tinyllava_checkpoint
+        from ..convert.conversion import convert_tinyllava_to_matvlm
+        from ..convert.fabricate import write_tinyllava_checkpoint
 
         self.tinyllava = write_tinyllava_checkpoint(self.root / "tinyllava", seed=0)
         self.teacher = convert_tinyllava_to_matvlm(self.tinyllava, self.root / "teacher", mamba_ratio=0.0,
@@ -80,7 +80,7 @@ def _digest(path: Path) -> dict[str, str]:
 
 def _cli(*argv: Any) -> Callable[[Path, World], Any]:
     def run(case_dir: Path, world: World) -> Any:
-        from .cli import main
+        from ..cli import main
 
         main([str(a).format(T=world.tinyllava, TEACHER=world.teacher, STUDENT=world.student) for a in argv])
         return 0

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .conversion import convert_tinyllava_to_matvlm
-from .fabricate import write_tinyllava_checkpoint
-from .safe_output import claim_workdir
+from ..convert.conversion import convert_tinyllava_to_matvlm
+from ..convert.fabricate import write_tinyllava_checkpoint
+from ..safe_output import claim_workdir
 from .synthetic_vqa import make_question, render_scene, sample_scene
 
 
