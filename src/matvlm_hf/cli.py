@@ -11,7 +11,7 @@ COMMANDS = {
     "convert": ("matvlm_hf.convert.conversion", "convert a TinyLLaVA checkpoint to a MaTVLM hybrid"),
     "data": ("matvlm_hf.synthetic.synthetic_vqa", "write the synthetic visual-QA data set"),
     "bench": ("matvlm_hf.synthetic.benchmark", "decode/prefill speed and memory, teacher vs hybrids (GPU; --size tiny on CPU)"),
-    "distill": ("matvlm_hf.train_cli", "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)"),
+    "distill": ("matvlm_hf.commands.distill", "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)"),
     "bench-distill": ("matvlm_hf.synthetic.distill_benchmark", "distillation step time, memory, largest micro-batch (GPU)"),
     "study": ("matvlm_hf.synthetic.study", "the synthetic-world study: ratios and loss/placement/init ablations, report"),
     "import": ("matvlm_hf.commands.import_", "import an authors'-layout MaTVLM checkpoint (hustvl/MaTVLM) as matvlm-hf"),

@@ -117,7 +117,7 @@ def run_batch(cfg: dict[str, Any], models, batch_size: int, steps: int) -> dict[
     """`steps` optimizer steps at micro-batch `batch_size`; step times, tokens/s, peak memory (or {"oom": True})."""
     import torch
 
-    from ..train_cli import build_trainer
+    from ..training.trainer_factory import build_trainer
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from .. import MaTVLMForConditionalGeneration, mamba2_ops
-    from ..train_cli import parse_config
+    from ..commands.distill import parse_config
 
     from ..safe_output import claim_workdir
 
