@@ -131,6 +131,9 @@ def parse_config(argv: list[str] | None = None) -> dict[str, Any]:
     args = vars(build_parser().parse_args(argv))
     loaded: dict[str, Any] = {}
     if args.get("config"):
+        from ..extras import require
+
+        require("yaml", "--config (a YAML file)")
         import yaml
 
         with open(args["config"], encoding="utf-8") as f:

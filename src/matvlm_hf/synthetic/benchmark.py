@@ -263,6 +263,9 @@ def release_all() -> None:
 
 def plot(results: dict, out: Path) -> list[Path]:
     """Decode tokens/s vs context (one panel per batch), peak memory vs length, prefill time vs length."""
+    from ..extras import require
+
+    require("matplotlib", "matvlm bench's plots")
     import matplotlib
     import matplotlib.ticker
 
@@ -336,7 +339,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--contexts", default=None,
                         help="comma-separated context lengths of the decode points, tokens (default: the size's list)")
     args = parser.parse_args(argv)
+    from ..extras import require
     from ..safe_output import check_output
+
+    require("matplotlib", "matvlm bench's plots")
 
     out = Path(args.out)
     check_output(out, option="--out")

@@ -491,6 +491,9 @@ def summary_table(rows: list[tuple[str, dict, float | None]], types: list[str]) 
 
 def write_summary_png(path: Path, results: dict[str, Any], example_image) -> Path:
     """Three panels: the example image with its answers, accuracy per type, the training/distillation losses."""
+    from ..extras import require
+
+    require("matplotlib", "matvlm quickstart's summary plot")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -746,6 +749,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-test", type=int, default=None,
                         help="held-out images, one question each (default: 400; 40 with --fast)")
     args = parser.parse_args(argv)
+    from ..extras import require
+
+    require("matplotlib", "matvlm quickstart's summary plot")
     return run(args.workdir, teacher=args.teacher, seed=args.seed, fast=args.fast, teacher_steps=args.teacher_steps,
                distill_steps=args.distill_steps, n_train=args.n_train, n_test=args.n_test)
 

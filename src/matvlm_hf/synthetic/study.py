@@ -201,6 +201,9 @@ def _smooth(values: list[float], k: int) -> list[float]:
 
 def report_stage(work: Path, docs: Path, note: str = "") -> str:
     """docs/README.md (tables, orderings vs the paper), study.png (loss curves, accuracies), study.json."""
+    from ..extras import require
+
+    require("matplotlib", "matvlm study's report")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,7 +381,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="knob overrides, e.g. device=cpu (see STUDY; default: none)")
     args = parser.parse_args(argv)
+    from ..extras import require
     from ..safe_output import check_output, claim_workdir
+
+    if args.stage in ("all", "report"):
+        require("matplotlib", "matvlm study's report")
 
     if args.stage == "report":
         work = Path(args.workdir)
