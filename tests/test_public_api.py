@@ -18,8 +18,31 @@ def test_each_public_name_is_the_defining_module_s_object(name):
 
 
 def test_readme_imports_and_unknown_names():
-    from matvlm_hf import (DistillationArguments, DistillationRecipe, LLaVACollator, LLaVADataset,  # noqa: F401
-                           MaTVLMDistillationTrainer, convert_tinyllava_to_matvlm)
+    from matvlm_hf import (
+        DistillationArguments,
+        DistillationRecipe,
+        LLaVACollator,
+        LLaVADataset,
+        MaTVLMDistillationTrainer,
+        convert_tinyllava_to_matvlm,
+    )
+
+    names = (
+        DistillationArguments,
+        DistillationRecipe,
+        LLaVACollator,
+        LLaVADataset,
+        MaTVLMDistillationTrainer,
+        convert_tinyllava_to_matvlm,
+    )
+    assert [obj.__name__ for obj in names] == [
+        "DistillationArguments",
+        "DistillationRecipe",
+        "LLaVACollator",
+        "LLaVADataset",
+        "MaTVLMDistillationTrainer",
+        "convert_tinyllava_to_matvlm",
+    ]
     from matvlm_hf import fabricate  # a submodule (old flat path) still imports through the lazy __getattr__
 
     assert fabricate.__name__ == "matvlm_hf.convert.fabricate"
@@ -28,7 +51,9 @@ def test_readme_imports_and_unknown_names():
 
 
 def test_import_matvlm_hf_loads_only_the_model_core():
-    code = ("import sys, matvlm_hf; heavy = ('matvlm_hf.training', 'matvlm_hf.convert', 'matvlm_hf.synthetic', "
-            "'matvlm_hf.commands', 'matplotlib'); print([m for m in heavy if m in sys.modules])")
+    code = (
+        "import sys, matvlm_hf; heavy = ('matvlm_hf.training', 'matvlm_hf.convert', 'matvlm_hf.synthetic', "
+        "'matvlm_hf.commands', 'matplotlib'); print([m for m in heavy if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
