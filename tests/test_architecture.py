@@ -7,16 +7,42 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "matvlm_hf"
-CORE = {"configuration_matvlm", "modeling_matvlm", "mamba2_mixer", "mamba2_ops", "processing_matvlm", "chat_template",
-        "fast_generation"}
+CORE = {
+    "configuration_matvlm",
+    "modeling_matvlm",
+    "mamba2_mixer",
+    "mamba2_ops",
+    "processing_matvlm",
+    "chat_template",
+    "fast_generation",
+}
 CORE_THIRD_PARTY = {"torch", "transformers", "PIL", "mamba_ssm", "causal_conv1d", "triton"}  # kernels: detected only
-LIBRARY = [*sorted((PACKAGE / "convert").glob("*.py")), *sorted((PACKAGE / "training").glob("*.py")),
-           *(PACKAGE / f"{name}.py" for name in ("errors", "safe_output", "input_checks"))]
-ABOVE_LIBRARY = ("matvlm_hf.synthetic", "matvlm_hf.commands", "matvlm_hf.cli", "matvlm_hf.serving",
-                 "matvlm_hf.integrations",
-                 # the old flat paths of modules that moved above the library (aliases)
-                 *(f"matvlm_hf.{old}" for old in ("synthetic_vqa", "quickstart", "study", "bad_inputs", "demo",
-                                                  "benchmark", "distill_benchmark", "train_cli")))
+LIBRARY = [
+    *sorted((PACKAGE / "convert").glob("*.py")),
+    *sorted((PACKAGE / "training").glob("*.py")),
+    *(PACKAGE / f"{name}.py" for name in ("errors", "safe_output", "input_checks")),
+]
+ABOVE_LIBRARY = (
+    "matvlm_hf.synthetic",
+    "matvlm_hf.commands",
+    "matvlm_hf.cli",
+    "matvlm_hf.serving",
+    "matvlm_hf.integrations",
+    # the old flat paths of modules that moved above the library (aliases)
+    *(
+        f"matvlm_hf.{old}"
+        for old in (
+            "synthetic_vqa",
+            "quickstart",
+            "study",
+            "bad_inputs",
+            "demo",
+            "benchmark",
+            "distill_benchmark",
+            "train_cli",
+        )
+    ),
+)
 
 
 def imported_modules(source: str, module: str) -> list[str]:
@@ -51,8 +77,11 @@ def core_violations(source: str, module: str) -> list[str]:
 
 
 def library_violations(source: str, module: str) -> list[str]:
-    return [name for name in imported_modules(source, module)
-            if any(name == above or name.startswith(above + ".") for above in ABOVE_LIBRARY)]
+    return [
+        name
+        for name in imported_modules(source, module)
+        if any(name == above or name.startswith(above + ".") for above in ABOVE_LIBRARY)
+    ]
 
 
 def test_the_model_core_imports_only_itself_and_torch_transformers_pil():
@@ -62,7 +91,9 @@ def test_the_model_core_imports_only_itself_and_torch_transformers_pil():
 
 def test_the_library_never_imports_the_synthetic_world_or_the_commands():
     assert len(LIBRARY) >= 12, LIBRARY  # the layers exist where ARCHITECTURE.md says
-    found = {str(path.relative_to(PACKAGE)): library_violations(path.read_text(), module_name(path)) for path in LIBRARY}
+    found = {
+        str(path.relative_to(PACKAGE)): library_violations(path.read_text(), module_name(path)) for path in LIBRARY
+    }
     assert {name: bad for name, bad in found.items() if bad} == {}
 
 

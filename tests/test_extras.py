@@ -14,6 +14,7 @@ def without(monkeypatch):
         for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
             monkeypatch.delitem(sys.modules, name)
         monkeypatch.setitem(sys.modules, module, None)
+
     return hide
 
 
@@ -21,7 +22,7 @@ def test_quickstart_without_matplotlib_names_the_plots_extra_before_any_work(wit
     from matvlm_hf.synthetic.quickstart import main
 
     without("matplotlib")
-    with pytest.raises(UserError, match=r'matvlm-hf\[plots\]'):
+    with pytest.raises(UserError, match=r"matvlm-hf\[plots\]"):
         main(["--workdir", str(tmp_path / "work"), "--fast"])
     assert not (tmp_path / "work").exists()
 
@@ -30,9 +31,9 @@ def test_study_and_bench_without_matplotlib_name_the_plots_extra(without, tmp_pa
     from matvlm_hf.synthetic import benchmark, study
 
     without("matplotlib")
-    with pytest.raises(UserError, match=r'matvlm-hf\[plots\]'):
+    with pytest.raises(UserError, match=r"matvlm-hf\[plots\]"):
         study.main(["all", "--workdir", str(tmp_path / "study")])
-    with pytest.raises(UserError, match=r'matvlm-hf\[plots\]'):
+    with pytest.raises(UserError, match=r"matvlm-hf\[plots\]"):
         benchmark.main(["--size", "tiny", "--out", str(tmp_path / "bench")])
     assert list(tmp_path.iterdir()) == []
 
@@ -43,5 +44,5 @@ def test_distill_config_without_pyyaml_names_the_yaml_extra(without):
     root = Path(__file__).resolve().parents[1]
     paths = ["--student", "s", "--teacher", "t", "--data", "d.json", "--output", "o"]
     without("yaml")
-    with pytest.raises(UserError, match=r'matvlm-hf\[yaml\]'):
+    with pytest.raises(UserError, match=r"matvlm-hf\[yaml\]"):
         parse_config(["--config", str(root / "examples/configs/distill_paper.yaml"), *paths])

@@ -57,7 +57,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "MaTVLMConfig", "MaTVLMForConditionalGeneration", "MaTVLMModel", "MaTVLMPreTrainedModel", "MaTVLMProcessor",
-    "mamba_layer_indices", *_LAZY,
+    "MaTVLMConfig",
+    "MaTVLMForConditionalGeneration",
+    "MaTVLMModel",
+    "MaTVLMPreTrainedModel",
+    "MaTVLMProcessor",
+    "mamba_layer_indices",
+    *_LAZY,
 ]
 __version__ = "0.1.0"

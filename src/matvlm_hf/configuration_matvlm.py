@@ -101,7 +101,9 @@ class MaTVLMConfig(PreTrainedConfig):
         if self.image_token_id is None:
             self.image_token_id = tc.vocab_size - 1
         if not 0 <= self.image_token_id < tc.vocab_size:
-            raise ValueError(f"image_token_id {self.image_token_id} is outside the embedding (vocab_size {tc.vocab_size}).")
+            raise ValueError(
+                f"image_token_id {self.image_token_id} is outside the embedding (vocab_size {tc.vocab_size})."
+            )
 
         n_layers = tc.num_hidden_layers
         layers = sorted({int(i) for i in (self.mamba_layers or [])})

@@ -17,5 +17,7 @@ def require(module: str, needed_by: str) -> None:
     """
     if importlib.util.find_spec(module) is None:
         extra, dist = EXTRAS[module]
-        raise UserError(f"{needed_by} needs {dist}, which is not installed: pip install \"matvlm-hf[{extra}]\" "
-                        f"(in a checkout: pip install -e \".[{extra}]\").")
+        raise UserError(
+            f'{needed_by} needs {dist}, which is not installed: pip install "matvlm-hf[{extra}]" '
+            f'(in a checkout: pip install -e ".[{extra}]").'
+        )

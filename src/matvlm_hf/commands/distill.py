@@ -48,15 +48,20 @@ from ..training.trainer_factory import build_trainer, check_supervision  # noqa:
 # `DistillationRecipe` (recipe.py); the others say where things are and how the run is kept.
 # name: (default, help: what it means, its unit)
 IO_KNOBS: dict[str, tuple[Any, str]] = dict(
-    student=(None, "MaTVLM checkpoint folder to train (with Mamba layers; `matvlm convert --mamba-ratio 0.25`); "
-             "required"),
+    student=(
+        None,
+        "MaTVLM checkpoint folder to train (with Mamba layers; `matvlm convert --mamba-ratio 0.25`); required",
+    ),
     teacher=(None, "MaTVLM checkpoint folder of the teacher (`matvlm convert --mamba-ratio 0`); required"),
     data=(None, "LLaVA-format JSON file of conversations; required"),
     images=(None, "folder the JSON's image paths are relative to"),
     output=(None, "run folder: checkpoints and the final student; required"),
     processor=(None, "folder with the processor (tokenizer + image processor); unset = the student's"),
-    preset=("auto", "training recipe: auto (the paper's objective and global batch, memory knobs fitted to this "
-            "machine) | paper (the authors' exact recipe: per-device batch 1, gradient checkpointing, 2 workers)"),
+    preset=(
+        "auto",
+        "training recipe: auto (the paper's objective and global batch, memory knobs fitted to this "
+        "machine) | paper (the authors' exact recipe: per-device batch 1, gradient checkpointing, 2 workers)",
+    ),
 )
 BOOKKEEPING_KNOBS: dict[str, tuple[Any, str]] = dict(
     max_samples=(None, "use only the first N samples of --data (smoke runs); unset = all"),
@@ -69,16 +74,25 @@ BOOKKEEPING_KNOBS: dict[str, tuple[Any, str]] = dict(
     deepspeed=(None, "DeepSpeed JSON config file (e.g. examples/configs/ds_zero2.json); unset = none"),
     report_to=("none", "where to log: none | tensorboard | wandb | ... (transformers report_to)"),
 )
-HELP = {**{k: h for k, (_, h) in IO_KNOBS.items()}, **{f.name: f.metadata["help"] for f in recipe_fields()},
-        **{k: h for k, (_, h) in BOOKKEEPING_KNOBS.items()}}
-DEFAULTS: dict[str, Any] = {**{k: d for k, (d, _) in IO_KNOBS.items()},
-                            **dataclasses.asdict(DistillationRecipe()),
-                            **{k: d for k, (d, _) in BOOKKEEPING_KNOBS.items()}}
+HELP = {
+    **{k: h for k, (_, h) in IO_KNOBS.items()},
+    **{f.name: f.metadata["help"] for f in recipe_fields()},
+    **{k: h for k, (_, h) in BOOKKEEPING_KNOBS.items()},
+}
+DEFAULTS: dict[str, Any] = {
+    **{k: d for k, (d, _) in IO_KNOBS.items()},
+    **dataclasses.asdict(DistillationRecipe()),
+    **{k: d for k, (d, _) in BOOKKEEPING_KNOBS.items()},
+}
 REQUIRED = ("student", "teacher", "data", "output")
 BOOL_KEYS = ("gradient_checkpointing", "overwrite")
-CHOICES = dict(kl_positions=("all", "answer"), layer_loss=("frobenius", "mse"),
-               train_mode=("mamba+connector", "mamba", "mamba+mlp+connector", "all"),
-               teacher_dtype=("auto", "float32", "bfloat16", "float16"), preset=tuple(PRESETS))
+CHOICES = dict(
+    kl_positions=("all", "answer"),
+    layer_loss=("frobenius", "mse"),
+    train_mode=("mamba+connector", "mamba", "mamba+mlp+connector", "all"),
+    teacher_dtype=("auto", "float32", "bfloat16", "float16"),
+    preset=tuple(PRESETS),
+)
 
 
 def _bool(value: Any) -> bool:
@@ -97,11 +111,18 @@ def _opt_int(value: Any) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="matvlm distill", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1], argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", metavar="YAML", help="YAML file of knobs (keys as below with '_'); flags override it "
-                   "(default: none)")
+    p = argparse.ArgumentParser(
+        prog="matvlm distill",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        help="YAML file of knobs (keys as below with '_'); flags override it (default: none)",
+    )
     for key, default in DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
         shown = "unset" if default is None else default
@@ -158,11 +179,30 @@ def parse_config(argv: list[str] | None = None) -> dict[str, Any]:
         config["gradient_checkpointing"] = _bool(config["gradient_checkpointing"])
     else:
         config["gradient_checkpointing"] = None
-    for key in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "warmup_ratio", "decay_ratio", "alpha",
-                "beta", "gamma", "temperature", "max_grad_norm", "num_epochs"):
+    for key in (
+        "learning_rate",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "warmup_ratio",
+        "decay_ratio",
+        "alpha",
+        "beta",
+        "gamma",
+        "temperature",
+        "max_grad_norm",
+        "num_epochs",
+    ):
         config[key] = float(config[key])
-    for key in ("global_batch_size", "max_length", "max_steps", "seed", "logging_steps", "save_steps",
-                "save_total_limit"):
+    for key in (
+        "global_batch_size",
+        "max_length",
+        "max_steps",
+        "seed",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+    ):
         config[key] = int(config[key])
     for key in ("max_samples", "per_device_batch_size", "num_workers"):
         config[key] = _opt_int(config[key])
@@ -210,11 +250,15 @@ def prepare_output(cfg: dict[str, Any]) -> tuple[bool, Any]:
     replace = is_nonempty_dir(output) and resume is None
     if replace and not cfg["overwrite"]:
         held = ", ".join(sorted(p.name for p in output.iterdir())[:4])
-        raise UserError(f"--output {cfg['output']} is not empty (it holds {held}...): pass --resume to continue that "
-                        "run, --overwrite to replace it (kept until the new run is complete), or choose a new folder.")
+        raise UserError(
+            f"--output {cfg['output']} is not empty (it holds {held}...): pass --resume to continue that "
+            "run, --overwrite to replace it (kept until the new run is complete), or choose a new folder."
+        )
     if replace and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError(f"--overwrite with several processes cannot swap --output {cfg['output']} safely; move the "
-                        "old run folder away first, or choose a new --output.")
+        raise UserError(
+            f"--overwrite with several processes cannot swap --output {cfg['output']} safely; move the "
+            "old run folder away first, or choose a new --output."
+        )
     return replace, resume
 
 
@@ -228,9 +272,14 @@ def _train_and_save(cfg: dict[str, Any], run_dir: Path, resume: Any) -> None:
     if trainer.is_world_process_zero():
         if getattr(student, "generation_config", None) is not None:
             student.generation_config.save_pretrained(run_dir)
-        (run_dir / "README.md").write_text(distilled_card(
-            list(student.config.mamba_layers), student.config.text_config.num_hidden_layers, cfg,
-            trainer.state.global_step))
+        (run_dir / "README.md").write_text(
+            distilled_card(
+                list(student.config.mamba_layers),
+                student.config.text_config.num_hidden_layers,
+                cfg,
+                trainer.state.global_step,
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -23,18 +23,24 @@ def default_model() -> Path:
     """The quickstart's distilled hybrid in the current directory; SystemExit saying how to make one otherwise."""
     if (QUICKSTART_HYBRID / "config.json").is_file():
         return QUICKSTART_HYBRID
-    raise SystemExit(f"matvlm serve: no --model given and no distilled hybrid at {QUICKSTART_HYBRID}/ here.\n"
-                     "  Make one with `matvlm quickstart` (about 7 minutes on a CPU) and run `matvlm serve` in the "
-                     "same folder,\n  or give a MaTVLM checkpoint: `matvlm serve --model PATH` (see `matvlm convert` "
-                     "and `matvlm distill`).")
+    raise SystemExit(
+        f"matvlm serve: no --model given and no distilled hybrid at {QUICKSTART_HYBRID}/ here.\n"
+        "  Make one with `matvlm quickstart` (about 7 minutes on a CPU) and run `matvlm serve` in the "
+        "same folder,\n  or give a MaTVLM checkpoint: `matvlm serve --model PATH` (see `matvlm convert` "
+        "and `matvlm distill`)."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="matvlm serve", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--model", default=None,
-                        help=f"a MaTVLM checkpoint folder (default: {QUICKSTART_HYBRID} when it exists)")
+    parser = argparse.ArgumentParser(
+        prog="matvlm serve",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--model", default=None, help=f"a MaTVLM checkpoint folder (default: {QUICKSTART_HYBRID} when it exists)"
+    )
     parser.add_argument("--teacher", default=None, help="a second checkpoint (the teacher) answering beside it")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)

@@ -51,6 +51,7 @@ class ConversionError(UserError):
 
 # --- reading the source ------------------------------------------------------------------------------------------
 
+
 def resolve_checkpoint(path_or_repo: str | Path, option: str = "--input") -> Path:
     """A local folder, else a Hub repo id fetched through huggingface_hub (fails clearly when offline).
 
@@ -67,7 +68,9 @@ def resolve_checkpoint(path_or_repo: str | Path, option: str = "--input") -> Pat
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path_or_repo), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        return Path(
+            snapshot_download(str(path_or_repo), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        )
     except Exception as err:  # offline, unknown repo, no access: all say the same thing to the user
         raise ConversionError(
             f"Could not fetch {path_or_repo!r} from the Hugging Face Hub ({type(err).__name__}: {err}). Without network "
@@ -118,7 +121,9 @@ def weight_files(folder: Path) -> dict[str, Path]:
         key_to_file = {}
         single = folder / "model.safetensors"
     elif list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
-        raise ConversionError(f"{folder} holds pickle weights only; convert them to safetensors first (no pickle here).")
+        raise ConversionError(
+            f"{folder} holds pickle weights only; convert them to safetensors first (no pickle here)."
+        )
     else:
         raise ConversionError(f"{folder} has no model.safetensors or model.safetensors.index.json.")
     files = sorted(set(key_to_file.values())) if key_to_file else [single]
@@ -153,8 +158,10 @@ def iter_tensors(key_to_file: dict[str, Path]) -> Iterator[tuple[str, torch.Tens
 
 # --- the conversion --------------------------------------------------------------------------------------------
 
-def matvlm_config_from_tinyllava(tinyllava: dict, mamba_layers: list[int], processor_image_token_id: int | None = None,
-                                 **mamba_kwargs) -> MaTVLMConfig:
+
+def matvlm_config_from_tinyllava(
+    tinyllava: dict, mamba_layers: list[int], processor_image_token_id: int | None = None, **mamba_kwargs
+) -> MaTVLMConfig:
     text = dict(tinyllava["text_config"])
     vocab = text.get("vocab_size", tinyllava.get("vocab_size"))
     return MaTVLMConfig(
@@ -171,12 +178,13 @@ def matvlm_config_from_tinyllava(tinyllava: dict, mamba_layers: list[int], proce
 def rename_key(key: str) -> str:
     for old, new in KEY_PREFIXES.items():
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     raise ConversionError(f"Unexpected tensor {key!r}: not under language_model, vision_tower or connector.")
 
 
-def mixer_from_attention(config: MaTVLMConfig, layer: int, attention: dict[str, torch.Tensor] | None,
-                         generator_seed: int) -> dict[str, torch.Tensor]:
+def mixer_from_attention(
+    config: MaTVLMConfig, layer: int, attention: dict[str, torch.Tensor] | None, generator_seed: int
+) -> dict[str, torch.Tensor]:
     """State dict of the Mamba-2 mixer replacing attention layer `layer` (paper Eq. 6).
 
     attention: {"q_proj.weight", "k_proj.weight", "v_proj.weight", "<out>.weight", and biases when present}; None
@@ -190,8 +198,11 @@ def mixer_from_attention(config: MaTVLMConfig, layer: int, attention: dict[str, 
         return state
     d_inner, d_xb = mixer.d_inner, mixer.d_xb
     out_name = ATTENTION_OUT[config.text_config.model_type]
-    rows = {"v_proj": slice(d_inner, d_inner + d_xb), "k_proj": slice(d_inner + d_xb, d_inner + 2 * d_xb),
-            "q_proj": slice(d_inner + 2 * d_xb, 2 * d_inner + 2 * d_xb)}
+    rows = {
+        "v_proj": slice(d_inner, d_inner + d_xb),
+        "k_proj": slice(d_inner + d_xb, d_inner + 2 * d_xb),
+        "q_proj": slice(d_inner + 2 * d_xb, 2 * d_inner + 2 * d_xb),
+    }
     for name, sl in rows.items():
         state["in_proj.weight"][sl] = attention[f"{name}.weight"].float()
         if "in_proj.bias" in state:
@@ -199,7 +210,7 @@ def mixer_from_attention(config: MaTVLMConfig, layer: int, attention: dict[str, 
             state["in_proj.bias"][sl] = bias.float() if bias is not None else 0.0
     if "in_proj.bias" in state:  # z and dt rows: no bias (dt has its own dt_bias)
         state["in_proj.bias"][:d_inner] = 0.0
-        state["in_proj.bias"][2 * d_inner + 2 * d_xb:] = 0.0
+        state["in_proj.bias"][2 * d_inner + 2 * d_xb :] = 0.0
     state["out_proj.weight"] = attention[f"{out_name}.weight"].float().clone()
     if "out_proj.bias" in state:
         bias = attention.get(f"{out_name}.bias")
@@ -241,11 +252,15 @@ class _ShardWriter:
             (self.folder / "model-00001.safetensors").rename(self.folder / "model.safetensors")
             return
         total = len(self.shards)
-        renames = {f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)}
+        renames = {
+            f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)
+        }
         for old, new in renames.items():
             (self.folder / old).rename(self.folder / new)
-        index = {"metadata": {"total_size": self.total},
-                 "weight_map": {k: renames[v] for k, v in sorted(self.weight_map.items())}}
+        index = {
+            "metadata": {"total_size": self.total},
+            "weight_map": {k: renames[v] for k, v in sorted(self.weight_map.items())},
+        }
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
@@ -303,24 +318,29 @@ def convert_tinyllava_to_matvlm(
 
     with staged_output(output, overwrite=overwrite, inputs=[("--input", source)]) as staging:
         _write_weights(config, key_to_file, staging, target_dtype, init, seed, max_shard_size, progress)
-        _write_metadata(config, processor, tinyllava, source, staging, init, placement,
-                        target_dtype or _source_dtype(key_to_file))
+        _write_metadata(
+            config, processor, tinyllava, source, staging, init, placement, target_dtype or _source_dtype(key_to_file)
+        )
     if push_to_hub:
         upload_folder(output, push_to_hub)
     return output
 
 
-def choose_mamba_layers(n_layers: int, mamba_ratio: float | None, mamba_layers: list[int] | None,
-                       placement: str) -> list[int]:
+def choose_mamba_layers(
+    n_layers: int, mamba_ratio: float | None, mamba_layers: list[int] | None, placement: str
+) -> list[int]:
     """The Mamba layer list of `--mamba-ratio` / `--mamba-layers`; ConversionError when a ratio above 0 or an
     explicit list gives no Mamba layer (that would silently be the teacher) or a layer is out of range."""
     if mamba_layers is not None:
         if not mamba_layers:
-            raise ConversionError("--mamba-layers names no layer; give e.g. --mamba-layers 0,4 (or --mamba-ratio 0 "
-                                  "for the teacher).")
+            raise ConversionError(
+                "--mamba-layers names no layer; give e.g. --mamba-layers 0,4 (or --mamba-ratio 0 for the teacher)."
+            )
         bad = [i for i in mamba_layers if not 0 <= i < n_layers]
         if bad:
-            raise ConversionError(f"--mamba-layers {bad} out of range: the language model has layers 0..{n_layers - 1}.")
+            raise ConversionError(
+                f"--mamba-layers {bad} out of range: the language model has layers 0..{n_layers - 1}."
+            )
         return sorted(set(mamba_layers))
     ratio = 0.0 if mamba_ratio is None else mamba_ratio
     try:
@@ -328,8 +348,10 @@ def choose_mamba_layers(n_layers: int, mamba_ratio: float | None, mamba_layers: 
     except ValueError as err:
         raise ConversionError(f"--mamba-ratio {ratio}: {err}") from err
     if ratio > 0 and not layers:
-        raise ConversionError(f"--mamba-ratio {ratio} of {n_layers} layers rounds to no Mamba layer (the output would "
-                              f"be the teacher); use at least {0.5 / n_layers:.3g}, or --mamba-layers.")
+        raise ConversionError(
+            f"--mamba-ratio {ratio} of {n_layers} layers rounds to no Mamba layer (the output would "
+            f"be the teacher); use at least {0.5 / n_layers:.3g}, or --mamba-layers."
+        )
     return layers
 
 
@@ -342,8 +364,10 @@ def check_shapes(config: MaTVLMConfig, key_to_file: dict[str, Path]) -> None:
     """
     teacher_config = MaTVLMConfig(**{**config.to_dict(), "mamba_layers": []})
     with torch.device("meta"):
-        expected = {checkpoint_key(k): tuple(v.shape)
-                    for k, v in MaTVLMForConditionalGeneration(teacher_config).state_dict().items()}
+        expected = {
+            checkpoint_key(k): tuple(v.shape)
+            for k, v in MaTVLMForConditionalGeneration(teacher_config).state_dict().items()
+        }
     by_file: dict[Path, list[str]] = {}
     for key, file in key_to_file.items():
         by_file.setdefault(file, []).append(key)
@@ -358,7 +382,8 @@ def check_shapes(config: MaTVLMConfig, key_to_file: dict[str, Path]) -> None:
                     raise ConversionError(
                         f"Tensor {key}{where} in {file.name} has shape {list(found)}, but config.json implies "
                         f"{list(want)}: the weights and config.json of the checkpoint do not match; restore the "
-                        "original files.")
+                        "original files."
+                    )
 
 
 @contextlib.contextmanager
@@ -387,7 +412,8 @@ def load_processor(source: Path, config: MaTVLMConfig):
         raise ConversionError(
             f"Could not load the tokenizer or processor files of {source} ({type(err).__name__}: {err}). The folder "
             "needs the TinyLLaVA tokenizer files (tokenizer.json or vocab.json + merges.txt, tokenizer_config.json); "
-            "copy them from the original checkpoint.") from err
+            "copy them from the original checkpoint."
+        ) from err
 
 
 def _source_dtype(key_to_file: dict[str, Path]) -> torch.dtype:
@@ -396,22 +422,43 @@ def _source_dtype(key_to_file: dict[str, Path]) -> torch.dtype:
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[f.get_slice(key).get_dtype()]
 
 
-def _write_weights(config: MaTVLMConfig, key_to_file: dict[str, Path], folder: Path, dtype: torch.dtype | None,
-                   init: str, seed: int, max_shard_size: int, progress: bool) -> None:
+def _write_weights(
+    config: MaTVLMConfig,
+    key_to_file: dict[str, Path],
+    folder: Path,
+    dtype: torch.dtype | None,
+    init: str,
+    seed: int,
+    max_shard_size: int,
+    progress: bool,
+) -> None:
     out_name = ATTENTION_OUT[config.text_config.model_type]
-    fresh = FreshDecoderLayers(config.attention_text_config(), config.mamba_layers, seed) if init == "random-layer" else None
+    fresh = (
+        FreshDecoderLayers(config.attention_text_config(), config.mamba_layers, seed)
+        if init == "random-layer"
+        else None
+    )
     attn_parts = ("q_proj", "k_proj", "v_proj", out_name)
     mamba = set(config.mamba_layers)
     pending: dict[int, dict[str, torch.Tensor]] = {}  # attention tensors of Mamba layers until complete
-    expected = {i: {k.split(".self_attn.", 1)[1] for k in key_to_file
-                    if k.startswith(f"language_model.model.layers.{i}.self_attn.")} for i in mamba}
+    expected = {
+        i: {
+            k.split(".self_attn.", 1)[1]
+            for k in key_to_file
+            if k.startswith(f"language_model.model.layers.{i}.self_attn.")
+        }
+        for i in mamba
+    }
     for i, names in expected.items():
         if not {f"{p}.weight" for p in attn_parts} <= names:
-            raise ConversionError(f"Layer {i}'s attention weights are incomplete in the checkpoint: found {sorted(names)}.")
+            raise ConversionError(
+                f"Layer {i}'s attention weights are incomplete in the checkpoint: found {sorted(names)}."
+            )
     writer = _ShardWriter(folder, max_shard_size)
     seen = set()
-    for key, tensor in tqdm(iter_tensors(key_to_file), total=len(key_to_file), desc="converting", unit="tensor",
-                            disable=not progress):
+    for key, tensor in tqdm(
+        iter_tensors(key_to_file), total=len(key_to_file), desc="converting", unit="tensor", disable=not progress
+    ):
         new_key = rename_key(key)
         seen.add(new_key)
         layer = _mamba_layer_of(new_key, mamba)
@@ -439,12 +486,20 @@ def _mamba_layer_of(key: str, mamba: set[int]) -> int | None:
     prefix = "language_model.model.layers."
     if not key.startswith(prefix) or ".self_attn." not in key:
         return None
-    layer = int(key[len(prefix):].split(".", 1)[0])
+    layer = int(key[len(prefix) :].split(".", 1)[0])
     return layer if layer in mamba else None
 
 
-def _write_metadata(config: MaTVLMConfig, processor, tinyllava: dict, source: Path, folder: Path, init: str,
-                    placement: str, dtype: torch.dtype) -> None:
+def _write_metadata(
+    config: MaTVLMConfig,
+    processor,
+    tinyllava: dict,
+    source: Path,
+    folder: Path,
+    init: str,
+    placement: str,
+    dtype: torch.dtype,
+) -> None:
     """Config + remote code, tokenizer, processor, generation config and model card.
 
     The special ids in the config and the generation config are the tokenizer's (TinyLLaVA's text_config may lack
@@ -464,15 +519,22 @@ def _write_metadata(config: MaTVLMConfig, processor, tinyllava: dict, source: Pa
     config.save_pretrained(folder)
     processor.save_pretrained(folder)
     # the image token id marks prompt placeholders only: generation never emits it
-    GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos, max_new_tokens=256,
-                     suppress_tokens=[config.image_token_id]).save_pretrained(folder)
+    GenerationConfig(
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        max_new_tokens=256,
+        suppress_tokens=[config.image_token_id],
+    ).save_pretrained(folder)
     (folder / "README.md").write_text(model_card(config, tinyllava, source, init, placement))
 
 
 def model_card(config: MaTVLMConfig, tinyllava: dict, source: Path, init: str, placement: str) -> str:
     n = config.text_config.num_hidden_layers
     base = tinyllava.get("_name_or_path") or source.name
-    return front_matter(base) + f"""# MaTVLM hybrid of {base}
+    return (
+        front_matter(base)
+        + f"""# MaTVLM hybrid of {base}
 
 A [MaTVLM](https://arxiv.org/abs/2503.13440) hybrid made with `matvlm-hf`: {len(config.mamba_layers)} of {n}
 decoder layers ({len(config.mamba_layers) / n:.1%}) of the {config.text_config.model_type} language model had their
@@ -496,6 +558,7 @@ model = AutoModelForImageTextToText.from_pretrained("PATH", trust_remote_code=Tr
 processor = AutoProcessor.from_pretrained("PATH", trust_remote_code=True)
 ```
 """
+    )
 
 
 def upload_folder(folder: Path, repo_id: str) -> None:
@@ -504,40 +567,86 @@ def upload_folder(folder: Path, repo_id: str) -> None:
 
     api = HfApi()
     repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
-    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(folder.iterdir())
-                  if p.is_file()]
+    operations = [
+        CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(folder.iterdir()) if p.is_file()
+    ]
     api.create_commit(repo_id, operations=operations, commit_message="Upload MaTVLM hybrid (matvlm-hf)")
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="matvlm convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="TinyLLaVA checkpoint folder (or Hub repo id); its remote code is never run; required")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="TinyLLaVA checkpoint folder (or Hub repo id); its remote code is never run; required",
+    )
     parser.add_argument("--output", required=True, help="output folder for the MaTVLM checkpoint; required")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--mamba-ratio", type=float, default=None, help="fraction of decoder layers turned into Mamba-2; 0 = the teacher repackaged (default: 0)")
-    which.add_argument("--mamba-layers", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=None,
-                       help="exactly these Mamba layer indices, comma-separated, e.g. 0,4,8 (default: from --mamba-ratio)")
-    parser.add_argument("--placement", choices=["even", "start", "middle", "end"], default="even",
-                        help="where --mamba-ratio puts the Mamba layers (default: even, evenly spaced from layer 0)")
-    parser.add_argument("--init", choices=["attention", "random", "random-layer"], default="attention",
-                        help="initialisation: attention (x <- W_V, B <- W_K, C <- W_Q; the paper's Eq. 6) | random "
-                        "(fresh mixer) | random-layer (fresh mixer, MLP and norms) (default: attention)")
-    parser.add_argument("--preset", choices=["matvlm", "paper"], default="matvlm",
-                        help="paper: the authors' bias-free mixers, layer lists (12.5 %% = 0,6,12,18 of 32) and "
-                        "random-init ablation (--init random = random-layer); matvlm: this project's choices "
-                        "(default: matvlm)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="weight dtype of the output (default: the source's)")
+    which.add_argument(
+        "--mamba-ratio",
+        type=float,
+        default=None,
+        help="fraction of decoder layers turned into Mamba-2; 0 = the teacher repackaged (default: 0)",
+    )
+    which.add_argument(
+        "--mamba-layers",
+        type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+        default=None,
+        help="exactly these Mamba layer indices, comma-separated, e.g. 0,4,8 (default: from --mamba-ratio)",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=["even", "start", "middle", "end"],
+        default="even",
+        help="where --mamba-ratio puts the Mamba layers (default: even, evenly spaced from layer 0)",
+    )
+    parser.add_argument(
+        "--init",
+        choices=["attention", "random", "random-layer"],
+        default="attention",
+        help="initialisation: attention (x <- W_V, B <- W_K, C <- W_Q; the paper's Eq. 6) | random "
+        "(fresh mixer) | random-layer (fresh mixer, MLP and norms) (default: attention)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["matvlm", "paper"],
+        default="matvlm",
+        help="paper: the authors' bias-free mixers, layer lists (12.5 %% = 0,6,12,18 of 32) and "
+        "random-init ablation (--init random = random-layer); matvlm: this project's choices "
+        "(default: matvlm)",
+    )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default=None, help="weight dtype of the output (default: the source's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of the fresh mixer parameters (default: 0)")
-    parser.add_argument("--max-shard-size", type=int, default=2 * 1024**3, help="largest output shard, bytes (default: 2147483648 = 2 GiB)")
+    parser.add_argument(
+        "--max-shard-size",
+        type=int,
+        default=2 * 1024**3,
+        help="largest output shard, bytes (default: 2147483648 = 2 GiB)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (default: off)")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
-                        help="also upload the result to this Hub repo (default: no upload)")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        default=None,
+        help="also upload the result to this Hub repo (default: no upload)",
+    )
     args = parser.parse_args(argv)
     try:
         out = convert_tinyllava_to_matvlm(
-            args.input, args.output, mamba_ratio=args.mamba_ratio, mamba_layers=args.mamba_layers,
-            placement=args.placement, init=args.init, preset=args.preset, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size, push_to_hub=args.push_to_hub,
+            args.input,
+            args.output,
+            mamba_ratio=args.mamba_ratio,
+            mamba_layers=args.mamba_layers,
+            placement=args.placement,
+            init=args.init,
+            preset=args.preset,
+            dtype=args.dtype,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            push_to_hub=args.push_to_hub,
         )
     except UserError as err:
         parser.exit(2, f"error: {err}\n")

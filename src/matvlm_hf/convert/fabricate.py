@@ -49,18 +49,27 @@ from ..modeling_matvlm import checkpoint_key
 
 # ----------------------------------------------------------------------------------------------------------
 # Sizes. "tiny" is for CPU tests; "full" is TinyLLaVA-Phi-2-SigLIP-3.1B.
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   image_size=32, patch_size=8)  # 4 x 4 = 16 patches -> 15 image tokens
-TINY_LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-               vocab_size=1280)  # embedding rows; the tokenizer has fewer tokens
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+)  # 4 x 4 = 16 patches -> 15 image tokens
+TINY_LM = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=1280
+)  # embedding rows; the tokenizer has fewer tokens
 TINY_NUM_KV_HEADS = 2  # llama / qwen2: GQA (2 kv heads for 4 query heads)
 TINY_TOKENIZER_VOCAB = 1000  # BPE target (byte alphabet + merges), before special tokens
 TINY_INIT_STD = 0.1  # larger than 0.02 so that tiny conversion tests compare non-negligible values
 
-FULL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                   image_size=384, patch_size=14)  # google/siglip-so400m-patch14-384
-FULL_PHI = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
-                vocab_size=51200)  # microsoft/phi-2
+FULL_VISION = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+)  # google/siglip-so400m-patch14-384
+FULL_PHI = dict(
+    hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32, vocab_size=51200
+)  # microsoft/phi-2
 FULL_PHI_EOS_ID = 50256  # Phi-2: <|endoftext|> = 50256, 50295 tokens in all
 FULL_PHI_TOKENIZER_LEN = 50295
 FULL_INIT_STD = 0.02
@@ -79,8 +88,10 @@ REMOTE_CODE_STAND_IN = (
 
 def remote_code_files(lm_type: str) -> dict[str, str]:
     """`auto_map` of a published TinyLLaVA config.json: auto class -> "module.Class" (module = a file beside it)."""
-    return {"AutoConfig": "configuration.TinyLlavaConfig",
-            "AutoModelForCausalLM": f"modeling_tinyllava_{lm_type}.TinyLlavaForConditionalGeneration"}
+    return {
+        "AutoConfig": "configuration.TinyLlavaConfig",
+        "AutoModelForCausalLM": f"modeling_tinyllava_{lm_type}.TinyLlavaForConditionalGeneration",
+    }
 
 
 LM_PREFIX = "language_model."
@@ -135,30 +146,59 @@ def _vision_config(size: str, dims: dict[str, Any] | None = None):
     from transformers import SiglipVisionConfig
 
     dims = {**(TINY_VISION if size == "tiny" else FULL_VISION), **(dims or {})}
-    return SiglipVisionConfig(**dims, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3,
-                              attention_dropout=0.0)
+    return SiglipVisionConfig(
+        **dims, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3, attention_dropout=0.0
+    )
 
 
-def _lm_config(lm_type: str, size: str, special: dict[str, int | None], dtype: torch.dtype,
-               dims: dict[str, Any] | None = None):
+def _lm_config(
+    lm_type: str, size: str, special: dict[str, int | None], dtype: torch.dtype, dims: dict[str, Any] | None = None
+):
     from transformers import LlamaConfig, PhiConfig, Qwen2Config
 
     overrides = dims or {}
     if lm_type == "phi":
         dims = {**(TINY_LM if size == "tiny" else FULL_PHI), **overrides}
-        cfg = PhiConfig(**dims, num_key_value_heads=dims["num_attention_heads"], hidden_act="gelu_new",
-                        max_position_embeddings=2048, layer_norm_eps=1e-5, partial_rotary_factor=0.4,
-                        resid_pdrop=0.1 if size == "full" else 0.0, embd_pdrop=0.0, attention_dropout=0.0,
-                        qk_layernorm=False, tie_word_embeddings=False, use_cache=True,
-                        bos_token_id=special["bos"], eos_token_id=special["eos"])
+        cfg = PhiConfig(
+            **dims,
+            num_key_value_heads=dims["num_attention_heads"],
+            hidden_act="gelu_new",
+            max_position_embeddings=2048,
+            layer_norm_eps=1e-5,
+            partial_rotary_factor=0.4,
+            resid_pdrop=0.1 if size == "full" else 0.0,
+            embd_pdrop=0.0,
+            attention_dropout=0.0,
+            qk_layernorm=False,
+            tie_word_embeddings=False,
+            use_cache=True,
+            bos_token_id=special["bos"],
+            eos_token_id=special["eos"],
+        )
     elif lm_type == "llama":
-        cfg = LlamaConfig(**{**TINY_LM, **overrides}, num_key_value_heads=TINY_NUM_KV_HEADS, hidden_act="silu",
-                          max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                          use_cache=True, bos_token_id=special["bos"], eos_token_id=special["eos"])
+        cfg = LlamaConfig(
+            **{**TINY_LM, **overrides},
+            num_key_value_heads=TINY_NUM_KV_HEADS,
+            hidden_act="silu",
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            use_cache=True,
+            bos_token_id=special["bos"],
+            eos_token_id=special["eos"],
+        )
     elif lm_type == "qwen2":
-        cfg = Qwen2Config(**{**TINY_LM, **overrides}, num_key_value_heads=TINY_NUM_KV_HEADS, hidden_act="silu",
-                          max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                          use_cache=True, bos_token_id=special["bos"], eos_token_id=special["eos"])
+        cfg = Qwen2Config(
+            **{**TINY_LM, **overrides},
+            num_key_value_heads=TINY_NUM_KV_HEADS,
+            hidden_act="silu",
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            use_cache=True,
+            bos_token_id=special["bos"],
+            eos_token_id=special["eos"],
+        )
     else:
         raise ValueError(f"lm_type must be 'phi', 'llama' or 'qwen2', got {lm_type!r}")
     cfg.architectures = [type(cfg).__name__.replace("Config", "ForCausalLM")]
@@ -167,8 +207,15 @@ def _lm_config(lm_type: str, size: str, special: dict[str, int | None], dtype: t
     return cfg
 
 
-def _tinyllava_config(lm_type: str, text_config, vision_config, tokenizer, image_aspect_ratio: str,
-                      dtype: torch.dtype, feature_select: tuple[int, str] = (-2, "patch")) -> dict[str, Any]:
+def _tinyllava_config(
+    lm_type: str,
+    text_config,
+    vision_config,
+    tokenizer,
+    image_aspect_ratio: str,
+    dtype: torch.dtype,
+    feature_select: tuple[int, str] = (-2, "patch"),
+) -> dict[str, Any]:
     import transformers
 
     text = text_config.to_dict()
@@ -219,8 +266,15 @@ def _special_ids(tokenizer) -> dict[str, int | None]:
     return {"bos": bos, "eos": tokenizer.eos_token_id}
 
 
-def tinyllava_configs(tokenizer, lm_type: str = "phi", size: str = "tiny", *, dtype: torch.dtype = torch.float32,
-                      lm: dict[str, Any] | None = None, vision: dict[str, Any] | None = None):
+def tinyllava_configs(
+    tokenizer,
+    lm_type: str = "phi",
+    size: str = "tiny",
+    *,
+    dtype: torch.dtype = torch.float32,
+    lm: dict[str, Any] | None = None,
+    vision: dict[str, Any] | None = None,
+):
     """(text_config, vision_config) of a TinyLLaVA checkpoint: the `size` preset ("tiny" / "full"), with the
     dimensions in `lm` / `vision` overriding it (e.g. `vision={"image_size": 48}`), special ids from `tokenizer`."""
     text_config = _lm_config(lm_type, size, _special_ids(tokenizer), dtype, lm)
@@ -230,25 +284,44 @@ def tinyllava_configs(tokenizer, lm_type: str = "phi", size: str = "tiny", *, dt
     return text_config, vision_config
 
 
-def _write_metadata(out: Path, lm_type: str, tokenizer, text_config, vision_config, image_aspect_ratio: str,
-                    dtype: torch.dtype, feature_select: tuple[int, str] = (-2, "patch"),
-                    remote_code: str = REMOTE_CODE_STAND_IN) -> None:
+def _write_metadata(
+    out: Path,
+    lm_type: str,
+    tokenizer,
+    text_config,
+    vision_config,
+    image_aspect_ratio: str,
+    dtype: torch.dtype,
+    feature_select: tuple[int, str] = (-2, "patch"),
+    remote_code: str = REMOTE_CODE_STAND_IN,
+) -> None:
     """Tokenizer files, config.json (with `auto_map`), the remote-code files it names (each holding the text
     `remote_code`) and generation_config.json of a TinyLLaVA checkpoint folder."""
     _save_tokenizer(tokenizer, lm_type, out)
     for ref in remote_code_files(lm_type).values():
         (out / (ref.split(".", 1)[0] + ".py")).write_text(remote_code)
-    config = _tinyllava_config(lm_type, text_config, vision_config, tokenizer, image_aspect_ratio, dtype,
-                               feature_select)
+    config = _tinyllava_config(
+        lm_type, text_config, vision_config, tokenizer, image_aspect_ratio, dtype, feature_select
+    )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     special = _special_ids(tokenizer)
-    generation = {"_from_model_config": True, "bos_token_id": special["bos"], "eos_token_id": special["eos"],
-                  "transformers_version": config["transformers_version"]}
+    generation = {
+        "_from_model_config": True,
+        "bos_token_id": special["bos"],
+        "eos_token_id": special["eos"],
+        "transformers_version": config["transformers_version"],
+    }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
-                              image_aspect_ratio: str = "square", remote_code: str = REMOTE_CODE_STAND_IN) -> Path:
+def save_tinyllava_checkpoint(
+    model,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    image_aspect_ratio: str = "square",
+    remote_code: str = REMOTE_CODE_STAND_IN,
+) -> Path:
     """Write a trained MaTVLM teacher (a `MaTVLMForConditionalGeneration` with no Mamba layers) in the published
     TinyLLaVA layout, as `write_tinyllava_checkpoint` does for random weights: config.json (model_type
     "tinyllava"), `model.safetensors` under the TinyLLaVA prefixes, tokenizer files, generation_config.json.
@@ -258,8 +331,9 @@ def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
     """
     config = model.config
     if config.mamba_layers:
-        raise ValueError(f"only an attention teacher can be saved as TinyLLaVA; this model has Mamba layers "
-                         f"{config.mamba_layers}")
+        raise ValueError(
+            f"only an attention teacher can be saved as TinyLLaVA; this model has Mamba layers {config.mamba_layers}"
+        )
     lm_type = config.text_config.model_type
     if lm_type not in LM_NAMES:
         raise ValueError(f"lm_type must be one of {sorted(LM_NAMES)}, got {lm_type!r}")
@@ -277,14 +351,23 @@ def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_metadata(out, lm_type, tokenizer, text_config, vision_config, image_aspect_ratio, dtype,
-                    (config.vision_feature_layer, config.vision_feature_select_strategy), remote_code)
+    _write_metadata(
+        out,
+        lm_type,
+        tokenizer,
+        text_config,
+        vision_config,
+        image_aspect_ratio,
+        dtype,
+        (config.vision_feature_layer, config.vision_feature_select_strategy),
+        remote_code,
+    )
     renames = {"language_model.": LM_PREFIX, "vision_tower.": VISION_PREFIX, "connector.": CONNECTOR_PREFIX}
     tensors = {}
     for key, t in model.state_dict().items():
         key = checkpoint_key(key)  # MaTVLM's on-disk names, then TinyLLaVA's
         prefix = next(p for p in renames if key.startswith(p))
-        tensors[renames[prefix] + key[len(prefix):]] = t.detach().to("cpu").contiguous().clone()
+        tensors[renames[prefix] + key[len(prefix) :]] = t.detach().to("cpu").contiguous().clone()
     from safetensors.torch import save_file
 
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -295,8 +378,13 @@ def save_tinyllava_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *,
 # Tokenizer
 
 
-def build_tokenizer(lm_type: str = "phi", *, vocab_size: int = TINY_TOKENIZER_VOCAB,
-                    phi2_ids: bool = False, model_max_length: int = TOKENIZER_MODEL_MAX_LENGTH):
+def build_tokenizer(
+    lm_type: str = "phi",
+    *,
+    vocab_size: int = TINY_TOKENIZER_VOCAB,
+    phi2_ids: bool = False,
+    model_max_length: int = TOKENIZER_MODEL_MAX_LENGTH,
+):
     """A byte-level BPE trained in-process on CORPUS, wrapped as a transformers fast tokenizer.
 
     phi: `<|endoftext|>` after the BPE vocab (as GPT-2/Phi-2), eos = bos = unk = pad. With `phi2_ids` the BPE
@@ -311,9 +399,12 @@ def build_tokenizer(lm_type: str = "phi", *, vocab_size: int = TINY_TOKENIZER_VO
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size + len(leading_special), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=leading_special)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + len(leading_special),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=leading_special,
+    )
     tok.train_from_iterator(CORPUS.splitlines(), trainer)
 
     if phi2_ids:  # pad the BPE vocab with entries no merge produces, to reach Phi-2's ids
@@ -329,21 +420,29 @@ def build_tokenizer(lm_type: str = "phi", *, vocab_size: int = TINY_TOKENIZER_VO
             n_extra = FULL_PHI_TOKENIZER_LEN - tok.get_vocab_size()
             tok.add_tokens([AddedToken(f"<|extra_{i}|>", normalized=False) for i in range(n_extra)])
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        names = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                     pad_token="<|endoftext|>")
+        names = dict(
+            bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|endoftext|>"
+        )
     elif lm_type == "llama":
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
         names = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
     elif lm_type == "qwen2":
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+        tok.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
+        )
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         names = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     else:
         raise ValueError(f"lm_type must be 'phi', 'llama' or 'qwen2', got {lm_type!r}")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
-                                   padding_side="right", clean_up_tokenization_spaces=False, **names)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=model_max_length,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+        **names,
+    )
 
 
 def _save_tokenizer(tokenizer, lm_type: str, out_dir: Path) -> None:
@@ -364,8 +463,11 @@ def _save_tokenizer(tokenizer, lm_type: str, out_dir: Path) -> None:
         cfg["added_tokens_decoder"] = {str(i): {k: getattr(t, k) for k in fields} for i, t in added}
         cfg.pop("backend", None)  # a transformers 5 field; the published file predates it
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-               if getattr(tokenizer, k) is not None}
+    special = {
+        k: getattr(tokenizer, k)
+        for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if getattr(tokenizer, k) is not None
+    }
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
@@ -380,25 +482,36 @@ def _param_specs(text_config, vision_config) -> list[tuple[str, tuple[int, ...],
     specs: list[tuple[str, tuple[int, ...], str]] = []
 
     def collect(module: torch.nn.Module, prefix: str) -> None:
-        norm_params = {f"{n}.{p}" if n else p
-                       for n, m in module.named_modules() if "Norm" in type(m).__name__
-                       for p, _ in m.named_parameters(recurse=False)}
+        norm_params = {
+            f"{n}.{p}" if n else p
+            for n, m in module.named_modules()
+            if "Norm" in type(m).__name__
+            for p, _ in m.named_parameters(recurse=False)
+        }
         for key, t in module.state_dict().items():
-            kind = "norm" if key in norm_params and key.endswith("weight") else (
-                "bias" if key.endswith("bias") else "weight")
+            kind = (
+                "norm"
+                if key in norm_params and key.endswith("weight")
+                else ("bias" if key.endswith("bias") else "weight")
+            )
             specs.append((prefix + key, tuple(t.shape), kind))
 
     with torch.device("meta"):
         collect(AutoModelForCausalLM.from_config(text_config), LM_PREFIX)
         collect(SiglipVisionModel(vision_config), VISION_PREFIX)
     vh, h = vision_config.hidden_size, text_config.hidden_size
-    specs += [(CONNECTOR_PREFIX + "0.weight", (h, vh), "weight"), (CONNECTOR_PREFIX + "0.bias", (h,), "bias"),
-              (CONNECTOR_PREFIX + "2.weight", (h, h), "weight"), (CONNECTOR_PREFIX + "2.bias", (h,), "bias")]
+    specs += [
+        (CONNECTOR_PREFIX + "0.weight", (h, vh), "weight"),
+        (CONNECTOR_PREFIX + "0.bias", (h,), "bias"),
+        (CONNECTOR_PREFIX + "2.weight", (h, h), "weight"),
+        (CONNECTOR_PREFIX + "2.bias", (h,), "bias"),
+    ]
     return specs
 
 
-def _make_tensor(key: str, shape: tuple[int, ...], kind: str, *, seed: int, size: str,
-                 dtype: torch.dtype) -> torch.Tensor:
+def _make_tensor(
+    key: str, shape: tuple[int, ...], kind: str, *, seed: int, size: str, dtype: torch.dtype
+) -> torch.Tensor:
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
     t = torch.empty(shape, dtype=dtype)
     if size == "full":  # LayerNorm weights 1, biases 0, the rest N(0, 0.02)
@@ -431,8 +544,9 @@ def _plan_shards(specs, itemsize: int, max_shard_size: int | None) -> list[list[
     return shards
 
 
-def _write_weights(out_dir: Path, specs, *, seed: int, size: str, dtype: torch.dtype,
-                   max_shard_size: int | None) -> None:
+def _write_weights(
+    out_dir: Path, specs, *, seed: int, size: str, dtype: torch.dtype, max_shard_size: int | None
+) -> None:
     from safetensors.torch import save_file
 
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -495,8 +609,9 @@ def write_tinyllava_checkpoint(
 
     tokenizer = build_tokenizer(lm_type, phi2_ids=(size == "full"))
     text_config, vision_config = tinyllava_configs(tokenizer, lm_type, size, dtype=dtype)
-    _write_metadata(out, lm_type, tokenizer, text_config, vision_config, image_aspect_ratio, dtype,
-                    remote_code=remote_code)
+    _write_metadata(
+        out, lm_type, tokenizer, text_config, vision_config, image_aspect_ratio, dtype, remote_code=remote_code
+    )
 
     specs = _param_specs(text_config, vision_config)
     _write_weights(out, specs, seed=seed, size=size, dtype=dtype, max_shard_size=max_shard_size)

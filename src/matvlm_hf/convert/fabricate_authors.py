@@ -20,8 +20,16 @@ from typing import Any
 import torch
 
 from .authors_checkpoint import AUTHORS_ARCHITECTURE, MAMBA_CONFIG_NAME
-from .fabricate import (FULL_SHARD_SIZE, LM_PREFIX, _param_specs, _write_metadata, _write_weights, build_tokenizer,
-                        parse_size, tinyllava_configs)
+from .fabricate import (
+    FULL_SHARD_SIZE,
+    LM_PREFIX,
+    _param_specs,
+    _write_metadata,
+    _write_weights,
+    build_tokenizer,
+    parse_size,
+    tinyllava_configs,
+)
 
 #: the authors' training script's model_max_length (12.5 and 25 %; 1228 for 50 %), saved as tokenizer_model_max_length
 AUTHORS_MAX_LENGTH = 1428
@@ -31,12 +39,21 @@ def train_script_mamba_config(text_config, ssm_layers: list[int], is_bias: bool 
     """mamba_config.json as the authors' train_hybrid.py builds PhiMambaConfig from the teacher's text config."""
     head_dim = text_config.hidden_size // text_config.num_attention_heads
     n = text_config.num_hidden_layers
-    return {"d_model": text_config.hidden_size,
-            "ssm_cfg": {"expand": 1, "ngroups": text_config.num_attention_heads, "d_state": head_dim},
-            "layer_norm_eps": text_config.layer_norm_eps, "vocab_size": None, "d_inner": text_config.hidden_size,
-            "d_xb": text_config.num_key_value_heads * head_dim, "intermediate_size": text_config.intermediate_size,
-            "hidden_act": text_config.hidden_act, "n_layer": n, "attn_layers": [i for i in range(n) if i not in ssm_layers],
-            "resid_pdrop": text_config.resid_pdrop, "bidirectional": False, "is_bias": is_bias}
+    return {
+        "d_model": text_config.hidden_size,
+        "ssm_cfg": {"expand": 1, "ngroups": text_config.num_attention_heads, "d_state": head_dim},
+        "layer_norm_eps": text_config.layer_norm_eps,
+        "vocab_size": None,
+        "d_inner": text_config.hidden_size,
+        "d_xb": text_config.num_key_value_heads * head_dim,
+        "intermediate_size": text_config.intermediate_size,
+        "hidden_act": text_config.hidden_act,
+        "n_layer": n,
+        "attn_layers": [i for i in range(n) if i not in ssm_layers],
+        "resid_pdrop": text_config.resid_pdrop,
+        "bidirectional": False,
+        "is_bias": is_bias,
+    }
 
 
 def _mixer_specs(mamba: dict[str, Any], layer: int) -> list[tuple[str, tuple[int, ...], str]]:
@@ -44,12 +61,21 @@ def _mixer_specs(mamba: dict[str, Any], layer: int) -> list[tuple[str, tuple[int
     nheads = mamba["ssm_cfg"]["ngroups"]
     conv_dim = d_inner + 2 * d_xb
     p = f"{LM_PREFIX}model.layers.{layer}.mamba."
-    specs = [(p + "in_proj.weight", (2 * d_inner + 2 * d_xb + nheads, d_model), "weight"),
-             (p + "conv1d.weight", (conv_dim, 1, 4), "weight"), (p + "conv1d.bias", (conv_dim,), "bias"),
-             (p + "dt_bias", (nheads,), "bias"), (p + "A_log", (nheads,), "weight"), (p + "D", (nheads,), "weight"),
-             (p + "norm.weight", (d_inner,), "norm"), (p + "out_proj.weight", (d_model, d_inner), "weight")]
+    specs = [
+        (p + "in_proj.weight", (2 * d_inner + 2 * d_xb + nheads, d_model), "weight"),
+        (p + "conv1d.weight", (conv_dim, 1, 4), "weight"),
+        (p + "conv1d.bias", (conv_dim,), "bias"),
+        (p + "dt_bias", (nheads,), "bias"),
+        (p + "A_log", (nheads,), "weight"),
+        (p + "D", (nheads,), "weight"),
+        (p + "norm.weight", (d_inner,), "norm"),
+        (p + "out_proj.weight", (d_model, d_inner), "weight"),
+    ]
     if mamba["is_bias"]:
-        specs += [(p + "in_proj.bias", (2 * d_inner + 2 * d_xb + nheads,), "bias"), (p + "out_proj.bias", (d_model,), "bias")]
+        specs += [
+            (p + "in_proj.bias", (2 * d_inner + 2 * d_xb + nheads,), "bias"),
+            (p + "out_proj.bias", (d_model,), "bias"),
+        ]
     return specs
 
 
@@ -63,7 +89,7 @@ def authors_param_specs(text_config, vision_config, mamba: dict[str, Any]) -> li
         key = spec[0]
         if key.startswith(mamba_prefixes) and ".self_attn." in key:
             if key.endswith("self_attn.q_proj.weight"):
-                specs += _mixer_specs(mamba, int(key[len(LM_PREFIX + "model.layers."):].split(".", 1)[0]))
+                specs += _mixer_specs(mamba, int(key[len(LM_PREFIX + "model.layers.") :].split(".", 1)[0]))
             continue
         specs.append(spec)
     return specs

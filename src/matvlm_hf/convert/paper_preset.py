@@ -85,14 +85,16 @@ class FreshDecoderLayers:
         prefix = "language_model.model.layers."
         if not key.startswith(prefix):
             return None
-        index, name = key[len(prefix):].split(".", 1)
+        index, name = key[len(prefix) :].split(".", 1)
         if int(index) not in self._layers or name.startswith("self_attn."):
             return None
         if self._built is None or self._built[0] != int(index):
             torch.manual_seed(self._seed * 1_000_003 + int(index))
             layer = self._layer_class(self._config, int(index))
-            self._built = (int(index), {k: v.detach() for k, v in layer.state_dict().items()
-                                        if not k.startswith("self_attn.")})
+            self._built = (
+                int(index),
+                {k: v.detach() for k, v in layer.state_dict().items() if not k.startswith("self_attn.")},
+            )
         if name not in self._built[1]:
             raise ValueError(f"{key} is not a parameter of a fresh {self._layer_class.__name__}.")
         return self._built[1][name]

@@ -36,13 +36,32 @@ from ..modeling_matvlm import MaTVLMForConditionalGeneration
 # --- knobs -------------------------------------------------------------------------------------------------------
 MODELS = {"teacher": 0.0, "hybrid-12.5": 0.125, "hybrid-25": 0.25, "hybrid-50": 0.5}
 SIZES = {  # contexts, batches, prefill lengths, memory totals, decode steps timed, eager contexts
-    "full": dict(contexts=[256, 1024, 4096, 8192, 16384], batches=[1, 16, 64], prefill=[1024, 4096, 8192, 16384, 32768],
-                 memory=[1024, 4096, 8192, 16384, 32768], steps=64, eager=[(1, 1024), (16, 1024), (1, 8192)],
-                 compiled=[(1, 1024), (16, 8192)], static=[(1, 1024), (16, 1024)],
-                 max_batch_context=16384, max_batch_cap=512, hbm_bytes_per_s=3.35e12),
-    "tiny": dict(contexts=[32, 128], batches=[1, 4], prefill=[32, 128], memory=[64, 256], steps=8, eager=[(1, 32)],
-                 compiled=[], static=[(1, 32)],
-                 max_batch_context=128, max_batch_cap=8, hbm_bytes_per_s=None),
+    "full": dict(
+        contexts=[256, 1024, 4096, 8192, 16384],
+        batches=[1, 16, 64],
+        prefill=[1024, 4096, 8192, 16384, 32768],
+        memory=[1024, 4096, 8192, 16384, 32768],
+        steps=64,
+        eager=[(1, 1024), (16, 1024), (1, 8192)],
+        compiled=[(1, 1024), (16, 8192)],
+        static=[(1, 1024), (16, 1024)],
+        max_batch_context=16384,
+        max_batch_cap=512,
+        hbm_bytes_per_s=3.35e12,
+    ),
+    "tiny": dict(
+        contexts=[32, 128],
+        batches=[1, 4],
+        prefill=[32, 128],
+        memory=[64, 256],
+        steps=8,
+        eager=[(1, 32)],
+        compiled=[],
+        static=[(1, 32)],
+        max_batch_context=128,
+        max_batch_cap=8,
+        hbm_bytes_per_s=None,
+    ),
 }
 
 
@@ -50,8 +69,11 @@ def build_model(ratio: float, size: str, device: str, dtype: torch.dtype) -> MaT
     """TinyLLaVA-3.1B-sized (or tiny) MaTVLM with random weights, built directly on `device`."""
     lm, vision = (FULL_PHI, FULL_VISION) if size == "full" else (TINY_LM, TINY_VISION)
     text = PhiConfig(**lm, partial_rotary_factor=0.4, max_position_embeddings=65536)
-    config = MaTVLMConfig(text_config=text, vision_config=SiglipVisionConfig(**vision),
-                          mamba_layers=mamba_layer_indices(text.num_hidden_layers, ratio))
+    config = MaTVLMConfig(
+        text_config=text,
+        vision_config=SiglipVisionConfig(**vision),
+        mamba_layers=mamba_layer_indices(text.num_hidden_layers, ratio),
+    )
     with torch.device(device):
         model = MaTVLMForConditionalGeneration(config)
     return model.to(dtype).eval()
@@ -67,8 +89,14 @@ def roofline_ms(model, batch: int, context: int, hbm: float) -> float:
     tc = cfg.text_config
     n_attn = tc.num_hidden_layers - len(cfg.mamba_layers)
     kv = n_attn * 2 * tc.hidden_size * model.dtype.itemsize * context * batch
-    state = len(cfg.mamba_layers) * batch * (cfg.mamba_nheads * cfg.mamba_headdim * cfg.mamba_d_state * 4
-                                             + (2 * cfg.mamba_d_xb + cfg.mamba_d_inner) * cfg.mamba_d_conv * 2)
+    state = (
+        len(cfg.mamba_layers)
+        * batch
+        * (
+            cfg.mamba_nheads * cfg.mamba_headdim * cfg.mamba_d_state * 4
+            + (2 * cfg.mamba_d_xb + cfg.mamba_d_inner) * cfg.mamba_d_conv * 2
+        )
+    )
     return (lm_bytes(model) + kv + 2 * state) / hbm * 1e3
 
 
@@ -119,8 +147,15 @@ def time_generate(model, batch: int, context: int, steps: int, device: str, **ge
     transformers' static cache, whose forward generate() compiles by itself on CUDA (the first call of a shape pays
     the compilation: it is run once untimed)."""
     ids = torch.randint(0, 1000, (batch, context), device=model.device)
-    kw = dict(input_ids=ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, eos_token_id=None,
-              pad_token_id=0, **generate_kwargs)
+    kw = dict(
+        input_ids=ids,
+        max_new_tokens=steps + 1,
+        min_new_tokens=steps + 1,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        **generate_kwargs,
+    )
     with torch.no_grad():
         if generate_kwargs:  # warm-up: compilation and CUDA-graph capture of the static-cache path
             model.generate(**kw)
@@ -158,6 +193,7 @@ def peak_memory(model, total: int, device: str) -> float | None:
 
 def largest_batch(model, context: int, steps: int, device: str, cap: int) -> dict:
     """Doubling then bisection on the batch (up to `cap`) that fits a `context`-token cache, and its throughput."""
+
     def fits(batch: int) -> dict | None:
         release(model)
         try:
@@ -166,6 +202,7 @@ def largest_batch(model, context: int, steps: int, device: str, cap: int) -> dic
             return None
         finally:
             release(model)
+
     lo, hi, best = 0, 1, None
     while hi <= cap and (r := fits(hi)) is not None:
         lo, best, hi = hi, r, hi * 2
@@ -197,16 +234,31 @@ def guarded(fn, *args, **kwargs):
 PARTS = ("decode", "eager", "static", "compiled", "prefill", "memory", "max_batch")
 
 
-def run(size: str, out: Path, device: str, models: dict[str, float], append: bool = False,
-        parts: tuple[str, ...] = PARTS, **knob_overrides: list[int]) -> dict:
+def run(
+    size: str,
+    out: Path,
+    device: str,
+    models: dict[str, float],
+    append: bool = False,
+    parts: tuple[str, ...] = PARTS,
+    **knob_overrides: list[int],
+) -> dict:
     knobs = {**SIZES[size], **knob_overrides}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    results = {"size": size, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "torch": torch.__version__, "dtype": str(dtype), "knobs": knobs, "models": {}}
+    results = {
+        "size": size,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "knobs": knobs,
+        "models": {},
+    }
     if append and (out / "benchmark.json").exists():  # add models to an earlier run on the same device
         earlier = json.loads((out / "benchmark.json").read_text())
         if earlier["device"] != results["device"] or earlier["size"] != size:
-            raise ValueError(f"--append: {out / 'benchmark.json'} was measured on {earlier['device']} ({earlier['size']})")
+            raise ValueError(
+                f"--append: {out / 'benchmark.json'} was measured on {earlier['device']} ({earlier['size']})"
+            )
         results["models"] = earlier["models"]
     out.mkdir(parents=True, exist_ok=True)
     for name, ratio in models.items():
@@ -236,8 +288,9 @@ def run(size: str, out: Path, device: str, models: dict[str, float], append: boo
             elif kind == "eager":
                 r["eager"][key] = guarded(time_generate, model, batch, n, min(knobs["steps"], 32), device)
             elif kind == "static":  # transformers' own static-cache path (auto-compiled on CUDA), beside fast_decode
-                point = r["static"][key] = guarded(time_generate, model, batch, n, knobs["steps"], device,
-                                                   cache_implementation="static")
+                point = r["static"][key] = guarded(
+                    time_generate, model, batch, n, knobs["steps"], device, cache_implementation="static"
+                )
                 if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
                     point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
             elif kind == "prefill":
@@ -246,8 +299,9 @@ def run(size: str, out: Path, device: str, models: dict[str, float], append: boo
                 r["peak_gib"][str(n)] = guarded(peak_memory, model, n, device)
         release(model)
         if "max_batch" in parts:
-            r["largest_batch"] = largest_batch(model, knobs["max_batch_context"], knobs["steps"] // 2, device,
-                                               knobs["max_batch_cap"])
+            r["largest_batch"] = largest_batch(
+                model, knobs["max_batch_context"], knobs["steps"] // 2, device, knobs["max_batch_cap"]
+            )
         del model
         release_all()
         (out / "benchmark.json").write_text(json.dumps(results, indent=2))  # partial results survive a timeout
@@ -277,24 +331,47 @@ def plot(results: dict, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         for name, r in models.items():
-            pts = [(int(k.split("x")[1]), v["tokens_per_s"]) for k, v in r["decode"].items()
-                   if k.startswith(f"{batch}x") and isinstance(v, dict)]
+            pts = [
+                (int(k.split("x")[1]), v["tokens_per_s"])
+                for k, v in r["decode"].items()
+                if k.startswith(f"{batch}x") and isinstance(v, dict)
+            ]
             if not pts:
                 continue
             (line,) = ax.plot(*zip(*sorted(pts)), marker="o", label=f"{name} (graph)")
-            comp = [(int(k.split("x")[1]), v["tokens_per_s"]) for k, v in r.get("compiled", {}).items()
-                    if k.startswith(f"{batch}x") and isinstance(v, dict)]
+            comp = [
+                (int(k.split("x")[1]), v["tokens_per_s"])
+                for k, v in r.get("compiled", {}).items()
+                if k.startswith(f"{batch}x") and isinstance(v, dict)
+            ]
             if comp:
-                ax.scatter(*zip(*sorted(comp)), marker="*", s=140, color=line.get_color(), edgecolor="black",
-                           zorder=3, label=f"{name} (graph + compile)")
-        eager = [(int(k.split("x")[1]), v["tokens_per_s"]) for k, v in models.get("teacher", {}).get("eager", {}).items()
-                 if k.startswith(f"{batch}x") and isinstance(v, dict)]
+                ax.scatter(
+                    *zip(*sorted(comp)),
+                    marker="*",
+                    s=140,
+                    color=line.get_color(),
+                    edgecolor="black",
+                    zorder=3,
+                    label=f"{name} (graph + compile)",
+                )
+        eager = [
+            (int(k.split("x")[1]), v["tokens_per_s"])
+            for k, v in models.get("teacher", {}).get("eager", {}).items()
+            if k.startswith(f"{batch}x") and isinstance(v, dict)
+        ]
         if eager:
             ax.plot(*zip(*sorted(eager)), marker="x", linestyle="--", color="gray", label="teacher (HF eager)")
-        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="decode tokens/s",
-               title=f"batch {batch}")
-        ax.set_xticks(results["knobs"]["contexts"], [f"{c // 1024}K" if c >= 1024 else str(c)
-                                                     for c in results["knobs"]["contexts"]])
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="context length (tokens)",
+            ylabel="decode tokens/s",
+            title=f"batch {batch}",
+        )
+        ax.set_xticks(
+            results["knobs"]["contexts"],
+            [f"{c // 1024}K" if c >= 1024 else str(c) for c in results["knobs"]["contexts"]],
+        )
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -326,18 +403,37 @@ def plot(results: dict, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="matvlm bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=list(SIZES), default="full",
-                        help="model sizes: full (TinyLLaVA-3.1B, GPU) | tiny (CPU smoke run) (default: full)")
-    parser.add_argument("--out", default="docs/benchmarks",
-                        help="folder for benchmark.json and the plots (default: docs/benchmarks)")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated models to time (default: all: {','.join(MODELS)})")
-    parser.add_argument("--plot-only", action="store_true", help="only redraw the plots from OUT/benchmark.json (default: off)")
-    parser.add_argument("--append", action="store_true", help="add to OUT/benchmark.json instead of replacing it; same device (default: off)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated measurements (default: all: {','.join(PARTS)})")
-    parser.add_argument("--batches", default=None,
-                        help="comma-separated batch sizes of the decode points (default: the size's list)")
-    parser.add_argument("--contexts", default=None,
-                        help="comma-separated context lengths of the decode points, tokens (default: the size's list)")
+    parser.add_argument(
+        "--size",
+        choices=list(SIZES),
+        default="full",
+        help="model sizes: full (TinyLLaVA-3.1B, GPU) | tiny (CPU smoke run) (default: full)",
+    )
+    parser.add_argument(
+        "--out", default="docs/benchmarks", help="folder for benchmark.json and the plots (default: docs/benchmarks)"
+    )
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated models to time (default: all: {','.join(MODELS)})"
+    )
+    parser.add_argument(
+        "--plot-only", action="store_true", help="only redraw the plots from OUT/benchmark.json (default: off)"
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add to OUT/benchmark.json instead of replacing it; same device (default: off)",
+    )
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated measurements (default: all: {','.join(PARTS)})"
+    )
+    parser.add_argument(
+        "--batches", default=None, help="comma-separated batch sizes of the decode points (default: the size's list)"
+    )
+    parser.add_argument(
+        "--contexts",
+        default=None,
+        help="comma-separated context lengths of the decode points, tokens (default: the size's list)",
+    )
     args = parser.parse_args(argv)
     from ..extras import require
     from ..safe_output import check_output
@@ -354,11 +450,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.size == "full" and device != "cuda":
         parser.error("--size full needs a CUDA GPU; use --size tiny on a CPU")
     models = {m: MODELS[m] for m in args.models.split(",")}
-    knobs = {name: [int(x) for x in value.split(",")] for name, value in
-             (("batches", args.batches), ("contexts", args.contexts)) if value}
+    knobs = {
+        name: [int(x) for x in value.split(",")]
+        for name, value in (("batches", args.batches), ("contexts", args.contexts))
+        if value
+    }
     results = run(args.size, out, device, models, append=args.append, parts=tuple(args.parts.split(",")), **knobs)
-    print(json.dumps({name: {"largest_batch": r.get("largest_batch", {}).get("batch"), "compiled": r["compiled"]}
-                      for name, r in results["models"].items()}, indent=1)[:4000])
+    print(
+        json.dumps(
+            {
+                name: {"largest_batch": r.get("largest_batch", {}).get("batch"), "compiled": r["compiled"]}
+                for name, r in results["models"].items()
+            },
+            indent=1,
+        )[:4000]
+    )
     return results
 
 

@@ -127,8 +127,10 @@ def run_batch(cfg: dict[str, Any], models, batch_size: int, steps: int) -> dict[
     timer = StepTimer()
     trainer = None
     try:
-        trainer = build_trainer({**cfg, "per_device_batch_size": batch_size, "global_batch_size": batch_size,
-                                 "max_steps": steps}, models=models)
+        trainer = build_trainer(
+            {**cfg, "per_device_batch_size": batch_size, "global_batch_size": batch_size, "max_steps": steps},
+            models=models,
+        )
         trainer.add_callback(timer)
         trainer.train()
         result: dict[str, Any] = {"batch_size": batch_size, "oom": False}
@@ -147,29 +149,60 @@ def run_batch(cfg: dict[str, Any], models, batch_size: int, steps: int) -> dict[
         measured = timer.times[1:] or timer.times  # the first step of a shape allocates and autotunes the kernels
         step = statistics.median(measured)
         tokens = batch_size * cfg["max_length"]
-        result.update(steps=len(timer.times), step_time_s=round(step, 4), step_times_s=[round(t, 4) for t in timer.times],
-                      tokens_per_step=tokens, tokens_per_s=round(tokens / step, 1),
-                      samples_per_s=round(batch_size / step, 2))
+        result.update(
+            steps=len(timer.times),
+            step_time_s=round(step, 4),
+            step_times_s=[round(t, 4) for t in timer.times],
+            tokens_per_step=tokens,
+            tokens_per_s=round(tokens / step, 1),
+            samples_per_s=round(batch_size / step, 2),
+        )
     print(json.dumps({k: v for k, v in result.items() if k != "step_times_s"}), flush=True)
     return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="matvlm bench-distill", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--workdir", required=True, help="folder for checkpoints and data, reused when present; required")
+    parser = argparse.ArgumentParser(
+        prog="matvlm bench-distill",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--workdir", required=True, help="folder for checkpoints and data, reused when present; required"
+    )
     parser.add_argument("--out", required=True, help="results JSON file; required")
-    parser.add_argument("--size", choices=("full", "tiny"), default="full",
-                        help="model sizes: full (TinyLLaVA-3.1B, GPU) | tiny (CPU smoke run) (default: full)")
-    parser.add_argument("--ratio", type=float, default=0.25, help="fraction of the student's decoder layers that are Mamba-2 (default: 0.25)")
-    parser.add_argument("--max-length", type=int, default=1428, help="tokens per sample, image tokens included (default: 1428, the authors')")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per forward pass of the timed run (default: 1)")
+    parser.add_argument(
+        "--size",
+        choices=("full", "tiny"),
+        default="full",
+        help="model sizes: full (TinyLLaVA-3.1B, GPU) | tiny (CPU smoke run) (default: full)",
+    )
+    parser.add_argument(
+        "--ratio",
+        type=float,
+        default=0.25,
+        help="fraction of the student's decoder layers that are Mamba-2 (default: 0.25)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=1428,
+        help="tokens per sample, image tokens included (default: 1428, the authors')",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="samples per forward pass of the timed run (default: 1)"
+    )
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the timed run (default: 30)")
-    parser.add_argument("--search-steps", type=int, default=2, help="optimizer steps per try of the largest-batch search (default: 2)")
+    parser.add_argument(
+        "--search-steps", type=int, default=2, help="optimizer steps per try of the largest-batch search (default: 2)"
+    )
     parser.add_argument("--no-search", action="store_true", help="skip the largest-micro-batch search (default: off)")
-    parser.add_argument("--train-mode", default="mamba+connector",
-                        help="what trains: mamba+connector | mamba | mamba+mlp+connector | all (default: mamba+connector)")
+    parser.add_argument(
+        "--train-mode",
+        default="mamba+connector",
+        help="what trains: mamba+connector | mamba | mamba+mlp+connector | all (default: mamba+connector)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -186,16 +219,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paths = prepare(work, args.size, args.ratio, args.max_length, n_samples=64)
     prepare_s = time.perf_counter() - t0
     print(f"checkpoints and data ready in {prepare_s:.0f} s: {work}", flush=True)
-    cfg = parse_config(["--student", str(paths["student"]), "--teacher", str(paths["teacher"]), "--data",
-                        str(paths["data"]), "--images", str(paths["images"]), "--output", str(work / "run"),
-                        "--max-length", str(args.max_length), "--logging-steps", "10", "--save-steps", "0",
-                        "--num-workers", "2", "--train-mode", args.train_mode, "--report-to", "none"])
+    cfg = parse_config(
+        [
+            "--student",
+            str(paths["student"]),
+            "--teacher",
+            str(paths["teacher"]),
+            "--data",
+            str(paths["data"]),
+            "--images",
+            str(paths["images"]),
+            "--output",
+            str(work / "run"),
+            "--max-length",
+            str(args.max_length),
+            "--logging-steps",
+            "10",
+            "--save-steps",
+            "0",
+            "--num-workers",
+            "2",
+            "--train-mode",
+            args.train_mode,
+            "--report-to",
+            "none",
+        ]
+    )
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     bf16 = cuda and torch.cuda.is_bf16_supported()
     student = MaTVLMForConditionalGeneration.from_pretrained(paths["student"], dtype=torch.float32).to(device)
     teacher = MaTVLMForConditionalGeneration.from_pretrained(
-        paths["teacher"], dtype=torch.bfloat16 if bf16 else torch.float32).to(device)
+        paths["teacher"], dtype=torch.bfloat16 if bf16 else torch.float32
+    ).to(device)
     models = (student, teacher)
     print(f"models loaded ({time.perf_counter() - t0:.0f} s)", flush=True)
     out = Path(args.out)
@@ -203,15 +259,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     timed = run_batch(cfg, models, args.batch_size, args.steps)
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "size": args.size,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "size": args.size,
         "student_mamba_layers": list(student.config.mamba_layers),
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
-        "max_length": args.max_length, "bf16": bf16, "gradient_checkpointing": cfg["gradient_checkpointing"],
-        "train_mode": args.train_mode, "prepare_seconds": round(prepare_s, 1),
+        "max_length": args.max_length,
+        "bf16": bf16,
+        "gradient_checkpointing": cfg["gradient_checkpointing"],
+        "train_mode": args.train_mode,
+        "prepare_seconds": round(prepare_s, 1),
         # the Mamba conv under autograd (issue 21: the forward-only Triton conv is not used while training)
         "conv_training_path": "causal_conv1d" if mamba2_ops.HAS_CAUSAL_CONV1D else "pytorch",
-        "timed_run": timed, "search": [],
+        "timed_run": timed,
+        "search": [],
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     if cuda and not args.no_search and not timed["oom"]:
@@ -224,8 +286,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return not tries[n]["oom"]
 
         largest, first_oom = largest_fitting(fits, args.batch_size)
-        result.update(largest_micro_batch=largest, first_oom_micro_batch=first_oom,
-                      largest_micro_batch_run=tries[largest])
+        result.update(
+            largest_micro_batch=largest, first_oom_micro_batch=first_oom, largest_micro_batch_run=tries[largest]
+        )
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out} ({time.perf_counter() - t0:.0f} s in all)")
     return result

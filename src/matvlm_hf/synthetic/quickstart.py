@@ -80,9 +80,19 @@ KNOBS: dict[str, Any] = dict(
     log_every=50,  # progress lines (teacher steps)
     eval_every=100,  # teacher-forced held-out accuracy every N teacher steps (0 = never)
 )
-FAST: dict[str, Any] = dict(n_train=128, n_test=40, vision_pretrain_steps=20, teacher_steps=20, teacher_warmup=5,
-                            distill_steps=8,
-                            distill_batch_size=8, eval_batch_size=40, speed_new_tokens=8, log_every=10, eval_every=10)
+FAST: dict[str, Any] = dict(
+    n_train=128,
+    n_test=40,
+    vision_pretrain_steps=20,
+    teacher_steps=20,
+    teacher_warmup=5,
+    distill_steps=8,
+    distill_batch_size=8,
+    eval_batch_size=40,
+    speed_new_tokens=8,
+    log_every=10,
+    eval_every=10,
+)
 
 STAGES = 6
 
@@ -112,13 +122,21 @@ def make_data(out: Path, knobs: dict[str, Any], image_size: int, seed: int) -> d
     types = list(knobs["question_types"])
     train_types = (["caption"] if knobs["captions"] else []) + types
     k = knobs["questions_per_image"] + bool(knobs["captions"])
-    paths = make_dataset(out, n_train=knobs["n_train"], n_test=knobs["n_test"], image_size=image_size, seed=seed,
-                         question_types=train_types, questions_per_image=k, test_question_types=types,
-                         test_questions_per_image=1, progress=False)
+    paths = make_dataset(
+        out,
+        n_train=knobs["n_train"],
+        n_test=knobs["n_test"],
+        image_size=image_size,
+        seed=seed,
+        question_types=train_types,
+        questions_per_image=k,
+        test_question_types=types,
+        test_questions_per_image=1,
+        progress=False,
+    )
     questions = json.loads(paths["train"].read_text(encoding="utf-8"))
     test = json.loads(paths["test"].read_text(encoding="utf-8"))
-    return {"paths": paths, "train": as_conversations(questions, seed=seed), "train_questions": questions,
-            "test": test}
+    return {"paths": paths, "train": as_conversations(questions, seed=seed), "train_questions": questions, "test": test}
 
 
 def answer_of(record: dict[str, Any]) -> str:
@@ -132,8 +150,9 @@ def blind_baseline(train: list[dict], test: list[dict]) -> dict[str, Any]:
     by_type: dict[str, Counter] = {}
     for r in train:
         by_type.setdefault(r["question_type"], Counter())[answer_of(r)] += 1
-    predictions = {r["id"]: by_type[r["question_type"]].most_common(1)[0][0] for r in test
-                   if r["question_type"] in by_type}
+    predictions = {
+        r["id"]: by_type[r["question_type"]].most_common(1)[0][0] for r in test if r["question_type"] in by_type
+    }
     return score(predictions, test)
 
 
@@ -160,15 +179,24 @@ def build_teacher(knobs: dict[str, Any], image_size: int, seed: int):
     from ..processing_matvlm import MaTVLMProcessor, siglip_image_processor
 
     tokenizer = build_tokenizer("phi")
-    text_config, vision_config = tinyllava_configs(tokenizer, "phi", "tiny", lm=knobs["lm"],
-                                                   vision={**knobs["vision"], "image_size": image_size})
-    config = MaTVLMConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), mamba_layers=[],
-                          vision_feature_select_strategy=knobs["vision_feature_select_strategy"])
+    text_config, vision_config = tinyllava_configs(
+        tokenizer, "phi", "tiny", lm=knobs["lm"], vision={**knobs["vision"], "image_size": image_size}
+    )
+    config = MaTVLMConfig(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        mamba_layers=[],
+        vision_feature_select_strategy=knobs["vision_feature_select_strategy"],
+    )
     torch.manual_seed(seed)
     model = MaTVLMForConditionalGeneration(config)
-    processor = MaTVLMProcessor(image_processor=siglip_image_processor(image_size), tokenizer=tokenizer,
-                                image_token_id=config.image_token_id, num_image_tokens=config.num_image_tokens,
-                                image_aspect_ratio="square")
+    processor = MaTVLMProcessor(
+        image_processor=siglip_image_processor(image_size),
+        tokenizer=tokenizer,
+        image_token_id=config.image_token_id,
+        num_image_tokens=config.num_image_tokens,
+        image_aspect_ratio="square",
+    )
     return model, tokenizer, processor
 
 
@@ -184,8 +212,16 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
     vocab = {"shape": ("nothing",) + SHAPES, "color": ("nothing",) + tuple(COLORS), "size": ("nothing",) + SIZES}
     pixels, labels = [], []
     for record, item in zip(records, items):
-        cells = next((c for t in record["conversations"] if t["from"] == "gpt"
-                      for c in [parse_description(t["value"])] if c is not None), None)
+        cells = next(
+            (
+                c
+                for t in record["conversations"]
+                if t["from"] == "gpt"
+                for c in [parse_description(t["value"])]
+                if c is not None
+            ),
+            None,
+        )
         if cells is None or "pixel_values" not in item:
             continue
         row = []
@@ -218,8 +254,10 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
     for step in range(1, steps + 1):
         idx = torch.randint(len(labels), (knobs["teacher_batch_size"],), generator=gen).to(device)
         pooled = per_cell(pixels[idx])
-        loss = sum(torch.nn.functional.cross_entropy(head(pooled).flatten(0, 1), labels[idx][..., j].flatten())
-                   for j, head in enumerate(heads))
+        loss = sum(
+            torch.nn.functional.cross_entropy(head(pooled).flatten(0, 1), labels[idx][..., j].flatten())
+            for j, head in enumerate(heads)
+        )
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -229,12 +267,16 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
     tower.eval()
     with torch.no_grad():  # per-cell accuracy of each head on (up to) 1000 training images: how much the tower knows
         pooled = per_cell(pixels[:1000])
-        accuracy = {name: (head(pooled).argmax(-1) == labels[:1000][..., j]).float().mean().item()
-                    for j, (name, head) in enumerate(zip(vocab, heads))}
+        accuracy = {
+            name: (head(pooled).argmax(-1) == labels[:1000][..., j]).float().mean().item()
+            for j, (name, head) in enumerate(zip(vocab, heads))
+        }
     if log:
-        _say(f"    vision pretraining: {len(log)} steps, per-cell attribute loss {log[0]['loss']:.3f} -> "
-             f"{sum(e['loss'] for e in log[-20:]) / len(log[-20:]):.3f}; per-cell accuracy "
-             + ", ".join(f"{k} {100 * v:.0f}%" for k, v in accuracy.items()))
+        _say(
+            f"    vision pretraining: {len(log)} steps, per-cell attribute loss {log[0]['loss']:.3f} -> "
+            f"{sum(e['loss'] for e in log[-20:]) / len(log[-20:]):.3f}; per-cell accuracy "
+            + ", ".join(f"{k} {100 * v:.0f}%" for k, v in accuracy.items())
+        )
         log[-1]["accuracy"] = accuracy
     return log
 
@@ -255,7 +297,7 @@ def teacher_forced_accuracy(model, items: list[dict], collate, batch_size: int =
     ok: list[bool] = []
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         for start in range(0, len(items), batch_size):
-            batch = {k: v.to(device) for k, v in collate(items[start:start + batch_size]).items()}
+            batch = {k: v.to(device) for k, v in collate(items[start : start + batch_size]).items()}
             labels = batch.pop("labels")[:, 1:]
             pred = model(**batch, use_cache=False).logits[:, :-1].argmax(-1)
             ok += ((pred == labels) | (labels == -100)).all(1).tolist()
@@ -266,8 +308,9 @@ def teacher_forced_accuracy(model, items: list[dict], collate, batch_size: int =
     return sum(ok) / max(len(ok), 1), {t: sum(v) / len(v) for t, v in sorted(per.items())}
 
 
-def train_teacher(model, items: list[dict], pad_token_id: int, knobs: dict[str, Any], seed: int,
-                  eval_items: list[dict] | None = None) -> list[dict]:
+def train_teacher(
+    model, items: list[dict], pad_token_id: int, knobs: dict[str, Any], seed: int, eval_items: list[dict] | None = None
+) -> list[dict]:
     """Plain AdamW loop on the answer-token cross-entropy (every parameter trained) on `knobs["device"]` (bf16
     autocast on CUDA); returns the loss log, with the teacher-forced test accuracy every `eval_every` steps."""
     import torch
@@ -282,8 +325,9 @@ def train_teacher(model, items: list[dict], pad_token_id: int, knobs: dict[str, 
     model.to(device).train().requires_grad_(True)
     if knobs["freeze_vision_tower"]:  # TinyLLaVA's own recipe keeps its (pretrained) SigLIP frozen
         model.vision_tower.requires_grad_(False)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, knobs["teacher_weight_decay"]), lr=knobs["teacher_lr"],
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, knobs["teacher_weight_decay"]), lr=knobs["teacher_lr"], betas=(0.9, 0.95)
+    )
     schedule = get_cosine_schedule_with_warmup(optimizer, min(knobs["teacher_warmup"], steps // 2), steps)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -306,13 +350,14 @@ def train_teacher(model, items: list[dict], pad_token_id: int, knobs: dict[str, 
         log.append(entry)
         if step % knobs["log_every"] == 0 or step == steps or (eval_every and step % eval_every == 0):
             losses = torch.stack(window).float().tolist()
-            for e, value in zip(log[-len(losses):], losses):
+            for e, value in zip(log[-len(losses) :], losses):
                 e["loss"] = value
             entry["time_s"] = round(time.perf_counter() - start, 2)
             text = f"    teacher step {step:5d}/{steps}  loss {sum(losses) / len(losses):.3f}"
             if eval_every and (step % eval_every == 0 or step == steps):
                 entry["tf_accuracy"], entry["tf_accuracy_per_type"] = teacher_forced_accuracy(
-                    model, eval_items, collate)
+                    model, eval_items, collate
+                )
                 text += f"  held-out {_pct(entry['tf_accuracy']).strip()}"
             elapsed = time.perf_counter() - start
             _say(text + f"  ({_fmt_time(elapsed)}, ~{_fmt_time(elapsed / step * (steps - step))} left)")
@@ -330,10 +375,12 @@ def train_new_teacher(data: dict[str, Any], knobs: dict[str, Any], image_size: i
 
     model, tokenizer, processor = build_teacher(knobs, image_size, seed)
     image_dir = data["paths"]["images"]
-    _say(f"    {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters: SigLIP "
-         f"{knobs['vision']['num_hidden_layers']} layers x {knobs['vision']['hidden_size']}, Phi "
-         f"{knobs['lm']['num_hidden_layers']} layers x {knobs['lm']['hidden_size']}; "
-         f"{model.config.num_image_tokens} image tokens per image")
+    _say(
+        f"    {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters: SigLIP "
+        f"{knobs['vision']['num_hidden_layers']} layers x {knobs['vision']['hidden_size']}, Phi "
+        f"{knobs['lm']['num_hidden_layers']} layers x {knobs['lm']['hidden_size']}; "
+        f"{model.config.num_image_tokens} image tokens per image"
+    )
     items = materialize(LLaVADataset(data["train"], image_dir, processor))
     test_items = materialize(LLaVADataset(data["test"], image_dir, processor), data["test"])
     model.to(resolve_device(knobs["device"]))
@@ -352,17 +399,32 @@ def load_matvlm(path: Path, knobs: dict[str, Any]):
 
     from ..modeling_matvlm import MaTVLMForConditionalGeneration
 
-    return MaTVLMForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, mamba_chunk_size=knobs["mamba_chunk_size"],
-        use_mamba_kernels=knobs["mamba_kernels"]).to(resolve_device(knobs["device"])).eval()
+    return (
+        MaTVLMForConditionalGeneration.from_pretrained(
+            path,
+            dtype=torch.float32,
+            mamba_chunk_size=knobs["mamba_chunk_size"],
+            use_mamba_kernels=knobs["mamba_kernels"],
+        )
+        .to(resolve_device(knobs["device"]))
+        .eval()
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distillation
 
 
-def distill(student, teacher, processor, items: list[dict], out: Path, knobs: dict[str, Any], seed: int,
-            weights: tuple[float, float, float] = (1.0, 1.0, 0.0)) -> list[dict]:
+def distill(
+    student,
+    teacher,
+    processor,
+    items: list[dict],
+    out: Path,
+    knobs: dict[str, Any],
+    seed: int,
+    weights: tuple[float, float, float] = (1.0, 1.0, 0.0),
+) -> list[dict]:
     """MaTVLMDistillationTrainer on the training items with loss weights (alpha: L_layer, beta: L_prob, gamma: L_ce;
     the paper's by default); saves the student to `out`; returns the logged losses (all three terms, every step)."""
     from transformers import TrainerCallback, TrainingArguments
@@ -383,15 +445,20 @@ def distill(student, teacher, processor, items: list[dict], out: Path, knobs: di
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "l_total" not in logs:
                 return
-            entry = {"step": state.global_step, **{k: logs[k] for k in ("l_total", "l_layer", "l_prob", "l_ce")},
-                     "lr": logs.get("learning_rate")}
+            entry = {
+                "step": state.global_step,
+                **{k: logs[k] for k in ("l_total", "l_layer", "l_prob", "l_ce")},
+                "lr": logs.get("learning_rate"),
+            }
             log.append(entry)
             if state.global_step % print_every == 0 or state.global_step in (1, steps):
                 elapsed = time.perf_counter() - start
                 left = elapsed / max(state.global_step, 1) * (steps - state.global_step)
-                _say(f"    distil step {state.global_step:4d}/{steps}  loss {entry['l_total']:.3f} "
-                     f"(L_layer {entry['l_layer']:.3f}, L_prob {entry['l_prob']:.3f}, L_ce {entry['l_ce']:.3f})  "
-                     f"({_fmt_time(elapsed)}, ~{_fmt_time(left)} left)")
+                _say(
+                    f"    distil step {state.global_step:4d}/{steps}  loss {entry['l_total']:.3f} "
+                    f"(L_layer {entry['l_layer']:.3f}, L_prob {entry['l_prob']:.3f}, L_ce {entry['l_ce']:.3f})  "
+                    f"({_fmt_time(elapsed)}, ~{_fmt_time(left)} left)"
+                )
 
     args = TrainingArguments(
         output_dir=str(out.parent / "distill-run"),
@@ -416,9 +483,15 @@ def distill(student, teacher, processor, items: list[dict], out: Path, knobs: di
         seed=seed,
     )
     trainer = MaTVLMDistillationTrainer(
-        model=student, teacher_model=teacher, distill_args=DistillationArguments(*weights),
-        args=args, train_dataset=items, data_collator=LLaVACollator(processor.tokenizer.pad_token_id),
-        processing_class=processor, callbacks=[Progress()])
+        model=student,
+        teacher_model=teacher,
+        distill_args=DistillationArguments(*weights),
+        args=args,
+        train_dataset=items,
+        data_collator=LLaVACollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        callbacks=[Progress()],
+    )
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
     trainer.train()
     trainer.save_model(str(out))
@@ -431,8 +504,9 @@ def distill(student, teacher, processor, items: list[dict], out: Path, knobs: di
 # Evaluation
 
 
-def evaluate(model, processor, records: list[dict], image_dir: Path, *, batch_size: int,
-             max_new_tokens: int) -> tuple[dict[str, str], dict[str, Any]]:
+def evaluate(
+    model, processor, records: list[dict], image_dir: Path, *, batch_size: int, max_new_tokens: int
+) -> tuple[dict[str, str], dict[str, Any]]:
     """Greedy answers to `records` (batched, left padding) and their `synthetic_vqa.score`."""
     import torch
 
@@ -444,13 +518,14 @@ def evaluate(model, processor, records: list[dict], image_dir: Path, *, batch_si
     predictions: dict[str, str] = {}
     try:
         for start in range(0, len(records), batch_size):
-            batch = records[start:start + batch_size]
+            batch = records[start : start + batch_size]
             prompts = [format_conversation(r["conversations"][:1], add_generation_prompt=True) for r in batch]
-            inputs = processor(images=[image_dir / r["image"] for r in batch], text=prompts, padding=True,
-                               return_tensors="pt")
+            inputs = processor(
+                images=[image_dir / r["image"] for r in batch], text=prompts, padding=True, return_tensors="pt"
+            )
             with torch.no_grad():
                 out = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
-            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             predictions.update({r["id"]: a.strip() for r, a in zip(batch, answers)})
     finally:
         tokenizer.padding_side = side
@@ -462,11 +537,12 @@ def answer(model, processor, image, question: str, max_new_tokens: int) -> str:
 
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     inputs = processor(images=[image], text=prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,8 +560,9 @@ def summary_table(rows: list[tuple[str, dict, float | None]], types: list[str]) 
     lines = [head, "-" * len(head)]
     for name, sc, speed in rows:
         cells = "".join(f"  {_pct(sc['per_type'][t]['accuracy']) if t in sc['per_type'] else '-':>8}" for t in types)
-        lines.append(f"{name:<{name_w}}  {_pct(sc['accuracy']):>7}{cells}  "
-                     f"{f'{speed:12.0f}' if speed is not None else '':>12}")
+        lines.append(
+            f"{name:<{name_w}}  {_pct(sc['accuracy']):>7}{cells}  {f'{speed:12.0f}' if speed is not None else '':>12}"
+        )
     return "\n".join(lines)
 
 
@@ -501,9 +578,12 @@ def write_summary_png(path: Path, results: dict[str, Any], example_image) -> Pat
 
     acc = results["accuracy"]
     types = results["question_types"]
-    models = [("blind baseline", "baseline", "#bbbbbb"), ("teacher", "teacher", "#1f77b4"),
-              ("hybrid, undistilled", "hybrid_undistilled", "#d62728"),
-              ("hybrid, distilled", "hybrid_distilled", "#2ca02c")]
+    models = [
+        ("blind baseline", "baseline", "#bbbbbb"),
+        ("teacher", "teacher", "#1f77b4"),
+        ("hybrid, undistilled", "hybrid_undistilled", "#d62728"),
+        ("hybrid, distilled", "hybrid_distilled", "#2ca02c"),
+    ]
     fig = plt.figure(figsize=(16, 4.8))
     grid = fig.add_gridspec(1, 3, width_ratios=[0.8, 1.6, 1.2])
 
@@ -512,8 +592,11 @@ def write_summary_png(path: Path, results: dict[str, Any], example_image) -> Pat
     ax.set_xticks([]), ax.set_yticks([])
     ex = results["example"]
     ax.set_title(ex["question"], fontsize=9, wrap=True)
-    ax.set_xlabel(f"true: {ex['answer']}\nteacher: {ex['teacher']}\nhybrid before: {ex['hybrid_undistilled']}\n"
-                  f"hybrid after: {ex['hybrid_distilled']}", fontsize=9)
+    ax.set_xlabel(
+        f"true: {ex['answer']}\nteacher: {ex['teacher']}\nhybrid before: {ex['hybrid_undistilled']}\n"
+        f"hybrid after: {ex['hybrid_distilled']}",
+        fontsize=9,
+    )
 
     ax = fig.add_subplot(grid[1])
     labels = ["overall"] + types
@@ -544,9 +627,15 @@ def write_summary_png(path: Path, results: dict[str, Any], example_image) -> Pat
     if tlog:  # the teacher's training loss on a second axis
         twin = ax.twiny()
         k = max(1, len(tlog) // 100)
-        smooth = [sum(e["loss"] for e in tlog[i:i + k]) / len(tlog[i:i + k]) for i in range(0, len(tlog), k)]
-        twin.plot([tlog[i]["step"] for i in range(0, len(tlog), k)], smooth, color="#1f77b4", lw=0.8, alpha=0.6,
-                  label="teacher CE (top axis)")
+        smooth = [sum(e["loss"] for e in tlog[i : i + k]) / len(tlog[i : i + k]) for i in range(0, len(tlog), k)]
+        twin.plot(
+            [tlog[i]["step"] for i in range(0, len(tlog), k)],
+            smooth,
+            color="#1f77b4",
+            lw=0.8,
+            alpha=0.6,
+            label="teacher CE (top axis)",
+        )
         twin.set_xlabel("teacher training step", color="#1f77b4", fontsize=8)
         twin.tick_params(axis="x", colors="#1f77b4", labelsize=7)
         twin.legend(fontsize=8, loc="lower left")
@@ -559,8 +648,15 @@ def write_summary_png(path: Path, results: dict[str, Any], example_image) -> Pat
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run(workdir: str | Path = "matvlm-quickstart", *, teacher: str | Path | None = None, seed: int = 0,
-        fast: bool = False, quiet_transformers: bool = True, **overrides: Any) -> dict[str, Any]:
+def run(
+    workdir: str | Path = "matvlm-quickstart",
+    *,
+    teacher: str | Path | None = None,
+    seed: int = 0,
+    fast: bool = False,
+    quiet_transformers: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
     """The whole quickstart; returns the results (also written to `workdir/summary.json`).
 
     overrides: any `KNOBS` key (e.g. `teacher_steps=100`), applied after `FAST` when `fast`.
@@ -611,21 +707,29 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
         image_size = int(read_tinyllava_config(teacher_src)["vision_config"]["image_size"])
     else:
         teacher_src, image_size = work / "teacher-tinyllava", knobs["image_size"]
-    t = stage(1, f"data: {knobs['n_train']} training images ({'a caption + ' if knobs['captions'] else ''}"
-                 f"{knobs['questions_per_image']} questions each) + {knobs['n_test']} test questions on {image_size}px "
-                 f"images ({', '.join(knobs['question_types'])})")
+    t = stage(
+        1,
+        f"data: {knobs['n_train']} training images ({'a caption + ' if knobs['captions'] else ''}"
+        f"{knobs['questions_per_image']} questions each) + {knobs['n_test']} test questions on {image_size}px "
+        f"images ({', '.join(knobs['question_types'])})",
+    )
     data = make_data(work / "data", knobs, image_size, seed)
     image_dir = data["paths"]["images"]
     baseline = blind_baseline(data["train_questions"], data["test"])
-    _say(f"    {data['paths']['train']} / {data['paths']['test']}; blind baseline (most common answer per type): "
-         f"{_pct(baseline['accuracy']).strip()}")
+    _say(
+        f"    {data['paths']['train']} / {data['paths']['test']}; blind baseline (most common answer per type): "
+        f"{_pct(baseline['accuracy']).strip()}"
+    )
     timings["data"] = time.perf_counter() - t
 
     # 2. teacher ----------------------------------------------------------------------------------------------------
     teacher_log: list[dict] = []
     if teacher is None:
-        t = stage(2, f"teacher: training a tiny TinyLLaVA-Phi from scratch ({knobs['teacher_steps']} steps of "
-                     f"{knobs['teacher_batch_size']})")
+        t = stage(
+            2,
+            f"teacher: training a tiny TinyLLaVA-Phi from scratch ({knobs['teacher_steps']} steps of "
+            f"{knobs['teacher_batch_size']})",
+        )
         model, _, _, teacher_log = train_new_teacher(data, knobs, image_size, seed, teacher_src)
         del model
         timings["teacher"] = time.perf_counter() - t
@@ -634,16 +738,25 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
 
     # 3. convert ----------------------------------------------------------------------------------------------------
     t = stage(3, f"convert: TinyLLaVA -> MaTVLM at ratio 0 (teacher) and {knobs['mamba_ratio']:g} (hybrid)")
-    teacher_dir = convert_tinyllava_to_matvlm(teacher_src, work / "teacher-matvlm", mamba_ratio=0.0, seed=seed,
-                                              overwrite=True, progress=False)
-    hybrid_dir = convert_tinyllava_to_matvlm(teacher_src, work / "hybrid-undistilled", mamba_ratio=knobs["mamba_ratio"],
-                                             seed=seed, overwrite=True, progress=False)
+    teacher_dir = convert_tinyllava_to_matvlm(
+        teacher_src, work / "teacher-matvlm", mamba_ratio=0.0, seed=seed, overwrite=True, progress=False
+    )
+    hybrid_dir = convert_tinyllava_to_matvlm(
+        teacher_src,
+        work / "hybrid-undistilled",
+        mamba_ratio=knobs["mamba_ratio"],
+        seed=seed,
+        overwrite=True,
+        progress=False,
+    )
 
     teacher_model, hybrid = load_matvlm(teacher_dir, knobs), load_matvlm(hybrid_dir, knobs)
     processor = MaTVLMProcessor.from_pretrained(hybrid_dir)
     mamba_layers = list(hybrid.config.mamba_layers)
-    _say(f"    {teacher_dir}\n    {hybrid_dir}: Mamba layers {mamba_layers} of "
-         f"{hybrid.config.text_config.num_hidden_layers}")
+    _say(
+        f"    {teacher_dir}\n    {hybrid_dir}: Mamba layers {mamba_layers} of "
+        f"{hybrid.config.text_config.num_hidden_layers}"
+    )
     timings["convert"] = time.perf_counter() - t
 
     # 4. evaluate before distillation -------------------------------------------------------------------------------
@@ -653,17 +766,21 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
     for key, model in (("teacher", teacher_model), ("hybrid_undistilled", hybrid)):
         predictions[key], accuracy[key] = evaluate(model, processor, data["test"], image_dir, **ev)
         _say(f"    {key:<20} {_pct(accuracy[key]['accuracy'])}")
-    example = generate_samples(1, image_size=image_size, seed=seed, split="example",
-                               question_types=list(knobs["question_types"]))[0]
-    example_answers = {"teacher": answer(teacher_model, processor, example.image, example.question,
-                                         knobs["max_new_tokens"]),
-                       "hybrid_undistilled": answer(hybrid, processor, example.image, example.question,
-                                                    knobs["max_new_tokens"])}
+    example = generate_samples(
+        1, image_size=image_size, seed=seed, split="example", question_types=list(knobs["question_types"])
+    )[0]
+    example_answers = {
+        "teacher": answer(teacher_model, processor, example.image, example.question, knobs["max_new_tokens"]),
+        "hybrid_undistilled": answer(hybrid, processor, example.image, example.question, knobs["max_new_tokens"]),
+    }
     timings["evaluate_before"] = time.perf_counter() - t
 
     # 5. distil -----------------------------------------------------------------------------------------------------
-    t = stage(5, f"distil the hybrid from the teacher ({knobs['distill_steps']} steps of {knobs['distill_batch_size']}, "
-                 f"lr {knobs['distill_lr']:g}; L_layer + L_prob; trainable: {knobs['train_mode']})")
+    t = stage(
+        5,
+        f"distil the hybrid from the teacher ({knobs['distill_steps']} steps of {knobs['distill_batch_size']}, "
+        f"lr {knobs['distill_lr']:g}; L_layer + L_prob; trainable: {knobs['train_mode']})",
+    )
     distill_items = materialize(LLaVADataset(data["train"], image_dir, processor))
     distilled_dir = work / "hybrid-distilled"
     distill_log = distill(hybrid, teacher_model, processor, distill_items, distilled_dir, knobs, seed)
@@ -674,13 +791,17 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
     t = stage(6, "evaluate the distilled hybrid; decode speed; one question; summary")
     distilled = load_matvlm(distilled_dir, knobs)
     predictions["hybrid_distilled"], accuracy["hybrid_distilled"] = evaluate(
-        distilled, processor, data["test"], image_dir, **ev)
-    example_answers["hybrid_distilled"] = answer(distilled, processor, example.image, example.question,
-                                                 knobs["max_new_tokens"])
-    speed = {"teacher": decode_speed(teacher_model, processor, example.image, example.question,
-                                     knobs["speed_new_tokens"])[1],
-             "hybrid": decode_speed(distilled, processor, example.image, example.question,
-                                    knobs["speed_new_tokens"])[1]}
+        distilled, processor, data["test"], image_dir, **ev
+    )
+    example_answers["hybrid_distilled"] = answer(
+        distilled, processor, example.image, example.question, knobs["max_new_tokens"]
+    )
+    speed = {
+        "teacher": decode_speed(teacher_model, processor, example.image, example.question, knobs["speed_new_tokens"])[
+            1
+        ],
+        "hybrid": decode_speed(distilled, processor, example.image, example.question, knobs["speed_new_tokens"])[1],
+    }
     example.image.save(work / "example.png")
     timings["evaluate_after"] = time.perf_counter() - t
 
@@ -690,15 +811,25 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
         "decode_tokens_per_s": speed,
         "question_types": types,
         "mamba_layers": mamba_layers,
-        "example": {"question": example.question, "answer": example.answer, "question_type": example.question_type,
-                    **example_answers},
+        "example": {
+            "question": example.question,
+            "answer": example.answer,
+            "question_type": example.question_type,
+            **example_answers,
+        },
         "teacher_log": teacher_log,
         "distill_log": distill_log,
         "predictions": predictions,
-        "paths": {"data": str(work / "data"), "teacher_tinyllava": str(teacher_src), "teacher": str(teacher_dir),
-                  "hybrid_undistilled": str(hybrid_dir), "hybrid_distilled": str(distilled_dir),
-                  "example_png": str(work / "example.png"), "summary_png": str(work / "summary.png"),
-                  "summary_json": str(work / "summary.json")},
+        "paths": {
+            "data": str(work / "data"),
+            "teacher_tinyllava": str(teacher_src),
+            "teacher": str(teacher_dir),
+            "hybrid_undistilled": str(hybrid_dir),
+            "hybrid_distilled": str(distilled_dir),
+            "example_png": str(work / "example.png"),
+            "summary_png": str(work / "summary.png"),
+            "summary_json": str(work / "summary.json"),
+        },
         "knobs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in knobs.items()},
         "seed": seed,
         "teacher_given": teacher is not None,
@@ -709,51 +840,87 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
     (work / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
 
     n = hybrid.config.text_config.num_hidden_layers
-    rows = [("blind baseline (no image)", baseline, None),
-            (f"teacher ({n} attention layers)", accuracy["teacher"], speed["teacher"]),
-            (f"hybrid {knobs['mamba_ratio']:.0%} {mamba_layers}, undistilled", accuracy["hybrid_undistilled"], None),
-            (f"hybrid {knobs['mamba_ratio']:.0%} {mamba_layers}, distilled", accuracy["hybrid_distilled"],
-             speed["hybrid"])]
+    rows = [
+        ("blind baseline (no image)", baseline, None),
+        (f"teacher ({n} attention layers)", accuracy["teacher"], speed["teacher"]),
+        (f"hybrid {knobs['mamba_ratio']:.0%} {mamba_layers}, undistilled", accuracy["hybrid_undistilled"], None),
+        (f"hybrid {knobs['mamba_ratio']:.0%} {mamba_layers}, distilled", accuracy["hybrid_distilled"], speed["hybrid"]),
+    ]
     gain = accuracy["hybrid_distilled"]["accuracy"] - accuracy["hybrid_undistilled"]["accuracy"]
     first, last = distill_log[0]["l_total"], distill_log[-1]["l_total"]
     ex = results["example"]
-    _say(f"\n== summary: greedy exact match on {accuracy['teacher']['total']} held-out questions ==\n"
-         + summary_table(rows, types)
-         + f"\n\ndistillation: +{100 * gain:.1f} points for the hybrid (loss {first:.3f} -> {last:.3f} in "
-           f"{len(distill_log)} steps)"
-         + "\ndecode tok/s: batch 1, greedy, on this CPU with tiny models: launch overhead, not a speed claim"
-           " (see `matvlm bench` on a GPU)"
-         + f"\n\none generated image ({work / 'example.png'}):\n  Q: {ex['question']}\n  true answer: {ex['answer']}"
-         + f"\n  teacher: {ex['teacher']!r}   hybrid before: {ex['hybrid_undistilled']!r}   "
-           f"hybrid after: {ex['hybrid_distilled']!r}"
-         + f"\n\nwrote {work / 'summary.png'} and {work / 'summary.json'}; distilled hybrid: {distilled_dir}"
-         + f"\ntotal time {_fmt_time(timings['total'])}")
+    _say(
+        f"\n== summary: greedy exact match on {accuracy['teacher']['total']} held-out questions ==\n"
+        + summary_table(rows, types)
+        + f"\n\ndistillation: +{100 * gain:.1f} points for the hybrid (loss {first:.3f} -> {last:.3f} in "
+        f"{len(distill_log)} steps)"
+        + "\ndecode tok/s: batch 1, greedy, on this CPU with tiny models: launch overhead, not a speed claim"
+        " (see `matvlm bench` on a GPU)"
+        + f"\n\none generated image ({work / 'example.png'}):\n  Q: {ex['question']}\n  true answer: {ex['answer']}"
+        + f"\n  teacher: {ex['teacher']!r}   hybrid before: {ex['hybrid_undistilled']!r}   "
+        f"hybrid after: {ex['hybrid_distilled']!r}"
+        + f"\n\nwrote {work / 'summary.png'} and {work / 'summary.json'}; distilled hybrid: {distilled_dir}"
+        + f"\ntotal time {_fmt_time(timings['total'])}"
+    )
     return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="matvlm quickstart", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--workdir", default="matvlm-quickstart", help="folder for data, checkpoints and the summary (default: matvlm-quickstart)")
-    parser.add_argument("--teacher", default=None,
-                        help="TinyLLaVA checkpoint folder (or Hub id) to start from (default: train one from scratch)")
+    parser = argparse.ArgumentParser(
+        prog="matvlm quickstart",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--workdir",
+        default="matvlm-quickstart",
+        help="folder for data, checkpoints and the summary (default: matvlm-quickstart)",
+    )
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="TinyLLaVA checkpoint folder (or Hub id) to start from (default: train one from scratch)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed of data, teacher and hybrid (default: 0)")
-    parser.add_argument("--fast", action="store_true", help="CI scale: tiny data and a few steps, accuracies meaningless (default: off)")
-    parser.add_argument("--teacher-steps", type=int, default=None,
-                        help="optimizer steps of the teacher's training (default: 700; 20 with --fast)")
-    parser.add_argument("--distill-steps", type=int, default=None,
-                        help="optimizer steps of the distillation (default: 150; 8 with --fast)")
-    parser.add_argument("--n-train", type=int, default=None,
-                        help="training images, one conversation each (default: 6000; 128 with --fast)")
-    parser.add_argument("--n-test", type=int, default=None,
-                        help="held-out images, one question each (default: 400; 40 with --fast)")
+    parser.add_argument(
+        "--fast", action="store_true", help="CI scale: tiny data and a few steps, accuracies meaningless (default: off)"
+    )
+    parser.add_argument(
+        "--teacher-steps",
+        type=int,
+        default=None,
+        help="optimizer steps of the teacher's training (default: 700; 20 with --fast)",
+    )
+    parser.add_argument(
+        "--distill-steps",
+        type=int,
+        default=None,
+        help="optimizer steps of the distillation (default: 150; 8 with --fast)",
+    )
+    parser.add_argument(
+        "--n-train",
+        type=int,
+        default=None,
+        help="training images, one conversation each (default: 6000; 128 with --fast)",
+    )
+    parser.add_argument(
+        "--n-test", type=int, default=None, help="held-out images, one question each (default: 400; 40 with --fast)"
+    )
     args = parser.parse_args(argv)
     from ..extras import require
 
     require("matplotlib", "matvlm quickstart's summary plot")
-    return run(args.workdir, teacher=args.teacher, seed=args.seed, fast=args.fast, teacher_steps=args.teacher_steps,
-               distill_steps=args.distill_steps, n_train=args.n_train, n_test=args.n_test)
+    return run(
+        args.workdir,
+        teacher=args.teacher,
+        seed=args.seed,
+        fast=args.fast,
+        teacher_steps=args.teacher_steps,
+        distill_steps=args.distill_steps,
+        n_train=args.n_train,
+        n_test=args.n_test,
+    )
 
 
 if __name__ == "__main__":

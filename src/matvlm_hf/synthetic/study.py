@@ -51,8 +51,13 @@ STUDY: dict[str, Any] = {
     "distill_lr": 1e-3,
     "eval_batch_size": 500,
 }
-LOSSES = {"ce": (0.0, 0.0, 1.0), "layer": (1.0, 0.0, 0.0), "prob": (0.0, 1.0, 0.0), "layer+prob": (1.0, 1.0, 0.0),
-          "all": (1.0, 1.0, 1.0)}  # (alpha: L_layer, beta: L_prob, gamma: L_ce)
+LOSSES = {
+    "ce": (0.0, 0.0, 1.0),
+    "layer": (1.0, 0.0, 0.0),
+    "prob": (0.0, 1.0, 0.0),
+    "layer+prob": (1.0, 1.0, 0.0),
+    "all": (1.0, 1.0, 1.0),
+}  # (alpha: L_layer, beta: L_prob, gamma: L_ce)
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -86,16 +91,29 @@ def train_teacher_stage(work: Path, knobs: dict[str, Any], seed: int) -> dict[st
     t1 = time.perf_counter()
     model, _, processor, log = qs.train_new_teacher(data, knobs, knobs["image_size"], seed, work / "teacher-tinyllava")
     train_s = time.perf_counter() - t1
-    _, accuracy = qs.evaluate(model, processor, data["test"], data["paths"]["images"],
-                              batch_size=knobs["eval_batch_size"], max_new_tokens=knobs["max_new_tokens"])
-    result = {"knobs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in knobs.items()}, "seed": seed,
-              "device": str(qs.resolve_device(knobs["device"])),
-              "train_seconds": round(train_s, 1), "accuracy": accuracy,
-              "blind_baseline": qs.blind_baseline(data["train_questions"], data["test"]), "log": log}
+    _, accuracy = qs.evaluate(
+        model,
+        processor,
+        data["test"],
+        data["paths"]["images"],
+        batch_size=knobs["eval_batch_size"],
+        max_new_tokens=knobs["max_new_tokens"],
+    )
+    result = {
+        "knobs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in knobs.items()},
+        "seed": seed,
+        "device": str(qs.resolve_device(knobs["device"])),
+        "train_seconds": round(train_s, 1),
+        "accuracy": accuracy,
+        "blind_baseline": qs.blind_baseline(data["train_questions"], data["test"]),
+        "log": log,
+    }
     (work / "teacher.json").write_text(json.dumps(result, indent=1) + "\n")
-    qs._say(f"teacher: greedy held-out accuracy {accuracy['accuracy']:.3f} "
-            f"({ {t: round(v['accuracy'], 3) for t, v in accuracy['per_type'].items()} }) after "
-            f"{qs._fmt_time(train_s)} of training")
+    qs._say(
+        f"teacher: greedy held-out accuracy {accuracy['accuracy']:.3f} "
+        f"({ {t: round(v['accuracy'], 3) for t, v in accuracy['per_type'].items()} }) after "
+        f"{qs._fmt_time(train_s)} of training"
+    )
     return result
 
 
@@ -111,8 +129,17 @@ def teacher_matvlm(work: Path, seed: int) -> Path:
     return teacher_dir
 
 
-def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, placement: str, init: str, loss: str,
-                  seed: int, layers: list[int] | None = None) -> dict[str, Any]:
+def variant_stage(
+    work: Path,
+    knobs: dict[str, Any],
+    name: str,
+    ratio: float,
+    placement: str,
+    init: str,
+    loss: str,
+    seed: int,
+    layers: list[int] | None = None,
+) -> dict[str, Any]:
     """Convert the trained teacher (`ratio`, `placement`, `init`; or exactly `layers`), score it, distil it with the
     `loss` terms on, score it again -> work/variants/NAME.json (accuracies, loss log, timings)."""
     import torch
@@ -123,8 +150,17 @@ def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, pl
 
     source, teacher_dir = work / "teacher-tinyllava", teacher_matvlm(work, seed)
     out = work / "variants" / name
-    hybrid_dir = convert_tinyllava_to_matvlm(source, out / "undistilled", mamba_ratio=ratio, mamba_layers=layers,
-                                             placement=placement, init=init, seed=seed, overwrite=True, progress=False)
+    hybrid_dir = convert_tinyllava_to_matvlm(
+        source,
+        out / "undistilled",
+        mamba_ratio=ratio,
+        mamba_layers=layers,
+        placement=placement,
+        init=init,
+        seed=seed,
+        overwrite=True,
+        progress=False,
+    )
     teacher, hybrid = qs.load_matvlm(teacher_dir, knobs), qs.load_matvlm(hybrid_dir, knobs)
     processor = MaTVLMProcessor.from_pretrained(hybrid_dir)
     data = json.loads((work / "data" / "train.json").read_text())
@@ -142,16 +178,29 @@ def variant_stage(work: Path, knobs: dict[str, Any], name: str, ratio: float, pl
     _, after = qs.evaluate(qs.load_matvlm(out / "distilled", knobs), processor, test, image_dir, **ev)
     if layers:
         ratio, placement = len(layers) / hybrid.config.text_config.num_hidden_layers, "given"
-    result = {"name": name, "ratio": ratio, "placement": placement, "init": init, "loss": loss,
-              "weights": LOSSES[loss], "mamba_layers": list(hybrid.config.mamba_layers),
-              "train_mode": knobs["train_mode"],
-              "undistilled": before, "distilled": after, "distill_steps": knobs["distill_steps"],
-              "distill_batch_size": knobs["distill_batch_size"], "distill_lr": knobs["distill_lr"],
-              "distill_seconds": round(distill_s, 1), "eval_seconds": round(time.perf_counter() - t0 - distill_s, 1),
-              "log": log}
+    result = {
+        "name": name,
+        "ratio": ratio,
+        "placement": placement,
+        "init": init,
+        "loss": loss,
+        "weights": LOSSES[loss],
+        "mamba_layers": list(hybrid.config.mamba_layers),
+        "train_mode": knobs["train_mode"],
+        "undistilled": before,
+        "distilled": after,
+        "distill_steps": knobs["distill_steps"],
+        "distill_batch_size": knobs["distill_batch_size"],
+        "distill_lr": knobs["distill_lr"],
+        "distill_seconds": round(distill_s, 1),
+        "eval_seconds": round(time.perf_counter() - t0 - distill_s, 1),
+        "log": log,
+    }
     (work / "variants" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    qs._say(f"{name}: Mamba layers {result['mamba_layers']}, accuracy {before['accuracy']:.3f} -> "
-            f"{after['accuracy']:.3f} after {knobs['distill_steps']} steps ({qs._fmt_time(distill_s)})")
+    qs._say(
+        f"{name}: Mamba layers {result['mamba_layers']}, accuracy {before['accuracy']:.3f} -> "
+        f"{after['accuracy']:.3f} after {knobs['distill_steps']} steps ({qs._fmt_time(distill_s)})"
+    )
     del teacher, hybrid
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -190,13 +239,13 @@ def _early_late(log: list[dict]) -> tuple[float, float]:
     """Mean L_prob over the 5 % of steps around 10 % of the run, and over the last 5 % (log must not be empty)."""
     n, w = len(log), max(1, len(log) // 20)
     i = max(w, n // 10)
-    early = [e["l_prob"] for e in log[i - w:i + w]]
+    early = [e["l_prob"] for e in log[i - w : i + w]]
     late = [e["l_prob"] for e in log[-w:]]
     return sum(early) / len(early), sum(late) / len(late)
 
 
 def _smooth(values: list[float], k: int) -> list[float]:
-    return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+    return [sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1]) for i in range(len(values))]
 
 
 def report_stage(work: Path, docs: Path, note: str = "") -> str:
@@ -231,8 +280,11 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
             out += [">" if have[prev] - have[cur] > 2 * se else "≈", cur]
         return " ".join(out)
 
-    table_head = ["| variant | Mamba layers | loss | steps x batch, lr | before distillation | after | after / teacher "
-                  "| L_prob at 10 % / 100 % of the steps |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    table_head = [
+        "| variant | Mamba layers | loss | steps x batch, lr | before distillation | after | after / teacher "
+        "| L_prob at 10 % / 100 % of the steps |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     lines = [
         "# The MaTVLM study on the synthetic visual-QA world",
         "",
@@ -253,22 +305,32 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
     def row(name: str, v: dict[str, Any]) -> str:
         mode = v.get("train_mode", "mamba+connector")
         loss = v["loss"] + ("" if mode == "mamba+connector" else f" ({mode} trained)")
-        return (f"| {name} | {v['mamba_layers']} ({v['placement']}, {v['init']} init) | {loss} | "
-                f"{v['distill_steps']} x {v.get('distill_batch_size', '?')}, {v.get('distill_lr', '?')} | "
-                f"{100 * v['undistilled']['accuracy']:.1f} % | {100 * v['distilled']['accuracy']:.1f} % | "
-                f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % | "
-                f"{'%.2f / %.2f' % _early_late(v['log']) if v['log'] else '-'} |")
+        return (
+            f"| {name} | {v['mamba_layers']} ({v['placement']}, {v['init']} init) | {loss} | "
+            f"{v['distill_steps']} x {v.get('distill_batch_size', '?')}, {v.get('distill_lr', '?')} | "
+            f"{100 * v['undistilled']['accuracy']:.1f} % | {100 * v['distilled']['accuracy']:.1f} % | "
+            f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % | "
+            f"{'%.2f / %.2f' % _early_late(v['log']) if v['log'] else '-'} |"
+        )
 
     extras = [n for n in variants if n not in VARIANTS]
     lines += [row(n, variants[n]) for n in variants if n in VARIANTS]
     if extras:
-        lines += ["", "### Other distillation recipes (same step budget)", "", *table_head,
-                  *(row(n, variants[n]) for n in extras)]
+        lines += [
+            "",
+            "### Other distillation recipes (same step budget)",
+            "",
+            *table_head,
+            *(row(n, variants[n]) for n in extras),
+        ]
 
     def by_kl(names: dict[str, str]) -> str:
         """Best (lowest final L_prob) first, with the values."""
-        have = {label: _early_late(variants[n]["log"])[1] for label, n in names.items()
-                if n in variants and variants[n]["log"]}
+        have = {
+            label: _early_late(variants[n]["log"])[1]
+            for label, n in names.items()
+            if n in variants and variants[n]["log"]
+        }
         return " > ".join(f"{label} ({have[label]:.2f})" for label in sorted(have, key=have.get))
 
     groups = {
@@ -279,13 +341,22 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
     }
     orderings = {key: ordering(names) for key, names in groups.items()}
     kl_orderings = {key: by_kl(names) for key, names in groups.items()}
-    lines += ["", "## Orderings beside the paper's (best first)", "",
-              "| ablation | ours: held-out accuracy after distillation | ours: final L_prob (KL to the teacher) "
-              "| paper (average benchmark score) |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Orderings beside the paper's (best first)",
+        "",
+        "| ablation | ours: held-out accuracy after distillation | ours: final L_prob (KL to the teacher) "
+        "| paper (average benchmark score) |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {key} | {orderings[key]} | {kl_orderings[key]} | {' > '.join(PAPER[key])} |" for key in orderings]
-    lines += ["", "Paper column: as summarised by a third-party note of the paper (the full text was not reachable "
-              "here): loss prob+layer 62.3, prob 61.4, all 61.3, layer 60.7, ce 55.6; placement even 62.3, start 60.4, "
-              "middle 58.9, end fails; ratio 25 % 62.3, 12.5 % 61.8, 50 % 60.1.", ""]
+    lines += [
+        "",
+        "Paper column: as summarised by a third-party note of the paper (the full text was not reachable "
+        "here): loss prob+layer 62.3, prob 61.4, all 61.3, layer 60.7, ce 55.6; placement even 62.3, start 60.4, "
+        "middle 58.9, end fails; ratio 25 % 62.3, 12.5 % 61.8, 50 % 60.1.",
+        "",
+    ]
     text = "\n".join(lines) + "\n"
 
     fig, axes = plt.subplots(1, 5 if extras else 4, figsize=(27.5 if extras else 22, 4.6))
@@ -300,9 +371,11 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
     ax.set_title("Mamba share: accuracy")
     if names:
         ax.legend(fontsize=8)
-    groups = [("loss terms (25 %)", ["h25"] + [f"h25-loss-{k}" for k in ("ce", "layer", "prob", "all")]),
-              ("placement (25 %)", ["h25", "h25-start", "h25-middle", "h25-end"]),
-              ("initialisation (25 %)", ["h25", "h25-random-init"])]
+    groups = [
+        ("loss terms (25 %)", ["h25"] + [f"h25-loss-{k}" for k in ("ce", "layer", "prob", "all")]),
+        ("placement (25 %)", ["h25", "h25-start", "h25-middle", "h25-end"]),
+        ("initialisation (25 %)", ["h25", "h25-random-init"]),
+    ]
     if extras:
         groups.append(("other recipes", ["h25", "h50", *extras]))
     k = max(1, knobs["distill_steps"] // 50)
@@ -311,8 +384,12 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
             if name not in variants or not variants[name]["log"]:
                 continue
             log = variants[name]["log"]
-            ax.plot([e["step"] for e in log], _smooth([e["l_prob"] for e in log], k),
-                    ls="--" if name.startswith("h50") else "-", label=f"{name} ({100 * acc(name):.1f} %)")
+            ax.plot(
+                [e["step"] for e in log],
+                _smooth([e["l_prob"] for e in log], k),
+                ls="--" if name.startswith("h50") else "-",
+                label=f"{name} ({100 * acc(name):.1f} %)",
+            )
         ax.set_yscale("log")
         ax.set_xlabel("distillation step")
         ax.set_ylabel("L_prob = KL(teacher || student)")
@@ -322,12 +399,18 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
     fig.tight_layout()
     fig.savefig(docs / "study.png", dpi=100)
     plt.close(fig)
-    text += "\n![loss curves and accuracies](study.png)\n\nCurves: L_prob, the KL divergence to the teacher, logged for " \
-            "every variant whatever its loss weights (a common yardstick), smoothed; legend: accuracy after.\n"
+    text += (
+        "\n![loss curves and accuracies](study.png)\n\nCurves: L_prob, the KL divergence to the teacher, logged for "
+        "every variant whatever its loss weights (a common yardstick), smoothed; legend: accuracy after.\n"
+    )
     (docs / "README.md").write_text(text)
-    summary = {"teacher": {k: teacher[k] for k in ("accuracy", "blind_baseline", "train_seconds", "knobs")},
-               "orderings": orderings, "kl_orderings": kl_orderings, "paper_orderings": PAPER,
-               "variants": {n: {k: v for k, v in var.items() if k != "log"} for n, var in variants.items()}}
+    summary = {
+        "teacher": {k: teacher[k] for k in ("accuracy", "blind_baseline", "train_seconds", "knobs")},
+        "orderings": orderings,
+        "kl_orderings": kl_orderings,
+        "paper_orderings": PAPER,
+        "variants": {n: {k: v for k, v in var.items() if k != "log"} for n, var in variants.items()},
+    }
     (docs / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
     return text
 
@@ -342,8 +425,20 @@ def run_parallel(work: Path, names: list[str], sets: list[str], seed: int, jobs:
     teacher_matvlm(work, seed)  # before the processes start: they would all convert it at once
 
     def one(name: str) -> int:
-        cmd = [sys.executable, "-m", "matvlm_hf.synthetic.study", "variant", "--workdir", str(work), "--name", name,
-               "--seed", str(seed), "--set", *sets]
+        cmd = [
+            sys.executable,
+            "-m",
+            "matvlm_hf.synthetic.study",
+            "variant",
+            "--workdir",
+            str(work),
+            "--name",
+            name,
+            "--seed",
+            str(seed),
+            "--set",
+            *sets,
+        ]
         with open(work / "variants" / f"{name}.log", "w") as log:
             code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
         qs._say(f"{name}: {'done' if code == 0 else f'FAILED (exit {code}), see its log'}")
@@ -356,30 +451,64 @@ def run_parallel(work: Path, names: list[str], sets: list[str], seed: int, jobs:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="matvlm study", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("stage", choices=("all", "teacher", "variant", "variants", "report"),
-                        help="what to run: all | teacher | variant (one) | variants (several) | report")
-    parser.add_argument("--docs", default="docs/study", help="report: folder for README.md, study.png, study.json (default: docs/study)")
-    parser.add_argument("--note", default="", help="report: a paragraph put under the title, e.g. scale and caveats (default: none)")
+    parser = argparse.ArgumentParser(
+        prog="matvlm study",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "stage",
+        choices=("all", "teacher", "variant", "variants", "report"),
+        help="what to run: all | teacher | variant (one) | variants (several) | report",
+    )
+    parser.add_argument(
+        "--docs", default="docs/study", help="report: folder for README.md, study.png, study.json (default: docs/study)"
+    )
+    parser.add_argument(
+        "--note", default="", help="report: a paragraph put under the title, e.g. scale and caveats (default: none)"
+    )
     parser.add_argument("--workdir", required=True, help="folder for data, checkpoints and results; required")
     parser.add_argument("--name", help="variant: one of VARIANTS, or a new name with --ratio etc. (default: none)")
     parser.add_argument("--only", nargs="*", help="variants: run only these names (default: every VARIANTS entry)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="variants: processes run at once, one variant each; one GPU holds several (default: 1)")
-    parser.add_argument("--ratio", type=float, help="variant: fraction of decoder layers turned into Mamba-2 "
-                        "(default: the named variant's)")
-    parser.add_argument("--placement", choices=("even", "start", "middle", "end"),
-                        help="variant: where the Mamba layers go (default: the named variant's)")
-    parser.add_argument("--layers", type=int, nargs="+", help="variant: exactly these Mamba layer indices, "
-                        "instead of --ratio / --placement (default: none)")
-    parser.add_argument("--init", choices=("attention", "random"),
-                        help="variant: mixer initialisation from attention (paper) or random (default: the named variant's)")
-    parser.add_argument("--loss", choices=tuple(LOSSES),
-                        help="variant: which distillation losses (default: the named variant's)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="variants: processes run at once, one variant each; one GPU holds several (default: 1)",
+    )
+    parser.add_argument(
+        "--ratio",
+        type=float,
+        help="variant: fraction of decoder layers turned into Mamba-2 (default: the named variant's)",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=("even", "start", "middle", "end"),
+        help="variant: where the Mamba layers go (default: the named variant's)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        help="variant: exactly these Mamba layer indices, instead of --ratio / --placement (default: none)",
+    )
+    parser.add_argument(
+        "--init",
+        choices=("attention", "random"),
+        help="variant: mixer initialisation from attention (paper) or random (default: the named variant's)",
+    )
+    parser.add_argument(
+        "--loss", choices=tuple(LOSSES), help="variant: which distillation losses (default: the named variant's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="knob overrides, e.g. device=cpu (see STUDY; default: none)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="knob overrides, e.g. device=cpu (see STUDY; default: none)",
+    )
     args = parser.parse_args(argv)
     from ..extras import require
     from ..safe_output import check_output, claim_workdir
@@ -408,8 +537,17 @@ def main(argv: list[str] | None = None) -> None:
     knobs = load_knobs(work, parse_sets(args.set))
     if args.stage == "variant":
         ratio, placement, init, loss = VARIANTS.get(args.name, (0.25, "even", "attention", "layer+prob"))
-        variant_stage(work, knobs, args.name, args.ratio if args.ratio is not None else ratio,
-                      args.placement or placement, args.init or init, args.loss or loss, args.seed, args.layers)
+        variant_stage(
+            work,
+            knobs,
+            args.name,
+            args.ratio if args.ratio is not None else ratio,
+            args.placement or placement,
+            args.init or init,
+            args.loss or loss,
+            args.seed,
+            args.layers,
+        )
     elif args.jobs > 1:
         run_parallel(work, args.only or list(VARIANTS), args.set, args.seed, args.jobs)
     else:

@@ -40,7 +40,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 SHAPE_PLURALS: dict[str, str] = {
-    "circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses",
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "cross": "crosses",
 }
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -61,12 +64,17 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 TEXT_COLORS: dict[str, tuple[int, int, int]] = {
-    "white": (0, 0, 0), "light gray": (0, 0, 0),
-    "dark gray": (255, 255, 255), "black": (255, 255, 255),
+    "white": (0, 0, 0),
+    "light gray": (0, 0, 0),
+    "dark gray": (255, 255, 255),
+    "black": (255, 255, 255),
 }
 GRID = 2  # 2x2 grid of cells, row 0 = top, col 0 = left
 POSITIONS: dict[tuple[int, int], str] = {
-    (0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right",
+    (0, 0): "top left",
+    (0, 1): "top right",
+    (1, 0): "bottom left",
+    (1, 1): "bottom right",
 }
 TEXT_ALPHABET = "ABEHKMTX"
 TEXT_PROBABILITY = 0.5  # chance a scene with a free cell carries text
@@ -80,6 +88,7 @@ EXTRA_QUESTION_TYPES: tuple[str, ...] = ("caption",)
 # ----------------------------------------------------------------------------
 # Scene description
 # ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SceneObject:
@@ -133,8 +142,12 @@ def sample_scene(rng: random.Random) -> Scene:
     n_objects = rng.randint(1, MAX_OBJECTS)
     objects = tuple(
         SceneObject(
-            shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)), size=rng.choice(SIZES),
-            row=r, col=c, offset=_jitter(rng),
+            shape=rng.choice(SHAPES),
+            color=rng.choice(list(COLORS)),
+            size=rng.choice(SIZES),
+            row=r,
+            col=c,
+            offset=_jitter(rng),
         )
         for r, c in sorted(cells[:n_objects])
     )
@@ -151,6 +164,7 @@ def sample_scene(rng: random.Random) -> Scene:
 # Rendering
 # ----------------------------------------------------------------------------
 
+
 @lru_cache(maxsize=64)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """PIL's default font, scalable when FreeType is available (bitmap fallback otherwise)."""
@@ -160,8 +174,9 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, d: float,
-                fill: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, d: float, fill: tuple[int, int, int]
+) -> None:
     r = d / 2
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -178,8 +193,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, d: 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw_text(img: Image.Image, text: str, box: tuple[float, float, float, float],
-               fill: tuple[int, int, int]) -> None:
+def _draw_text(img: Image.Image, text: str, box: tuple[float, float, float, float], fill: tuple[int, int, int]) -> None:
     """Render ``text`` with the default font, scaled to fit ``box`` (x0, y0, x1, y1), centred."""
     x0, y0, x1, y1 = box
     font = _font(max(8, int(y1 - y0)))
@@ -187,8 +201,9 @@ def _draw_text(img: Image.Image, text: str, box: tuple[float, float, float, floa
     patch = Image.new("L", (max(1, right - left), max(1, bottom - top)), 0)
     ImageDraw.Draw(patch).text((-left, -top), text, fill=255, font=font)
     scale = min((x1 - x0) / patch.width, (y1 - y0) / patch.height)
-    patch = patch.resize((max(1, round(patch.width * scale)), max(1, round(patch.height * scale))),
-                         Image.Resampling.LANCZOS)
+    patch = patch.resize(
+        (max(1, round(patch.width * scale)), max(1, round(patch.height * scale))), Image.Resampling.LANCZOS
+    )
     x = round((x0 + x1 - patch.width) / 2)
     y = round((y0 + y1 - patch.height) / 2)
     img.paste(Image.new("RGB", patch.size, fill), (x, y), patch)
@@ -214,8 +229,7 @@ def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
         w, h = cell * (0.80 if len(scene.text) == 3 else 0.60), cell * 0.42
         cx = (col + 0.5) * cell + scene.text_offset[0] * (cell * 0.92 - w) / 2
         cy = (row + 0.5) * cell + scene.text_offset[1] * (cell * 0.92 - h) / 2
-        _draw_text(img, scene.text, (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2),
-                   TEXT_COLORS[scene.background])
+        _draw_text(img, scene.text, (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), TEXT_COLORS[scene.background])
     if ss > 1:
         img = img.resize((image_size, image_size), Image.Resampling.BOX)
     return img
@@ -226,8 +240,13 @@ def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
 # ----------------------------------------------------------------------------
 
 _ATTRIBUTE_SETS: tuple[tuple[str, ...], ...] = (
-    ("shape",), ("color",), ("size",), ("color", "shape"), ("size", "shape"),
-    ("size", "color"), ("size", "color", "shape"),
+    ("shape",),
+    ("color",),
+    ("size",),
+    ("color", "shape"),
+    ("size", "shape"),
+    ("size", "color"),
+    ("size", "color", "shape"),
 )
 
 
@@ -245,8 +264,9 @@ def _refs(scene: Scene, obj: SceneObject, allowed: set[str]) -> list[str]:
     return refs
 
 
-def _pick_ref(scene: Scene, rng: random.Random, allowed: set[str],
-              candidates: Sequence[SceneObject] | None = None) -> tuple[SceneObject, str] | None:
+def _pick_ref(
+    scene: Scene, rng: random.Random, allowed: set[str], candidates: Sequence[SceneObject] | None = None
+) -> tuple[SceneObject, str] | None:
     options = [(o, r) for o in (candidates or scene.objects) for r in [_refs(scene, o, allowed)] if r]
     if not options:
         return None
@@ -286,8 +306,7 @@ def _q_position(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     if picked is None:
         return None
     obj, ref = picked
-    template = rng.choice(["Where is {r}?", "In which part of the image is {r}?",
-                           "Where in the image is {r} located?"])
+    template = rng.choice(["Where is {r}?", "In which part of the image is {r}?", "Where in the image is {r} located?"])
     return template.format(r=ref), obj.position
 
 
@@ -312,14 +331,21 @@ def _q_count(scene: Scene, rng: random.Random, target: int | None = None) -> tup
     kind = rng.choice(sorted({k for k, _ in options}))
     value = rng.choice([v for k, v in options if k == kind])
     if kind == "total":
-        question = rng.choice(["How many objects are there?", "How many shapes are there?",
-                               "How many objects are in the image?"])
+        question = rng.choice(
+            ["How many objects are there?", "How many shapes are there?", "How many objects are in the image?"]
+        )
     elif kind == "color":
-        question = rng.choice(["How many {v} objects are there?", "How many {v} shapes are there?",
-                               "How many {v} objects are in the image?"]).format(v=value)
+        question = rng.choice(
+            [
+                "How many {v} objects are there?",
+                "How many {v} shapes are there?",
+                "How many {v} objects are in the image?",
+            ]
+        ).format(v=value)
     else:
-        question = rng.choice(["How many {v} are there?", "How many {v} are in the image?"]
-                              ).format(v=SHAPE_PLURALS[value])
+        question = rng.choice(["How many {v} are there?", "How many {v} are in the image?"]).format(
+            v=SHAPE_PLURALS[value]
+        )
     return question, str(target)
 
 
@@ -335,8 +361,12 @@ _RELATIONS: dict[str, list[str]] = {
 
 def _relation_holds(rel: str, a: SceneObject, b: SceneObject) -> bool:
     return {
-        "left": a.col < b.col, "right": a.col > b.col, "above": a.row < b.row, "below": a.row > b.row,
-        "larger": a.size == "large" and b.size == "small", "smaller": a.size == "small" and b.size == "large",
+        "left": a.col < b.col,
+        "right": a.col > b.col,
+        "above": a.row < b.row,
+        "below": a.row > b.row,
+        "larger": a.size == "large" and b.size == "small",
+        "smaller": a.size == "small" and b.size == "large",
     }[rel]
 
 
@@ -363,8 +393,9 @@ def _q_relation(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
             continue
         if rng.random() < 0.5:
             a, b, refs_a, refs_b = b, a, refs_b, refs_a
-        rel = rng.choice({"horizontal": ["left", "right"], "vertical": ["above", "below"],
-                          "size": ["larger", "smaller"]}[kind])
+        rel = rng.choice(
+            {"horizontal": ["left", "right"], "vertical": ["above", "below"], "size": ["larger", "smaller"]}[kind]
+        )
         question = rng.choice(_RELATIONS[rel]).format(a=rng.choice(refs_a), b=rng.choice(refs_b))
         return question, "yes" if _relation_holds(rel, a, b) else "no"
     return None
@@ -373,8 +404,14 @@ def _q_relation(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
 def _q_text(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     if not scene.text:
         return None
-    question = rng.choice(["What text is written in the image?", "What does the text say?",
-                           "Which letters are written in the image?", "What is written in the image?"])
+    question = rng.choice(
+        [
+            "What text is written in the image?",
+            "What does the text say?",
+            "Which letters are written in the image?",
+            "What is written in the image?",
+        ]
+    )
     return question, scene.text
 
 
@@ -402,25 +439,34 @@ def parse_description(text: str) -> dict[str, tuple[str, str, str] | None] | Non
 
 def _q_caption(scene: Scene, rng: random.Random) -> tuple[str, str] | None:
     """A dense description (LLaVA's captioning stage in miniature): every object, its place, the text."""
-    return rng.choice(["Describe the image.", "What is in the image?", "List the objects in the image."]), \
-        describe_scene(scene)
+    return rng.choice(
+        ["Describe the image.", "What is in the image?", "List the objects in the image."]
+    ), describe_scene(scene)
 
 
 _QUESTION_MAKERS = {
-    "color": _q_color, "shape": _q_shape, "count": _q_count, "position": _q_position,
-    "relation": _q_relation, "size": _q_size, "text": _q_text, "caption": _q_caption,
+    "color": _q_color,
+    "shape": _q_shape,
+    "count": _q_count,
+    "position": _q_position,
+    "relation": _q_relation,
+    "size": _q_size,
+    "text": _q_text,
+    "caption": _q_caption,
 }
 
 
-def make_question(scene: Scene, question_type: str, rng: random.Random,
-                  count_target: int | None = None) -> tuple[str, str] | None:
+def make_question(
+    scene: Scene, question_type: str, rng: random.Random, count_target: int | None = None
+) -> tuple[str, str] | None:
     """A random unambiguous ``(question, answer)`` of ``question_type`` for ``scene``, or None.
 
     ``count_target`` fixes the answer of a ``count`` question (ignored by other types).
     """
     if question_type not in _QUESTION_MAKERS:
-        raise ValueError(f"unknown question type {question_type!r}; "
-                         f"choose from {QUESTION_TYPES + EXTRA_QUESTION_TYPES}")
+        raise ValueError(
+            f"unknown question type {question_type!r}; choose from {QUESTION_TYPES + EXTRA_QUESTION_TYPES}"
+        )
     if question_type == "count":
         return _q_count(scene, rng, count_target)
     return _QUESTION_MAKERS[question_type](scene, rng)
@@ -429,6 +475,7 @@ def make_question(scene: Scene, question_type: str, rng: random.Random,
 # ----------------------------------------------------------------------------
 # Samples and datasets
 # ----------------------------------------------------------------------------
+
 
 @dataclass
 class Sample:
@@ -465,10 +512,18 @@ def _progress(iterable: Iterable[Any], total: int, desc: str, show: bool | None)
     return tqdm(iterable, total=total, desc=desc, unit="img")
 
 
-def iter_samples(n: int, *, image_size: int = 64, seed: int = 0, split: str = "train",
-                 question_types: Sequence[str] | None = None, questions_per_image: int = 1,
-                 exclude_scenes: set[str] | None = None, render: bool = True,
-                 max_tries: int = 10_000) -> Iterator[Sample]:
+def iter_samples(
+    n: int,
+    *,
+    image_size: int = 64,
+    seed: int = 0,
+    split: str = "train",
+    question_types: Sequence[str] | None = None,
+    questions_per_image: int = 1,
+    exclude_scenes: set[str] | None = None,
+    render: bool = True,
+    max_tries: int = 10_000,
+) -> Iterator[Sample]:
     """Yield ``n * questions_per_image`` samples over ``n`` images, deterministically.
 
     Image ``i`` of ``split`` uses its own RNG seeded from ``(seed, split, i)``; its question
@@ -490,7 +545,8 @@ def iter_samples(n: int, *, image_size: int = 64, seed: int = 0, split: str = "t
         wanted = [types[(i * k + j) % len(types)] for j in range(k)]
         # Drawn once, before any scene retries, so rejection cannot skew the count answers.
         count_targets: list[int | None] = [
-            rng.choices(range(MAX_OBJECTS + 1), weights=COUNT_WEIGHTS)[0] for _ in wanted]
+            rng.choices(range(MAX_OBJECTS + 1), weights=COUNT_WEIGHTS)[0] for _ in wanted
+        ]
         for attempt in range(max_tries):
             if attempt == 50:  # e.g. "count = 4" and "text" on one image cannot both hold
                 count_targets = [None] * k
@@ -513,8 +569,10 @@ def iter_samples(n: int, *, image_size: int = 64, seed: int = 0, split: str = "t
             if len(qas) == k:
                 break
         else:
-            raise RuntimeError(f"could not draw a valid scene for {split} image {i} in {max_tries} tries "
-                               "(scene space exhausted by exclude_scenes?)")
+            raise RuntimeError(
+                f"could not draw a valid scene for {split} image {i} in {max_tries} tries "
+                "(scene space exhausted by exclude_scenes?)"
+            )
         image_id = f"{split}_{i:06d}"
         image = render_scene(scene, image_size) if render else None
         for j, (t, (question, answer)) in enumerate(zip(wanted, qas)):
@@ -522,17 +580,33 @@ def iter_samples(n: int, *, image_size: int = 64, seed: int = 0, split: str = "t
             yield Sample(sample_id, image_id, image, question, answer, t, scene)
 
 
-def generate_samples(n: int, *, image_size: int = 64, seed: int = 0, split: str = "train",
-                     question_types: Sequence[str] | None = None, questions_per_image: int = 1,
-                     exclude_scenes: set[str] | None = None, render: bool = True,
-                     progress: bool | None = None) -> list[Sample]:
+def generate_samples(
+    n: int,
+    *,
+    image_size: int = 64,
+    seed: int = 0,
+    split: str = "train",
+    question_types: Sequence[str] | None = None,
+    questions_per_image: int = 1,
+    exclude_scenes: set[str] | None = None,
+    render: bool = True,
+    progress: bool | None = None,
+) -> list[Sample]:
     """In-memory samples for ``n`` images (see :func:`iter_samples`); trainers can skip the disk.
 
     To mirror :func:`make_dataset`'s test split, pass ``split="test"`` and
     ``exclude_scenes={s.scene.key for s in train_samples}``.
     """
-    it = iter_samples(n, image_size=image_size, seed=seed, split=split, question_types=question_types,
-                      questions_per_image=questions_per_image, exclude_scenes=exclude_scenes, render=render)
+    it = iter_samples(
+        n,
+        image_size=image_size,
+        seed=seed,
+        split=split,
+        question_types=question_types,
+        questions_per_image=questions_per_image,
+        exclude_scenes=exclude_scenes,
+        render=render,
+    )
     return list(_progress(it, n * questions_per_image, f"{split} samples", progress))
 
 
@@ -562,8 +636,14 @@ def as_conversations(records: Sequence[dict[str, Any]], seed: int | None = 0) ->
             for turn in rec["conversations"]:
                 turns.append({**turn, "value": turn["value"].replace("<image>\n", "").replace("<image>", "")})
         turns[0]["value"] = "<image>\n" + turns[0]["value"]
-        merged.append({"id": Path(group[0]["image"]).stem, "image": group[0]["image"], "conversations": turns,
-                       "question_type": "multi"})
+        merged.append(
+            {
+                "id": Path(group[0]["image"]).stem,
+                "image": group[0]["image"],
+                "conversations": turns,
+                "question_type": "multi",
+            }
+        )
     return merged
 
 
@@ -571,10 +651,19 @@ def _write_json(path: Path, records: list[dict[str, Any]]) -> None:
     path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def make_dataset(out_dir: str | Path, *, n_train: int, n_test: int, image_size: int = 64, seed: int = 0,
-                 question_types: Sequence[str] | None = None, questions_per_image: int = 1,
-                 test_question_types: Sequence[str] | None = None, test_questions_per_image: int | None = None,
-                 progress: bool | None = None) -> dict[str, Path]:
+def make_dataset(
+    out_dir: str | Path,
+    *,
+    n_train: int,
+    n_test: int,
+    image_size: int = 64,
+    seed: int = 0,
+    question_types: Sequence[str] | None = None,
+    questions_per_image: int = 1,
+    test_question_types: Sequence[str] | None = None,
+    test_questions_per_image: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, Path]:
     """Write ``images/<id>.png``, ``train.json`` and ``test.json`` (LLaVA format) under ``out_dir``.
 
     ``n_train``/``n_test`` count images (each carries ``questions_per_image`` questions; the test split
@@ -588,12 +677,21 @@ def make_dataset(out_dir: str | Path, *, n_train: int, n_test: int, image_size: 
     train_keys: set[str] = set()
     paths: dict[str, Path] = {"images": images}
     test_k = questions_per_image if test_questions_per_image is None else test_questions_per_image
-    splits = (("train", n_train, question_types, questions_per_image),
-              ("test", n_test, test_question_types or question_types, test_k))
+    splits = (
+        ("train", n_train, question_types, questions_per_image),
+        ("test", n_test, test_question_types or question_types, test_k),
+    )
     for split, n, types, k in splits:
         records = []
-        it = iter_samples(n, image_size=image_size, seed=seed, split=split, question_types=types,
-                          questions_per_image=k, exclude_scenes=train_keys if split == "test" else None)
+        it = iter_samples(
+            n,
+            image_size=image_size,
+            seed=seed,
+            split=split,
+            question_types=types,
+            questions_per_image=k,
+            exclude_scenes=train_keys if split == "test" else None,
+        )
         last_image = None
         for sample in _progress(it, n * k, f"{split} ({out})", progress):
             if sample.image_id != last_image:
@@ -611,8 +709,7 @@ def make_dataset(out_dir: str | Path, *, n_train: int, n_test: int, image_size: 
 # Scoring
 # ----------------------------------------------------------------------------
 
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten".split())}
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -666,6 +763,7 @@ def score(predictions: dict[str, str], samples: Iterable[dict[str, Any] | Sample
 # Contact sheet and CLI
 # ----------------------------------------------------------------------------
 
+
 def _wrap(text: str, font: Any, width: int) -> list[str]:
     lines, line = [], ""
     for word in text.split():
@@ -678,16 +776,18 @@ def _wrap(text: str, font: Any, width: int) -> list[str]:
     return lines + [line] if line else lines
 
 
-def render_contact_sheet(samples: Sequence[Sample], path: str | Path, *, columns: int = 4,
-                         max_samples: int = 16, tile: int = 192) -> Path:
+def render_contact_sheet(
+    samples: Sequence[Sample], path: str | Path, *, columns: int = 4, max_samples: int = 16, tile: int = 192
+) -> Path:
     """Save a PNG grid of up to ``max_samples`` images (upscaled to ``tile`` px) with their Q/A."""
     samples = [s for s in samples if s.image is not None][:max_samples]
     if not samples:
         raise ValueError("no rendered samples to show")
     font = _font(13)
     line_h, pad = 16, 6
-    captions = [_wrap(f"Q: {s.question}", font, tile - 2 * pad) + _wrap(f"A: {s.answer}", font, tile - 2 * pad)
-                for s in samples]
+    captions = [
+        _wrap(f"Q: {s.question}", font, tile - 2 * pad) + _wrap(f"A: {s.answer}", font, tile - 2 * pad) for s in samples
+    ]
     cap_h = max(len(c) for c in captions) * line_h + 2 * pad
     rows = -(-len(samples) // columns)
     cols = min(columns, len(samples))
@@ -699,8 +799,12 @@ def render_contact_sheet(samples: Sequence[Sample], path: str | Path, *, columns
         resample = Image.Resampling.NEAREST if sample.image.width <= tile else Image.Resampling.LANCZOS
         sheet.paste(sample.image.resize((tile, tile), resample), (x, y))
         for m, line in enumerate(caption):
-            draw.text((x + 2, y + tile + pad + m * line_h), line, fill=(0, 0, 0) if m < len(caption) - 1
-                      or not line.startswith("A:") else (0, 110, 0), font=font)
+            draw.text(
+                (x + 2, y + tile + pad + m * line_h),
+                line,
+                fill=(0, 0, 0) if m < len(caption) - 1 or not line.startswith("A:") else (0, 110, 0),
+                font=font,
+            )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
@@ -715,22 +819,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser.add_argument("--n-test", type=int, default=1000, help="held-out images (default: 1000)")
     parser.add_argument("--image-size", type=int, default=64, help="image side, pixels (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--question-types", default=None,
-                        help=f"comma-separated subset of {','.join(QUESTION_TYPES)} (default: all)")
-    parser.add_argument("--questions-per-image", type=int, default=1,
-                        help="questions asked about each image (default: 1)")
-    parser.add_argument("--contact-sheet", default=None,
-                        help="also save a PNG grid of the first 16 training images to this file (default: none)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --out folder (built beside it, swapped in at the end) (default: off)")
+    parser.add_argument(
+        "--question-types", default=None, help=f"comma-separated subset of {','.join(QUESTION_TYPES)} (default: all)"
+    )
+    parser.add_argument(
+        "--questions-per-image", type=int, default=1, help="questions asked about each image (default: 1)"
+    )
+    parser.add_argument(
+        "--contact-sheet",
+        default=None,
+        help="also save a PNG grid of the first 16 training images to this file (default: none)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out folder (built beside it, swapped in at the end) (default: off)",
+    )
     args = parser.parse_args(argv)
     from ..safe_output import staged_output
 
     types = args.question_types.split(",") if args.question_types else None
     out = Path(args.out)
     with staged_output(out, overwrite=args.overwrite, option="--out") as staging:
-        built = make_dataset(staging, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size,
-                             seed=args.seed, question_types=types, questions_per_image=args.questions_per_image)
+        built = make_dataset(
+            staging,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            image_size=args.image_size,
+            seed=args.seed,
+            question_types=types,
+            questions_per_image=args.questions_per_image,
+        )
     paths = {name: out / p.relative_to(staging) for name, p in built.items()}
     for name, p in paths.items():
         print(f"{name}: {p}")
@@ -739,8 +858,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         counts = Counter(r["question_type"] for r in records)
         print(f"{split}: {len(records)} samples  " + "  ".join(f"{t}={counts[t]}" for t in sorted(counts)))
     if args.contact_sheet:
-        sheet_samples = generate_samples(16, image_size=args.image_size, seed=args.seed, split="train",
-                                         question_types=types)  # = the first 16 train images
+        sheet_samples = generate_samples(
+            16, image_size=args.image_size, seed=args.seed, split="train", question_types=types
+        )  # = the first 16 train images
         print(f"contact sheet: {render_contact_sheet(sheet_samples, args.contact_sheet)}")
     return paths
 

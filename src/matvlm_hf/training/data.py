@@ -156,8 +156,9 @@ class LLaVADataset(torch.utils.data.Dataset):
         if not isinstance(turns, list) or not turns:
             raise LLaVADataError(f"{self.sample_name(index)}: no 'conversations' list")
         try:
-            ids, labels = tokenize_conversation(normalize_turns(turns), self.tokenizer, self.image_token_id,
-                                                self.num_image_tokens)
+            ids, labels = tokenize_conversation(
+                normalize_turns(turns), self.tokenizer, self.image_token_id, self.num_image_tokens
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise LLaVADataError(f"{self.sample_name(index)}: {err}") from err
         if self.max_length is not None and len(ids) > self.max_length:
@@ -173,9 +174,11 @@ class LLaVADataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids, labels = self.tokenize(index)
         paths = self.image_paths(index)
-        n_placeholders = sum(t.get("value", "").count(IMAGE_PLACEHOLDER)
-                             for t in normalize_turns(self.samples[index]["conversations"])
-                             if isinstance(t, dict) and isinstance(t.get("value"), str))
+        n_placeholders = sum(
+            t.get("value", "").count(IMAGE_PLACEHOLDER)
+            for t in normalize_turns(self.samples[index]["conversations"])
+            if isinstance(t, dict) and isinstance(t.get("value"), str)
+        )
         n_blocks = ids.count(self.image_token_id) // self.num_image_tokens
         if len(paths) != n_blocks:
             raise LLaVADataError(
@@ -197,8 +200,10 @@ def read_samples(path: Path) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
-        raise LLaVADataError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; a "
-                             "LLaVA-format file is one JSON list of samples (not JSON lines)") from err
+        raise LLaVADataError(
+            f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; a "
+            "LLaVA-format file is one JSON list of samples (not JSON lines)"
+        ) from err
     except UnicodeDecodeError as err:
         raise LLaVADataError(f"{path} is not UTF-8 text ({err}); save it as UTF-8 JSON") from err
 

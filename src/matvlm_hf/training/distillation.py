@@ -163,8 +163,9 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
 COUNT_KEYS = ("samples", "positions", "supervised")
 
 
-def item_counts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+def item_counts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """What the loss terms are normalised by, for one batch: int64 tensor [samples, positions, supervised] =
     [batch size, non-padding positions, positions whose logits predict a label != -100 (labels[:, 1:])]."""
     positions = attention_mask.sum() if attention_mask is not None else torch.tensor(input_ids.numel())
@@ -179,9 +180,16 @@ def _normalizer(value: float | torch.Tensor | None, default: torch.Tensor | int)
     return default.clamp(min=1) if torch.is_tensor(default) else max(default, 1)
 
 
-def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
-            positions: str = "all", attention_mask: torch.Tensor | None = None,
-            labels: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+def kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    positions: str = "all",
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """KL(teacher || student) on the logits (b, l, vocab), in float32, times T**2.
 
     positions="all" (the authors'): the KL summed over each sample's non-padding positions, summed over samples,
@@ -205,13 +213,18 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
     per_token = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)  # (b, l)
     if attention_mask is not None:
-        per_token = per_token * attention_mask[:, -per_token.shape[1]:].to(per_token.dtype)
+        per_token = per_token * attention_mask[:, -per_token.shape[1] :].to(per_token.dtype)
     return per_token.sum() / _normalizer(normalizer, student_logits.shape[0]) * t**2
 
 
-def layer_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, *, kind: str = "frobenius",
-               attention_mask: torch.Tensor | None = None,
-               normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+def layer_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    *,
+    kind: str = "frobenius",
+    attention_mask: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """Distance between a student layer's output and the teacher's (b, l, hidden), in float32, padding left out.
 
     "frobenius" (the authors' at batch size 1): each sample's `torch.norm(diff, p=2)` over its (length, hidden)
@@ -220,24 +233,26 @@ def layer_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, *, kind: st
     """
     diff = student_out.float() - teacher_out.float()
     if attention_mask is not None:
-        diff = diff * attention_mask[:, -diff.shape[1]:, None].to(diff.dtype)
+        diff = diff * attention_mask[:, -diff.shape[1] :, None].to(diff.dtype)
     if kind == "frobenius":
         return torch.linalg.vector_norm(diff.flatten(1), dim=1).sum() / _normalizer(normalizer, diff.shape[0])
     if kind == "mse":
-        n_valid = diff.shape[0] * diff.shape[1] if attention_mask is None else \
-            attention_mask[:, -diff.shape[1]:].sum()
+        n_valid = diff.shape[0] * diff.shape[1] if attention_mask is None else attention_mask[:, -diff.shape[1] :].sum()
         return diff.pow(2).sum() / (_normalizer(normalizer, n_valid) * diff.shape[-1])
     raise ValueError(f"layer loss must be 'frobenius' or 'mse', got {kind!r}")
 
 
-def ce_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float | torch.Tensor | None = None
-            ) -> torch.Tensor:
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy in float32, summed over the supervised tokens and divided by `normalizer`
     (default: their number here, i.e. the mean; 0 when there is none)."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
     n = (shift_labels != IGNORE_INDEX).sum()
-    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     return total / _normalizer(normalizer, n)
 
 
@@ -251,7 +266,8 @@ class GradientCheckError(RuntimeError):
             f"{len(missing)} trainable parameter(s) received no gradient in the first training step: {shown}. "
             "They would not train (and DDP with find_unused_parameters=False fails in the next step). Causes: a "
             "kernel without a backward on the path, or parameters that do not reach the loss (choose the trainable "
-            "set with set_trainable / --train-mode).")
+            "set with set_trainable / --train-mode)."
+        )
 
 
 @contextlib.contextmanager
@@ -275,10 +291,12 @@ def capture_layer_io(layers: nn.ModuleList, indices: list[int]):
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for i in indices:
+
         def hook(module, args, kwargs, output, i=i):
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, tuple) else output
             captured[i] = (hidden_in, hidden_out)
+
         handles.append(layers[i].register_forward_hook(hook, with_kwargs=True))
     try:
         yield captured
@@ -297,8 +315,15 @@ def apply_decoder_layer(layer: nn.Module, hidden_states: torch.Tensor, attention
     hidden_states = hidden_states.to(dtype)
     if torch.is_grad_enabled() and getattr(layer, "gradient_checkpointing", False) and layer.training:
         hidden_states = hidden_states.detach().requires_grad_()
-    out = layer(hidden_states, attention_mask=None, position_ids=None, use_cache=False, position_embeddings=None,
-                mamba_mask=attention_mask, **{CACHE_ARG: None})
+    out = layer(
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        use_cache=False,
+        position_embeddings=None,
+        mamba_mask=attention_mask,
+        **{CACHE_ARG: None},
+    )
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -313,8 +338,10 @@ def _refuse_reentrant_checkpointing_under_ddp(args: Any) -> None:
         return
     gc_kwargs = args.gradient_checkpointing_kwargs
     if gc_kwargs is not None and gc_kwargs.get("use_reentrant", True):  # None: transformers' non-reentrant default
-        raise ValueError("reentrant gradient checkpointing is not supported with several processes (L_layer uses the "
-                         "Mamba layers twice per step): set gradient_checkpointing_kwargs={'use_reentrant': False}")
+        raise ValueError(
+            "reentrant gradient checkpointing is not supported with several processes (L_layer uses the "
+            "Mamba layers twice per step): set gradient_checkpointing_kwargs={'use_reentrant': False}"
+        )
 
 
 class MaTVLMDistillationTrainer(Trainer):
@@ -328,8 +355,9 @@ class MaTVLMDistillationTrainer(Trainer):
             e.g. with `set_trainable`).
     """
 
-    def __init__(self, *args, teacher_model: nn.Module, distill_args: DistillationArguments | dict | None = None,
-                 **kwargs):
+    def __init__(
+        self, *args, teacher_model: nn.Module, distill_args: DistillationArguments | dict | None = None, **kwargs
+    ):
         _refuse_reentrant_checkpointing_under_ddp(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         if isinstance(distill_args, dict):
@@ -338,7 +366,10 @@ class MaTVLMDistillationTrainer(Trainer):
         student = self.accelerator.unwrap_model(self.model)
         s_tc, t_tc = student.config.text_config, teacher_model.config.text_config
         if (s_tc.num_hidden_layers, s_tc.hidden_size, s_tc.vocab_size) != (
-                t_tc.num_hidden_layers, t_tc.hidden_size, t_tc.vocab_size):
+            t_tc.num_hidden_layers,
+            t_tc.hidden_size,
+            t_tc.vocab_size,
+        ):
             raise ValueError("teacher and student language models differ in layers, hidden size or vocabulary")
         if not any(p.requires_grad for p in student.parameters()):
             raise ValueError("the student has no trainable parameter: call set_trainable(student, mode) first")
@@ -358,8 +389,10 @@ class MaTVLMDistillationTrainer(Trainer):
         return [n for n, p in model.named_parameters() if not is_no_decay(n, p)]
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        if self.lr_scheduler is None and str(getattr(self.args.lr_scheduler_type, "value",
-                                                     self.args.lr_scheduler_type)) == "warmup_stable_decay":
+        if (
+            self.lr_scheduler is None
+            and str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)) == "warmup_stable_decay"
+        ):
             kwargs = dict(self.args.lr_scheduler_kwargs or {})
             if "num_decay_steps" not in kwargs:
                 kwargs["num_decay_steps"] = math.ceil(self.distill_args.decay_ratio * num_training_steps)
@@ -411,8 +444,7 @@ class MaTVLMDistillationTrainer(Trainer):
         return {k: max(n, 1) / share for k, n in zip(COUNT_KEYS, self._step_counts)}
 
     # -- the first step's gradient check ----------------------------------------------------------------------
-    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
-                      ) -> torch.Tensor:
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Trainer's step with the global normalisation on; during the first optimizer step, also checks that
         every trainable parameter receives a gradient from every micro-batch (`GradientCheckError` otherwise)."""
         self._in_training_step = True
@@ -433,8 +465,9 @@ class MaTVLMDistillationTrainer(Trainer):
             self._in_training_step = False
 
     # -- loss -------------------------------------------------------------------------------------------------
-    def compute_distillation_losses(self, model: nn.Module, inputs: dict[str, Any],
-                                    normalizers: dict[str, Any] | None = None) -> dict[str, Any]:
+    def compute_distillation_losses(
+        self, model: nn.Module, inputs: dict[str, Any], normalizers: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """One teacher pass and one student pass on `inputs`: {"loss", "l_layer", "l_prob", "l_ce", "outputs"}
         (loss = alpha * l_layer + beta * l_prob + gamma * l_ce; terms with weight 0 carry no graph).
 
@@ -455,12 +488,16 @@ class MaTVLMDistillationTrainer(Trainer):
             return contextlib.nullcontext() if weight > 0 else torch.no_grad()
 
         with self.accelerator.autocast():
-            with torch.no_grad(), capture_layer_io(self.teacher.decoder_layers,
-                                                   self.mamba_layers if need_layer else []) as captured:
-                teacher_out = self.teacher(input_ids=input_ids, pixel_values=pixel_values,
-                                           attention_mask=attention_mask, use_cache=False)
-            outputs = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                            use_cache=False)
+            with (
+                torch.no_grad(),
+                capture_layer_io(self.teacher.decoder_layers, self.mamba_layers if need_layer else []) as captured,
+            ):
+                teacher_out = self.teacher(
+                    input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=False
+                )
+            outputs = model(
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=False
+            )
             student_logits = outputs.logits
 
             # L_layer: the student's decoder layer i on the teacher's input to layer i, against the teacher's output
@@ -470,21 +507,35 @@ class MaTVLMDistillationTrainer(Trainer):
                     teacher_in, teacher_out_i = captured[i]
                     student_out_i = apply_decoder_layer(student.decoder_layers[i], teacher_in, attention_mask)
                     l_layer = l_layer + layer_loss(
-                        student_out_i, teacher_out_i, kind=da.layer_loss, attention_mask=attention_mask,
-                        normalizer=norm.get("samples" if da.layer_loss == "frobenius" else "positions"))
+                        student_out_i,
+                        teacher_out_i,
+                        kind=da.layer_loss,
+                        attention_mask=attention_mask,
+                        normalizer=norm.get("samples" if da.layer_loss == "frobenius" else "positions"),
+                    )
             with graph_if(da.beta):
-                l_prob = kl_loss(student_logits, teacher_out.logits, temperature=da.temperature,
-                                 positions=da.kl_positions, attention_mask=attention_mask, labels=labels,
-                                 normalizer=norm.get("samples" if da.kl_positions == "all" else "supervised"))
+                l_prob = kl_loss(
+                    student_logits,
+                    teacher_out.logits,
+                    temperature=da.temperature,
+                    positions=da.kl_positions,
+                    attention_mask=attention_mask,
+                    labels=labels,
+                    normalizer=norm.get("samples" if da.kl_positions == "all" else "supervised"),
+                )
             with graph_if(da.gamma):  # logged even at weight 0
-                l_ce = ce_loss(student_logits, labels, normalizer=norm.get("supervised")) if labels is not None \
+                l_ce = (
+                    ce_loss(student_logits, labels, normalizer=norm.get("supervised"))
+                    if labels is not None
                     else torch.zeros_like(l_layer)
+                )
 
         loss = da.alpha * l_layer + da.beta * l_prob + da.gamma * l_ce
         return {"loss": loss, "l_layer": l_layer, "l_prob": l_prob, "l_ce": l_ce, "outputs": outputs}
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None):
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ):
         terms = self.compute_distillation_losses(model, inputs, normalizers=self._normalizers())
         loss = terms["loss"]
         if inputs.get("pixel_values") is None and model.training:
@@ -518,7 +569,19 @@ class MaTVLMDistillationTrainer(Trainer):
 
 
 __all__ = [
-    "DistillationArguments", "GradientCheckError", "MaTVLMDistillationTrainer", "TRAIN_MODES", "apply_decoder_layer",
-    "capture_layer_io", "ce_loss", "is_no_decay", "item_counts", "kl_loss", "layer_loss", "optimizer_param_groups",
-    "record_gradients", "set_trainable", "trainable_parameter_names",
+    "DistillationArguments",
+    "GradientCheckError",
+    "MaTVLMDistillationTrainer",
+    "TRAIN_MODES",
+    "apply_decoder_layer",
+    "capture_layer_io",
+    "ce_loss",
+    "is_no_decay",
+    "item_counts",
+    "kl_loss",
+    "layer_loss",
+    "optimizer_param_groups",
+    "record_gradients",
+    "set_trainable",
+    "trainable_parameter_names",
 ]

@@ -41,10 +41,12 @@ class DistillationRecipe:
     temperature: float = _knob(1.0, "softmax temperature of L_prob (dimensionless; the KL is scaled by T^2)")
     kl_positions: str = _knob("all", "positions L_prob covers: all (the paper) | answer (answer tokens only)")
     layer_loss: str = _knob("frobenius", "L_layer: frobenius (norm of the difference, the paper) | mse")
-    train_mode: str = _knob("mamba+connector", "what trains: mamba+connector (the paper) | mamba | "
-                            "mamba+mlp+connector | all")
-    teacher_dtype: str = _knob("auto", "teacher weights: auto (bfloat16 when bf16 is on, else float32) | float32 | "
-                               "bfloat16 | float16")
+    train_mode: str = _knob(
+        "mamba+connector", "what trains: mamba+connector (the paper) | mamba | mamba+mlp+connector | all"
+    )
+    teacher_dtype: str = _knob(
+        "auto", "teacher weights: auto (bfloat16 when bf16 is on, else float32) | float32 | bfloat16 | float16"
+    )
     # optimisation
     learning_rate: float = _knob(2e-4, "peak learning rate of AdamW (per optimizer step)")
     weight_decay: float = _knob(0.01, "AdamW weight decay (none on biases, norms, A_log, dt_bias, D)")
@@ -52,21 +54,30 @@ class DistillationRecipe:
     adam_beta2: float = _knob(0.95, "AdamW beta2")
     lr_scheduler: str = _knob("warmup_stable_decay", "learning-rate schedule (a transformers scheduler name)")
     warmup_ratio: float = _knob(0.1, "warm-up, as a fraction of all optimizer steps")
-    decay_ratio: float = _knob(0.1, "final (cosine) decay, as a fraction of all optimizer steps "
-                               "(warmup_stable_decay only)")
-    global_batch_size: int = _knob(64, "samples per optimizer step, all processes together "
-                                   "(= per-device batch x accumulation x processes)")
-    per_device_batch_size: int | None = _knob(None, "samples per forward pass on one device; unset = the largest that "
-                                              "fits this machine and model (paper preset: 1)")
+    decay_ratio: float = _knob(
+        0.1, "final (cosine) decay, as a fraction of all optimizer steps (warmup_stable_decay only)"
+    )
+    global_batch_size: int = _knob(
+        64, "samples per optimizer step, all processes together (= per-device batch x accumulation x processes)"
+    )
+    per_device_batch_size: int | None = _knob(
+        None,
+        "samples per forward pass on one device; unset = the largest that "
+        "fits this machine and model (paper preset: 1)",
+    )
     max_length: int = _knob(1428, "tokens per sample (image tokens included); longer samples are cut")
     num_epochs: float = _knob(1.0, "passes over the data set")
     max_steps: int = _knob(-1, "optimizer steps; > 0 overrides --num-epochs")
     max_grad_norm: float = _knob(0.1, "gradient clipping: largest global L2 norm of the gradient")
     bf16: str = _knob("auto", "bfloat16 mixed precision: auto (on where CUDA supports it) | true | false")
-    gradient_checkpointing: bool | None = _knob(None, "recompute activations in the backward pass (saves memory, "
-                                                "costs ~30 %% time); unset = on with CUDA, off on a CPU (paper: on)")
-    num_workers: int | None = _knob(None, "data-loader worker processes per training process; unset = 0 on a CPU, "
-                                    "up to 4 per GPU (paper preset: 2)")
+    gradient_checkpointing: bool | None = _knob(
+        None,
+        "recompute activations in the backward pass (saves memory, "
+        "costs ~30 %% time); unset = on with CUDA, off on a CPU (paper: on)",
+    )
+    num_workers: int | None = _knob(
+        None, "data-loader worker processes per training process; unset = 0 on a CPU, up to 4 per GPU (paper preset: 2)"
+    )
     seed: int = _knob(42, "random seed (data order, fresh parameters)")
 
     def fit(self, student, teacher, *, world_size: int = 1, device: str | None = None) -> DistillationRecipe:
@@ -87,18 +98,20 @@ class DistillationRecipe:
             per_process = self.global_batch_size // world_size
             budget = memory_budget_bytes(device) - _resident_bytes(student, teacher)
             per_sample = activation_bytes_per_sample(student.config, self.max_length, ckpt)
-            batch = max([d for d in range(1, per_process + 1) if per_process % d == 0 and d * per_sample <= budget],
-                        default=1)
-        return dataclasses.replace(self, per_device_batch_size=batch, gradient_checkpointing=ckpt,
-                                   num_workers=workers)
+            batch = max(
+                [d for d in range(1, per_process + 1) if per_process % d == 0 and d * per_sample <= budget], default=1
+            )
+        return dataclasses.replace(self, per_device_batch_size=batch, gradient_checkpointing=ckpt, num_workers=workers)
 
     def gradient_accumulation(self, world_size: int = 1) -> int:
         """Micro-steps per optimizer step: global batch / (per-device batch x processes). ValueError if it is not
         a whole number."""
         per_step = (self.per_device_batch_size or 1) * world_size
         if self.global_batch_size % per_step:
-            raise ValueError(f"--global-batch-size {self.global_batch_size} is not a multiple of per-device batch "
-                             f"{self.per_device_batch_size} x {world_size} process(es) = {per_step}")
+            raise ValueError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of per-device batch "
+                f"{self.per_device_batch_size} x {world_size} process(es) = {per_step}"
+            )
         return self.global_batch_size // per_step
 
     def use_bf16(self) -> bool:
@@ -110,10 +123,12 @@ class DistillationRecipe:
 
     def describe(self, world_size: int = 1) -> str:
         """One line: the batch arithmetic and the machine-dependent choices."""
-        return (f"global batch {self.global_batch_size} = per-device batch {self.per_device_batch_size} x "
-                f"{self.gradient_accumulation(world_size)} accumulation x {world_size} process(es); gradient "
-                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}; {self.num_workers} loader "
-                f"worker(s); bf16 {'on' if self.use_bf16() else 'off'}")
+        return (
+            f"global batch {self.global_batch_size} = per-device batch {self.per_device_batch_size} x "
+            f"{self.gradient_accumulation(world_size)} accumulation x {world_size} process(es); gradient "
+            f"checkpointing {'on' if self.gradient_checkpointing else 'off'}; {self.num_workers} loader "
+            f"worker(s); bf16 {'on' if self.use_bf16() else 'off'}"
+        )
 
     def training_arguments(self, output_dir: str, world_size: int = 1, **bookkeeping: Any):
         """`transformers.TrainingArguments` of this (fitted) recipe; `bookkeeping` adds logging / saving / reporting

@@ -40,8 +40,9 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     recipe = DistillationRecipe(**{k: cfg[k] for k in RECIPE_KEYS})
     if recipe.global_batch_size % world_size:
-        raise SystemExit(f"error: --global-batch-size {recipe.global_batch_size} is not a multiple of {world_size} "
-                         "processes")
+        raise SystemExit(
+            f"error: --global-batch-size {recipe.global_batch_size} is not a multiple of {world_size} processes"
+        )
     bf16 = recipe.use_bf16()
     output = Path(run_dir or cfg["output"])
 
@@ -49,21 +50,28 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
     if models is None:
         student = MaTVLMForConditionalGeneration.from_pretrained(cfg["student"], dtype=torch.float32)
         teacher_dtype = {"auto": torch.bfloat16 if bf16 else torch.float32}.get(cfg["teacher_dtype"]) or getattr(
-            torch, cfg["teacher_dtype"])
+            torch, cfg["teacher_dtype"]
+        )
         teacher = MaTVLMForConditionalGeneration.from_pretrained(cfg["teacher"], dtype=teacher_dtype)
     else:
         student, teacher = models
     if student.config.image_token_id != teacher.config.image_token_id:
-        raise SystemExit(f"error: student and teacher use different image token ids "
-                         f"({student.config.image_token_id} vs {teacher.config.image_token_id})")
+        raise SystemExit(
+            f"error: student and teacher use different image token ids "
+            f"({student.config.image_token_id} vs {teacher.config.image_token_id})"
+        )
     if teacher.config.mamba_layers:
         print(f"note: the teacher has Mamba layers {teacher.config.mamba_layers} (progressive distillation?)")
     processor = MaTVLMProcessor.from_pretrained(cfg["processor"] or cfg["student"])
-    if (processor.image_token_id, processor.num_image_tokens) != (student.config.image_token_id,
-                                                                  student.config.num_image_tokens):
-        raise SystemExit(f"error: the processor writes {processor.num_image_tokens} x id {processor.image_token_id} "
-                         f"per image, the student expects {student.config.num_image_tokens} x id "
-                         f"{student.config.image_token_id}")
+    if (processor.image_token_id, processor.num_image_tokens) != (
+        student.config.image_token_id,
+        student.config.num_image_tokens,
+    ):
+        raise SystemExit(
+            f"error: the processor writes {processor.num_image_tokens} x id {processor.image_token_id} "
+            f"per image, the student expects {student.config.num_image_tokens} x id "
+            f"{student.config.image_token_id}"
+        )
     trainable = set_trainable(student, cfg["train_mode"])
     fitted = [k for k in UNSET_MEANS_FITTED if getattr(recipe, k) is None]
     recipe = recipe.fit(student, teacher, world_size=world_size)
@@ -73,8 +81,13 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
         raise SystemExit(f"error: {err}") from err
 
     # -- data ----------------------------------------------------------------------------------------------------
-    dataset = LLaVADataset(cfg["data"], cfg["images"], processor, max_length=recipe.max_length,
-                           image_aspect_ratio=cfg["image_aspect_ratio"])
+    dataset = LLaVADataset(
+        cfg["data"],
+        cfg["images"],
+        processor,
+        max_length=recipe.max_length,
+        image_aspect_ratio=cfg["image_aspect_ratio"],
+    )
     if cfg["max_samples"] is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(cfg["max_samples"], len(dataset))))
     if models is None:
@@ -84,25 +97,47 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
 
     # -- trainer -------------------------------------------------------------------------------------------------
     args = recipe.training_arguments(
-        str(output), world_size, logging_steps=cfg["logging_steps"], logging_first_step=True,
-        save_strategy="steps" if cfg["save_steps"] > 0 else "no", save_steps=cfg["save_steps"],
-        save_total_limit=cfg["save_total_limit"], report_to=cfg["report_to"], deepspeed=cfg["deepspeed"],
-        disable_tqdm=False)
-    distill_args = DistillationArguments(alpha=recipe.alpha, beta=recipe.beta, gamma=recipe.gamma,
-                                         temperature=recipe.temperature, kl_positions=recipe.kl_positions,
-                                         layer_loss=recipe.layer_loss, teacher_dtype=recipe.teacher_dtype,
-                                         decay_ratio=recipe.decay_ratio)
-    trainer = MaTVLMDistillationTrainer(model=student, teacher_model=teacher, distill_args=distill_args, args=args,
-                                        train_dataset=dataset, data_collator=collator, processing_class=processor)
+        str(output),
+        world_size,
+        logging_steps=cfg["logging_steps"],
+        logging_first_step=True,
+        save_strategy="steps" if cfg["save_steps"] > 0 else "no",
+        save_steps=cfg["save_steps"],
+        save_total_limit=cfg["save_total_limit"],
+        report_to=cfg["report_to"],
+        deepspeed=cfg["deepspeed"],
+        disable_tqdm=False,
+    )
+    distill_args = DistillationArguments(
+        alpha=recipe.alpha,
+        beta=recipe.beta,
+        gamma=recipe.gamma,
+        temperature=recipe.temperature,
+        kl_positions=recipe.kl_positions,
+        layer_loss=recipe.layer_loss,
+        teacher_dtype=recipe.teacher_dtype,
+        decay_ratio=recipe.decay_ratio,
+    )
+    trainer = MaTVLMDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        distill_args=distill_args,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+    )
     if trainer.is_world_process_zero():
         n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in student.parameters())
         device = "CUDA" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
         print(f"student: {cfg['student']} (Mamba layers {student.config.mamba_layers}); teacher: {cfg['teacher']}")
         print(f"trainable ({recipe.train_mode}): {n_train:,} of {n_all:,} parameters in {len(trainable)} tensors")
-        print(f"recipe '{cfg['preset']}' on {device}"
-              + (f" (fitted: {', '.join(k.replace('_', ' ') for k in fitted)})" if fitted else "")
-              + f": {len(dataset)} samples; {recipe.describe(world_size)}")
+        print(
+            f"recipe '{cfg['preset']}' on {device}"
+            + (f" (fitted: {', '.join(k.replace('_', ' ') for k in fitted)})" if fitted else "")
+            + f": {len(dataset)} samples; {recipe.describe(world_size)}"
+        )
         output.mkdir(parents=True, exist_ok=True)
         record = {**cfg, **dataclasses.asdict(recipe)}
         (output / "distill_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -129,10 +164,14 @@ def check_supervision(dataset, data_name: str, scan_limit: int = 20000) -> list[
         if all(label < 0 for label in labels):
             empty.append(base.sample_name(i))
     if empty and len(empty) == len(scanned):
-        raise UserError(f"--data {data_name}: none of the {len(scanned)} samples scanned has an answer token to "
-                        f"supervise (e.g. {empty[0]}): each needs a 'gpt' (or 'assistant') turn with a non-empty answer "
-                        "that --max-length does not cut off.")
+        raise UserError(
+            f"--data {data_name}: none of the {len(scanned)} samples scanned has an answer token to "
+            f"supervise (e.g. {empty[0]}): each needs a 'gpt' (or 'assistant') turn with a non-empty answer "
+            "that --max-length does not cut off."
+        )
     if empty:
-        return [f"warning: {len(empty)} of {len(scanned)} samples scanned have no supervised answer token "
-                f"(e.g. {empty[0]}); they train only the layer and all-position KL terms."]
+        return [
+            f"warning: {len(empty)} of {len(scanned)} samples scanned have no supervised answer token "
+            f"(e.g. {empty[0]}); they train only the layer and all-position KL terms."
+        ]
     return []
