@@ -1,4 +1,5 @@
-"""Alias: `matvlm_hf.bad_inputs` moved to `matvlm_hf.synthetic.bad_inputs` (old imports and `python -m` keep working)."""
+"""Alias: `matvlm_hf.bad_inputs` moved to `matvlm_hf.synthetic.bad_inputs`
+(old imports and `python -m` keep working)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Alias: `matvlm_hf.distill_benchmark` moved to `matvlm_hf.synthetic.distill_benchmark` (old imports and `python -m` keep working)."""
+"""Alias: `matvlm_hf.distill_benchmark` moved to `matvlm_hf.synthetic.distill_benchmark`
+(old imports and `python -m` keep working)."""
 
 import sys
 

@@ -481,8 +481,8 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
     def generate(self, *args, fast_decode: bool | None = None, fast_decode_compile: bool | None = None, **kwargs):
         """transformers' `generate`, or with `fast_decode=True` (argument or generation config attribute) the static
         hybrid cache + one CUDA graph per decode step (greedy and sampling; see fast_generation.py). Generation config
-        attribute `prefill_chunk_size` (default 4096) and `fast_decode_compile` (argument or attribute: torch.compile the
-        step before capturing it) tune it. The image token id is always suppressed."""
+        attribute `prefill_chunk_size` (default 4096) and `fast_decode_compile` (argument or attribute:
+        torch.compile the step before capturing it) tune it. The image token id is always suppressed."""
         prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         limit = self.config.text_config.max_position_embeddings
         if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 and prompt.shape[1] > limit:

@@ -1,4 +1,5 @@
-"""Alias: `matvlm_hf.quickstart` moved to `matvlm_hf.synthetic.quickstart` (old imports and `python -m` keep working)."""
+"""Alias: `matvlm_hf.quickstart` moved to `matvlm_hf.synthetic.quickstart`
+(old imports and `python -m` keep working)."""
 
 import sys
 

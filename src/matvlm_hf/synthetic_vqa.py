@@ -1,4 +1,5 @@
-"""Alias: `matvlm_hf.synthetic_vqa` moved to `matvlm_hf.synthetic.synthetic_vqa` (old imports and `python -m` keep working)."""
+"""Alias: `matvlm_hf.synthetic_vqa` moved to `matvlm_hf.synthetic.synthetic_vqa`
+(old imports and `python -m` keep working)."""
 
 import sys
 

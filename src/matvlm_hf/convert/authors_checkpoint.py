@@ -9,7 +9,8 @@ dataclass). A Mamba layer N holds
     language_model.model.layers.N.mamba.conv1d.weight    (d_inner + 2 d_xb, 1, d_conv), conv1d.bias (d_inner + 2 d_xb)
     language_model.model.layers.N.mamba.{dt_bias, A_log, D}  (nheads,)
     language_model.model.layers.N.mamba.norm.weight      (d_inner,)   gated RMSNorm, group size d_inner / ngroups
-    language_model.model.layers.N.mamba.out_proj.weight  (d_model, d_inner)   (+ in_proj.bias / out_proj.bias if is_bias)
+    language_model.model.layers.N.mamba.out_proj.weight  (d_model, d_inner)
+        (+ in_proj.bias / out_proj.bias if is_bias)
     language_model.model.layers.N.{mlp.fc1, mlp.fc2, input_layernorm}.{weight, bias}   (Phi's, unchanged names)
 
 and computes residual + mamba(LN(h)) + mlp(LN(h)), which is a Phi decoder layer with its attention swapped for the
@@ -405,7 +406,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 model = AutoModelForImageTextToText.from_pretrained("PATH", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("PATH", trust_remote_code=True)
 ```
-""")
+""")  # noqa: E501 (a model card: markdown table rows, one a line)
 
 
 # --- export ------------------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from .paper_preset import FreshDecoderLayers, paper_mamba_layers, preset_mixer_o
 from ..processing_matvlm import processor_from_tinyllava
 from ..safe_output import check_output, staged_output
 
-KEY_PREFIXES = {  # TinyLLaVA state-dict prefix -> MaTVLM prefix (transformers 5's SiglipVisionModel has no vision_model.)
+# TinyLLaVA state-dict prefix -> MaTVLM prefix (transformers 5's SiglipVisionModel has no vision_model.)
+KEY_PREFIXES = {
     "language_model.": "language_model.",
     "vision_tower._vision_tower.vision_model.": "vision_tower.",
     "vision_tower._vision_tower.": "vision_tower.",
@@ -73,8 +74,8 @@ def resolve_checkpoint(path_or_repo: str | Path, option: str = "--input") -> Pat
         )
     except Exception as err:  # offline, unknown repo, no access: all say the same thing to the user
         raise ConversionError(
-            f"Could not fetch {path_or_repo!r} from the Hugging Face Hub ({type(err).__name__}: {err}). Without network "
-            "access, download the checkpoint elsewhere and pass its local folder to --input."
+            f"Could not fetch {path_or_repo!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Without network access, download the checkpoint elsewhere and pass its local folder to --input."
         ) from err
 
 
@@ -557,7 +558,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 model = AutoModelForImageTextToText.from_pretrained("PATH", trust_remote_code=True)
 processor = AutoProcessor.from_pretrained("PATH", trust_remote_code=True)
 ```
-"""
+"""  # noqa: E501 (a model card: markdown table rows, one a line)
     )
 
 

@@ -65,7 +65,8 @@ KNOBS: dict[str, Any] = dict(
     teacher_weight_decay=0.01,
     # hybrid: conversion and distillation (loss weights are the paper's: alpha = beta = 1, gamma = 0)
     mamba_ratio=0.25,  # of 4 layers: layer 0
-    mamba_chunk_size=32,  # SSD chunk of the PyTorch reference scan; exact at any value, smaller = faster on short inputs
+    # SSD chunk of the PyTorch reference scan; exact at any value, smaller = faster on short inputs
+    mamba_chunk_size=32,
     mamba_kernels=True,  # mamba_ssm's Triton kernels when installed and on CUDA (else the PyTorch reference scan)
     distill_steps=150,  # 150 / 700 = 0.21 of the teacher's steps, at half its batch
     distill_batch_size=16,

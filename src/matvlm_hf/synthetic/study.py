@@ -292,8 +292,9 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
         f"Teacher: TinyLLaVA layout (SigLIP {knobs['vision']['num_hidden_layers']} x {knobs['vision']['hidden_size']}, "
         f"Phi {knobs['lm']['num_hidden_layers']} x {knobs['lm']['hidden_size']}), trained from scratch for "
         f"{knobs['teacher_steps']} steps of {knobs['teacher_batch_size']} conversations in "
-        f"{teacher['train_seconds']:.0f} s on `{teacher.get('device', knobs['device'])}`; held-out greedy exact match **{100 * t_acc:.1f} %** "
-        f"on {teacher['accuracy']['total']} questions (blind baseline {100 * teacher['blind_baseline']['accuracy']:.1f} %).",
+        f"{teacher['train_seconds']:.0f} s on `{teacher.get('device', knobs['device'])}`; held-out greedy exact match "
+        f"**{100 * t_acc:.1f} %** on {teacher['accuracy']['total']} questions "
+        f"(blind baseline {100 * teacher['blind_baseline']['accuracy']:.1f} %).",
         "Every variant: converted from that checkpoint with the project's converter, then distilled (steps, batch "
         f"and lr below; the teacher took {knobs['teacher_steps']} steps), Mamba mixers + connector trainable. "
         "Reproduce: `matvlm study all --workdir W --docs DIR --set KEY=VALUE ...` with the knobs in study.json. "
