@@ -24,93 +24,24 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
-from ..configuration_matvlm import SUPPORTED_TEXT_MODEL_TYPES, MaTVLMConfig, mamba_layer_indices
+from ..configuration_matvlm import MaTVLMConfig, mamba_layer_indices
 from ..errors import UserError
-from ..input_checks import local_or_hub
 from ..mamba2_mixer import MaTVLMMamba2Mixer
 from ..modeling_matvlm import MaTVLMForConditionalGeneration, checkpoint_key
 from .model_card import front_matter
+from .tinyllava_format import (  # noqa: F401 (ConversionError, read_tinyllava_config: public here too)
+    KEY_PREFIXES,
+    SUPPORTED_VISION_MODEL_TYPES,
+    ConversionError,
+    read_tinyllava_config,
+    resolve_checkpoint,
+)
 from .paper_preset import FreshDecoderLayers, paper_mamba_layers, preset_mixer_options, resolve_init
 from ..processing_matvlm import processor_from_tinyllava
 from ..safe_output import check_output, staged_output
 
-# TinyLLaVA state-dict prefix -> MaTVLM prefix (transformers 5's SiglipVisionModel has no vision_model.)
-KEY_PREFIXES = {
-    "language_model.": "language_model.",
-    "vision_tower._vision_tower.vision_model.": "vision_tower.",
-    "vision_tower._vision_tower.": "vision_tower.",
-    "connector._connector.": "connector.",
-}
 ATTENTION_OUT = {"phi": "dense", "llama": "o_proj", "qwen2": "o_proj"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUPPORTED_VISION_MODEL_TYPES = ("siglip_vision_model",)  # the key renames below assume SigLIP's layout
-
-
-class ConversionError(UserError):
-    """The input cannot be converted (not a TinyLLaVA checkpoint, missing or damaged weights, bad options)."""
-
-
-# --- reading the source ------------------------------------------------------------------------------------------
-
-
-def resolve_checkpoint(path_or_repo: str | Path, option: str = "--input") -> Path:
-    """A local folder, else a Hub repo id fetched through huggingface_hub (fails clearly when offline).
-
-    Which strings are Hub ids: `input_checks.is_hub_id`; a local path that does not exist raises ConversionError.
-    """
-    try:
-        where = local_or_hub(path_or_repo, option)
-    except UserError as err:
-        raise ConversionError(str(err)) from err
-    if isinstance(where, Path):
-        if not where.is_dir():
-            raise ConversionError(f"{option} {where} is a file; expected a TinyLLaVA checkpoint folder.")
-        return where
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(str(path_or_repo), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
-        )
-    except Exception as err:  # offline, unknown repo, no access: all say the same thing to the user
-        raise ConversionError(
-            f"Could not fetch {path_or_repo!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "Without network access, download the checkpoint elsewhere and pass its local folder to --input."
-        ) from err
-
-
-def read_tinyllava_config(folder: Path) -> dict:
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ConversionError(f"{folder} has no config.json: not a TinyLLaVA checkpoint folder.")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{config_file} is not valid JSON: {err}") from err
-    archs = config.get("architectures") or []
-    if config.get("model_type") != "tinyllava" and not any("TinyLlava" in a for a in archs):
-        raise ConversionError(
-            f"{folder} is not a TinyLLaVA checkpoint: config.json has model_type {config.get('model_type')!r} "
-            "(expected 'tinyllava')."
-        )
-    for field in ("text_config", "vision_config"):
-        if not isinstance(config.get(field), dict):
-            raise ConversionError(f"{config_file} lacks the '{field}' dict that TinyLLaVA checkpoints carry.")
-    lm_type = config["text_config"].get("model_type")
-    if lm_type not in SUPPORTED_TEXT_MODEL_TYPES:
-        raise ConversionError(
-            f"Unsupported language model type {lm_type!r} in {config_file}: supported are "
-            f"{', '.join(SUPPORTED_TEXT_MODEL_TYPES)}."
-        )
-    vision_type = config["vision_config"].get("model_type")
-    if vision_type not in SUPPORTED_VISION_MODEL_TYPES:
-        raise ConversionError(
-            f"Unsupported vision_config.model_type {vision_type!r} in {config_file}: supported are "
-            f"{', '.join(SUPPORTED_VISION_MODEL_TYPES)} (TinyLLaVA's SigLIP tower)."
-        )
-    if config.get("connector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ConversionError(f"Unsupported connector_type {config['connector_type']!r}: only mlp2x_gelu.")
-    return config
 
 
 def weight_files(folder: Path) -> dict[str, Path]:

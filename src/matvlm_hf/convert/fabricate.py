@@ -46,6 +46,17 @@ from typing import Any
 import torch
 
 from ..modeling_matvlm import checkpoint_key
+from .tinyllava_format import (  # noqa: F401 (the names fabricate always had)
+    CONNECTOR_PREFIX,
+    LM_NAMES,
+    LM_PREFIX,
+    REMOTE_CODE_STAND_IN,
+    TOKENIZER_MODEL_MAX_LENGTH,
+    VISION_NAME,
+    VISION_PREFIX,
+    _tinyllava_config,
+    remote_code_files,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Sizes. "tiny" is for CPU tests; "full" is TinyLLaVA-Phi-2-SigLIP-3.1B.
@@ -75,28 +86,6 @@ FULL_PHI_TOKENIZER_LEN = 50295
 FULL_INIT_STD = 0.02
 FULL_SHARD_SIZE = 2 * 1024**3
 
-LM_NAMES = {"phi": "microsoft/phi-2", "llama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "qwen2": "Qwen/Qwen2-0.5B"}
-VISION_NAME = "google/siglip-so400m-patch14-384"
-TOKENIZER_MODEL_MAX_LENGTH = 3072
-
-# TinyLLaVA's remote code: the files the published config.json's `auto_map` names, beside the weights
-REMOTE_CODE_STAND_IN = (
-    "# Stand-in for TinyLLaVA's remote code (written by matvlm_hf.fabricate); matvlm-hf never imports it.\n"
-    "raise ImportError(\"a stand-in for TinyLLaVA's remote code was imported: a loader ran a checkpoint's code\")\n"
-)
-
-
-def remote_code_files(lm_type: str) -> dict[str, str]:
-    """`auto_map` of a published TinyLLaVA config.json: auto class -> "module.Class" (module = a file beside it)."""
-    return {
-        "AutoConfig": "configuration.TinyLlavaConfig",
-        "AutoModelForCausalLM": f"modeling_tinyllava_{lm_type}.TinyLlavaForConditionalGeneration",
-    }
-
-
-LM_PREFIX = "language_model."
-VISION_PREFIX = "vision_tower._vision_tower.vision_model."
-CONNECTOR_PREFIX = "connector._connector."
 
 # A small built-in English corpus for the tokenizer (conversation words, image descriptions, digits).
 CORPUS = """
@@ -205,60 +194,6 @@ def _lm_config(
     cfg._name_or_path = LM_NAMES[lm_type]
     cfg.dtype = dtype
     return cfg
-
-
-def _tinyllava_config(
-    lm_type: str,
-    text_config,
-    vision_config,
-    tokenizer,
-    image_aspect_ratio: str,
-    dtype: torch.dtype,
-    feature_select: tuple[int, str] = (-2, "patch"),
-) -> dict[str, Any]:
-    import transformers
-
-    text = text_config.to_dict()
-    vision = vision_config.to_dict()
-    vision["model_name_or_path"] = VISION_NAME  # TinyLLaVA stores these in its vision_config
-    vision["model_name_or_path2"] = ""
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["TinyLlavaForConditionalGeneration"],
-        "model_type": "tinyllava",
-        "llm_model_name_or_path": LM_NAMES[lm_type],
-        "tokenizer_name_or_path": LM_NAMES[lm_type],
-        "vision_model_name_or_path": VISION_NAME,
-        "vision_model_name_or_path2": "",
-        "connector_type": "mlp2x_gelu",
-        "text_config": text,
-        "vision_config": vision,
-        "hidden_size": text_config.hidden_size,
-        "vocab_size": text_config.vocab_size,
-        "vision_hidden_size": vision_config.hidden_size,
-        "ignore_index": -100,
-        "image_token_index": -200,
-        "pad_token": tokenizer.pad_token,
-        "pad_token_id": tokenizer.pad_token_id,
-        "tokenizer_padding_side": "right",
-        "tokenizer_model_max_length": TOKENIZER_MODEL_MAX_LENGTH,
-        "tokenizer_use_fast": False,
-        "vision_feature_layer": feature_select[0],
-        "vision_feature_select_strategy": feature_select[1],
-        "image_aspect_ratio": image_aspect_ratio,
-        "resampler_hidden_size": None,
-        "num_queries": None,
-        "num_resampler_layers": None,
-        "use_cache": True,
-        "cache_dir": None,
-        "tune_type_llm": "full",
-        "tune_type_connector": "full",
-        "tune_type_vision_tower": "frozen",
-        "tune_vision_tower_from_layer": 0,
-        "torch_dtype": dtype_name,
-        "transformers_version": transformers.__version__,
-        "auto_map": remote_code_files(lm_type),
-    }
 
 
 def _special_ids(tokenizer) -> dict[str, int | None]:
