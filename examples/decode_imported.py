@@ -45,9 +45,14 @@ def measure(path: Path, dtype: torch.dtype) -> dict:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     new = fast.shape[1] - ids.shape[1]
-    result = {"mamba_layers": config.mamba_layers, "in_out_bias": [config.mamba_proj_bias, config.mamba_out_proj_bias],
-              "new_tokens": new, "seconds": round(seconds, 3), "tokens_per_s": round(new / seconds, 1),
-              "fast_equals_generate_first_32": bool(torch.equal(fast[:, :ids.shape[1] + CHECK_TOKENS], plain))}
+    result = {
+        "mamba_layers": config.mamba_layers,
+        "in_out_bias": [config.mamba_proj_bias, config.mamba_out_proj_bias],
+        "new_tokens": new,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(new / seconds, 1),
+        "fast_equals_generate_first_32": bool(torch.equal(fast[:, : ids.shape[1] + CHECK_TOKENS], plain)),
+    }
     del model
     torch.cuda.empty_cache()
     return result
@@ -57,8 +62,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, required=True, help="scratch folder for the three checkpoints")
     parser.add_argument("--out", type=Path, default=None, help="folder for decode_imported.json")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16",
-                        help="the authors evaluate in float16; the project's benchmarks use bfloat16")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16"],
+        default="bfloat16",
+        help="the authors evaluate in float16; the project's benchmarks use bfloat16",
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     w = args.workdir
@@ -67,14 +76,23 @@ def main() -> None:
     authors = write_authors_checkpoint(w / "authors-25", ssm_layers=layers, size="full", dtype=dtype)
     imported = import_authors_checkpoint(authors, w / "imported-25", overwrite=True, progress=False)
     teacher = write_tinyllava_checkpoint(w / "tinyllava", size="full", dtype=dtype)
-    paper = convert_tinyllava_to_matvlm(teacher, w / "paper-25", mamba_ratio=0.25, preset="paper", overwrite=True,
-                                        progress=False)
+    paper = convert_tinyllava_to_matvlm(
+        teacher, w / "paper-25", mamba_ratio=0.25, preset="paper", overwrite=True, progress=False
+    )
     default = convert_tinyllava_to_matvlm(teacher, w / "matvlm-25", mamba_ratio=0.25, overwrite=True, progress=False)
     print(f"checkpoints written in {time.perf_counter() - t0:.0f} s")
-    results = {"device": torch.cuda.get_device_name(), "dtype": args.dtype, "batch": 1,
-               "prompt": f"1 image + {PROMPT_TOKENS} text tokens", "models": {}}
-    for name, path in (("imported (authors' layout)", imported), ("convert --preset paper", paper),
-                       ("convert (default preset)", default)):
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "dtype": args.dtype,
+        "batch": 1,
+        "prompt": f"1 image + {PROMPT_TOKENS} text tokens",
+        "models": {},
+    }
+    for name, path in (
+        ("imported (authors' layout)", imported),
+        ("convert --preset paper", paper),
+        ("convert (default preset)", default),
+    ):
         results["models"][name] = measure(path, dtype)
         print(name, results["models"][name])
     if args.out:

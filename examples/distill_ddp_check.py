@@ -33,15 +33,45 @@ def prepare(workdir: Path, size: str = "full") -> dict[str, Path]:
 
 
 def distill_args(workdir: Path, output: Path) -> list[str]:
-    paths = {"teacher": workdir / "teacher", "student": workdir / "student-0.25",
-             "data": workdir / f"data-{MAX_LENGTH}.json", "images": workdir / "images"}
+    paths = {
+        "teacher": workdir / "teacher",
+        "student": workdir / "student-0.25",
+        "data": workdir / f"data-{MAX_LENGTH}.json",
+        "images": workdir / "images",
+    }
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise SystemExit(f"error: run `prepare --workdir {workdir}` first (missing: {', '.join(missing)})")
-    return ["--student", str(paths["student"]), "--teacher", str(paths["teacher"]), "--data", str(paths["data"]),
-            "--images", str(paths["images"]), "--output", str(output), "--global-batch-size", str(GLOBAL_BATCH),
-            "--per-device-batch-size", str(PER_DEVICE), "--max-length", str(MAX_LENGTH), "--max-steps", str(STEPS),
-            "--logging-steps", "1", "--save-steps", str(STEPS), "--num-workers", "2", "--seed", "0", "--bf16", "true"]
+    return [
+        "--student",
+        str(paths["student"]),
+        "--teacher",
+        str(paths["teacher"]),
+        "--data",
+        str(paths["data"]),
+        "--images",
+        str(paths["images"]),
+        "--output",
+        str(output),
+        "--global-batch-size",
+        str(GLOBAL_BATCH),
+        "--per-device-batch-size",
+        str(PER_DEVICE),
+        "--max-length",
+        str(MAX_LENGTH),
+        "--max-steps",
+        str(STEPS),
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        str(STEPS),
+        "--num-workers",
+        "2",
+        "--seed",
+        "0",
+        "--bf16",
+        "true",
+    ]
 
 
 def logged(run: Path) -> list[dict]:
@@ -66,8 +96,11 @@ def compare(one: Path, two: Path, rtol: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="fabricate the 3.1B teacher/student and the data set")
     p.add_argument("--workdir", type=Path, required=True)

@@ -1,6 +1,6 @@
 """Where a Mamba-2 mixer's prefill time goes, next to the attention it replaces (TinyLLaVA-3.1B sizes, GPU, bf16).
 
-    python examples/profile_mixer.py --length 16384
+python examples/profile_mixer.py --length 16384
 """
 
 import argparse
@@ -48,7 +48,8 @@ def main() -> None:
     rows = {}
     with torch.no_grad():
         rows["attention module (qkv, rope, sdpa causal, dense)"] = timed(
-            lambda: layer.self_attn(x, position_embeddings=emb, attention_mask=None))
+            lambda: layer.self_attn(x, position_embeddings=emb, attention_mask=None)
+        )
         rows["mlp (fc1, gelu_new, fc2)"] = timed(lambda: layer.mlp(x))
         rows["mixer forward (whole)"] = timed(lambda: mixer(x))
         zxbcdt = mixer.in_proj(x)
@@ -56,7 +57,8 @@ def main() -> None:
         z, xBC, dtr = zxbcdt.split([mixer.d_inner, mixer.conv_dim, mixer.nheads], dim=-1)
         xt = xBC.transpose(1, 2).contiguous()
         rows["  conv (torch depthwise conv1d + silu)"] = timed(
-            lambda: causal_conv1d(xt, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, use_kernel=False))
+            lambda: causal_conv1d(xt, mixer.conv1d.weight[:, 0], mixer.conv1d.bias, use_kernel=False)
+        )
         xs, B, C = xBC.split([mixer.d_xb, mixer.d_xb, mixer.d_inner], dim=-1)
         xh, Bh, Ch = (t.unflatten(-1, (32, 80)).contiguous() for t in (xs, B, C))
         dts = F.softplus(dtr.float() + mixer.dt_bias.float())

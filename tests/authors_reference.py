@@ -29,8 +29,17 @@ from tinyllava_reference import load_tinyllava_reference
 
 
 class AuthorsMamba2(nn.Module):
-    def __init__(self, d_model: int, d_inner: int, d_xb: int, ngroups: int, d_state: int, bias: bool,
-                 d_conv: int = 4, conv_bias: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        d_inner: int,
+        d_xb: int,
+        ngroups: int,
+        d_state: int,
+        bias: bool,
+        d_conv: int = 4,
+        conv_bias: bool = True,
+    ):
         super().__init__()
         self.d_inner, self.d_xb, self.nheads, self.d_state, self.d_conv = d_inner, d_xb, ngroups, d_state, d_conv
         conv_dim = d_inner + 2 * d_xb
@@ -91,8 +100,16 @@ class AuthorsPhiMambaDecoderLayer(nn.Module):
         c, ssm = mamba_config, mamba_config["ssm_cfg"]
         self.mlp = AuthorsPhiMLP(c["d_model"], c["intermediate_size"], c["hidden_act"])
         self.input_layernorm = nn.LayerNorm(c["d_model"], eps=c["layer_norm_eps"])
-        self.mamba = AuthorsMamba2(c["d_model"], c["d_inner"], c["d_xb"], ssm["ngroups"], ssm["d_state"],
-                                   bias=c["is_bias"], d_conv=ssm.get("d_conv", 4), conv_bias=ssm.get("conv_bias", True))
+        self.mamba = AuthorsMamba2(
+            c["d_model"],
+            c["d_inner"],
+            c["d_xb"],
+            ssm["ngroups"],
+            ssm["d_state"],
+            bias=c["is_bias"],
+            d_conv=ssm.get("d_conv", 4),
+            conv_bias=ssm.get("conv_bias", True),
+        )
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         normed = self.input_layernorm(hidden_states)

@@ -10,8 +10,14 @@ from matvlm_hf import MaTVLMConfig, MaTVLMForConditionalGeneration
 
 
 def tiny_text_config(lm_type: str = "phi", num_layers: int = 6):
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                  num_attention_heads=4, max_position_embeddings=512)
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
     if lm_type == "phi":
         return PhiConfig(**common)
     if lm_type == "llama":
@@ -22,13 +28,19 @@ def tiny_text_config(lm_type: str = "phi", num_layers: int = 6):
 
 
 def tiny_vision_config():
-    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
+    return SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
 
 
 def tiny_config(lm_type: str = "phi", mamba_layers=(0, 2, 5), num_layers: int = 6, **kwargs) -> MaTVLMConfig:
-    return MaTVLMConfig(text_config=tiny_text_config(lm_type, num_layers), vision_config=tiny_vision_config(),
-                        mamba_layers=list(mamba_layers), mamba_chunk_size=8, **kwargs)
+    return MaTVLMConfig(
+        text_config=tiny_text_config(lm_type, num_layers),
+        vision_config=tiny_vision_config(),
+        mamba_layers=list(mamba_layers),
+        mamba_chunk_size=8,
+        **kwargs,
+    )
 
 
 def tiny_model(lm_type: str = "phi", mamba_layers=(0, 2, 5), seed: int = 0, dtype=torch.float32, **kwargs):

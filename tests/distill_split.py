@@ -51,8 +51,11 @@ def make_samples(config) -> list[dict[str, torch.Tensor]]:
     samples = []
     for j, (text_len, n_answer, image) in enumerate([(14, 5, True), (9, 4, False), (20, 9, True), (5, 1, False)]):
         g = torch.Generator().manual_seed(100 + j)
-        ids = image_prompt(config, text_len=text_len, seed=j)[0] if image else \
-            torch.randint(0, config.image_token_id - 1, (text_len,), generator=g)
+        ids = (
+            image_prompt(config, text_len=text_len, seed=j)[0]
+            if image
+            else torch.randint(0, config.image_token_id - 1, (text_len,), generator=g)
+        )
         labels = torch.full_like(ids, -100)
         labels[-n_answer:] = ids[-n_answer:]
         sample = {"input_ids": ids, "labels": labels}
@@ -62,8 +65,9 @@ def make_samples(config) -> list[dict[str, torch.Tensor]]:
     return samples
 
 
-def sgd_step(term: str, checkpointing: str, per_device: int, accumulation: int, output_dir: str | Path
-             ) -> dict[str, torch.Tensor]:
+def sgd_step(
+    term: str, checkpointing: str, per_device: int, accumulation: int, output_dir: str | Path
+) -> dict[str, torch.Tensor]:
     """One optimizer step (SGD, lr 1, no momentum, no clipping, no weight decay) over the 4 samples; returns the
     trainable parameters after it (every process holds the same ones)."""
     distill, mode = TERMS[term]
@@ -72,14 +76,34 @@ def sgd_step(term: str, checkpointing: str, per_device: int, accumulation: int, 
     student.train()
     gc_kwargs = CHECKPOINTING[checkpointing]
     args = TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
-        max_steps=1, optim="sgd", learning_rate=1.0, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
-        gradient_checkpointing=gc_kwargs is not None, gradient_checkpointing_kwargs=gc_kwargs, use_cpu=True,
-        ddp_find_unused_parameters=False, save_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False, seed=0)
-    trainer = MaTVLMDistillationTrainer(model=student, teacher_model=teacher, distill_args=distill, args=args,
-                                        train_dataset=make_samples(student.config),
-                                        data_collator=LLaVACollator(pad_token_id=0))
+        output_dir=str(output_dir),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        gradient_checkpointing=gc_kwargs is not None,
+        gradient_checkpointing_kwargs=gc_kwargs,
+        use_cpu=True,
+        ddp_find_unused_parameters=False,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
+    )
+    trainer = MaTVLMDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        distill_args=distill,
+        args=args,
+        train_dataset=make_samples(student.config),
+        data_collator=LLaVACollator(pad_token_id=0),
+    )
     trainer.train()
     return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
 

@@ -43,8 +43,9 @@ def test_import_equals_the_authors_forward_prefill_and_decode(ratio, is_bias, tm
     """float64: our prefill and our token-by-token decode (cache) against the reference (their layer, their step
     recurrence over the whole sequence). Ours computes dt and A in float32, as theirs does: ~1e-7 differences."""
     layers = paper_mamba_layers(8, ratio)
-    src = write_authors_checkpoint(tmp_path / "authors", ssm_layers=layers, lm=EIGHT_LAYERS, is_bias=is_bias,
-                                   max_shard_size=150_000)
+    src = write_authors_checkpoint(
+        tmp_path / "authors", ssm_layers=layers, lm=EIGHT_LAYERS, is_bias=is_bias, max_shard_size=150_000
+    )
     out = import_authors_checkpoint(src, tmp_path / "imported", progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["mamba_layers"] == layers and config["mamba_proj_bias"] is is_bias
@@ -56,15 +57,16 @@ def test_import_equals_the_authors_forward_prefill_and_decode(ratio, is_bias, tm
     pixels = torch.randn(1, 3, 32, 32, generator=g, dtype=torch.float64)
     block = torch.full((model.config.num_image_tokens,), model.config.image_token_id)
     ids = torch.cat([text[:3], block, text[3:]])[None]
-    theirs = reference_logits(load_authors_reference(src), torch.cat([text[:3], torch.tensor([IMAGE]), text[3:]])[None],
-                              pixels)
+    theirs = reference_logits(
+        load_authors_reference(src), torch.cat([text[:3], torch.tensor([IMAGE]), text[3:]])[None], pixels
+    )
     n_prefill = 3 + len(block) + 5
     with torch.no_grad():
         prefill = model(input_ids=ids, pixel_values=pixels, use_cache=False).logits
         cache = DynamicCache(config=model.config)
         steps = [model(input_ids=ids[:, :n_prefill], pixel_values=pixels, past_key_values=cache).logits]
         for t in range(n_prefill, ids.shape[1]):
-            steps.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits)
+            steps.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits)
     assert theirs.abs().max() > 1.0  # non-trivial logits
     torch.testing.assert_close(prefill, theirs, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.cat(steps, 1), theirs, rtol=1e-6, atol=1e-6)
@@ -75,10 +77,14 @@ def test_imported_tensors_are_the_sources_renamed(tmp_path):
     out = import_authors_checkpoint(src, tmp_path / "imported", progress=False)
     theirs, ours = read_all(src), read_all(out)
     assert len(theirs) == len(ours)
-    assert torch.equal(ours["language_model.model.layers.2.self_attn.norm_weight"],
-                       theirs["language_model.model.layers.2.mamba.norm.weight"])
-    assert torch.equal(ours["vision_tower.post_layernorm.weight"],
-                       theirs["vision_tower._vision_tower.vision_model.post_layernorm.weight"])
+    assert torch.equal(
+        ours["language_model.model.layers.2.self_attn.norm_weight"],
+        theirs["language_model.model.layers.2.mamba.norm.weight"],
+    )
+    assert torch.equal(
+        ours["vision_tower.post_layernorm.weight"],
+        theirs["vision_tower._vision_tower.vision_model.post_layernorm.weight"],
+    )
     assert all(t.dtype == torch.bfloat16 for t in ours.values())
     assert "hustvl/MaTVLM" in (out / "README.md").read_text() and str(src) in (out / "README.md").read_text()
 
@@ -86,8 +92,9 @@ def test_imported_tensors_are_the_sources_renamed(tmp_path):
 @pytest.mark.parametrize("ratio,preset", [(0.25, "paper"), (0.5, "paper"), (0.25, "matvlm")])
 def test_convert_export_import_is_bit_identical(ratio, preset, tinyllava, tmp_path):
     """--preset paper gives their bias-free mixer (is_bias false); the default preset's biased one is their is_bias."""
-    converted = convert_tinyllava_to_matvlm(tinyllava, tmp_path / "converted", mamba_ratio=ratio, preset=preset,
-                                            progress=False)
+    converted = convert_tinyllava_to_matvlm(
+        tinyllava, tmp_path / "converted", mamba_ratio=ratio, preset=preset, progress=False
+    )
     exported = export_authors_checkpoint(converted, tmp_path / "authors", progress=False)
     reimported = import_authors_checkpoint(exported, tmp_path / "reimported", progress=False)
     a, b = read_all(converted), read_all(reimported)
@@ -98,10 +105,18 @@ def test_convert_export_import_is_bit_identical(ratio, preset, tinyllava, tmp_pa
     layers = paper_mamba_layers(4, ratio)
     assert mamba["attn_layers"] == [i for i in range(4) if i not in layers] and mamba["is_bias"] is (preset == "matvlm")
     assert json.loads((exported / "config.json").read_text())["architectures"] == [
-        "HybridTinyLlavaForConditionalGeneration"]
+        "HybridTinyLlavaForConditionalGeneration"
+    ]
     load_authors_reference(exported)  # the exported tensors load strictly into the authors' architecture
     ca, cb = (json.loads((p / "config.json").read_text()) for p in (converted, reimported))
-    for key in ("mamba_layers", "mamba_proj_bias", "mamba_out_proj_bias", "mamba_d_xb", "mamba_nheads", "image_token_id"):
+    for key in (
+        "mamba_layers",
+        "mamba_proj_bias",
+        "mamba_out_proj_bias",
+        "mamba_d_xb",
+        "mamba_nheads",
+        "image_token_id",
+    ):
         assert ca[key] == cb[key], key
 
 
@@ -124,23 +139,28 @@ def test_paper_layer_lists():
 
 def test_paper_preset_convert_and_its_random_init_ablation(tinyllava, tmp_path):
     teacher = read_all(tinyllava)
-    ablation = convert_tinyllava_to_matvlm(tinyllava, tmp_path / "paper-random", mamba_ratio=0.5, preset="paper",
-                                           init="random", progress=False)
+    ablation = convert_tinyllava_to_matvlm(
+        tinyllava, tmp_path / "paper-random", mamba_ratio=0.5, preset="paper", init="random", progress=False
+    )
     config = json.loads((ablation / "config.json").read_text())
     assert config["mamba_layers"] == [0, 2] and not config["mamba_proj_bias"] and not config["mamba_out_proj_bias"]
     got = read_all(ablation)
     assert "language_model.model.layers.0.self_attn.in_proj.bias" not in got
-    for i in (0, 2):  # Mamba layers: MLP and input LayerNorm at PyTorch's defaults, as the authors' ablation leaves them
+    for i in (
+        0,
+        2,
+    ):  # Mamba layers: MLP and input LayerNorm at PyTorch's defaults, as the authors' ablation leaves them
         p = f"language_model.model.layers.{i}."
         assert torch.equal(got[p + "input_layernorm.weight"], torch.ones(64))
         assert torch.equal(got[p + "input_layernorm.bias"], torch.zeros(64))
         fc1 = got[p + "mlp.fc1.weight"]
-        assert fc1.abs().max() <= 64 ** -0.5 and not torch.equal(fc1, teacher[p + "mlp.fc1.weight"])
+        assert fc1.abs().max() <= 64**-0.5 and not torch.equal(fc1, teacher[p + "mlp.fc1.weight"])
     for i in (1, 3):  # attention layers untouched
         key = f"language_model.model.layers.{i}.mlp.fc1.weight"
         assert torch.equal(got[key], teacher[key])
-    mixer_only = read_all(convert_tinyllava_to_matvlm(tinyllava, tmp_path / "random", mamba_ratio=0.5, init="random",
-                                                      progress=False))
+    mixer_only = read_all(
+        convert_tinyllava_to_matvlm(tinyllava, tmp_path / "random", mamba_ratio=0.5, init="random", progress=False)
+    )
     key = "language_model.model.layers.0.mlp.fc1.weight"
     assert torch.equal(mixer_only[key], teacher[key])  # the default preset's `random` keeps the teacher's MLP
 
@@ -151,11 +171,13 @@ def test_import_refuses_other_checkpoints(tinyllava, tmp_path):
     src = write_authors_checkpoint(tmp_path / "authors", ssm_layers=[0, 2])
     mamba_file = src / "mamba_config.json"
     good = json.loads(mamba_file.read_text())
-    cases = [({"attn_layers": [0, 1, 3]}, "does not fit layer"),  # layer 2 holds mamba.* tensors
-             ({"bidirectional": True}, "bidirectional"),
-             ({"ssm_cfg": {**good["ssm_cfg"], "D_has_hdim": True}}, "D_has_hdim"),
-             ({"ssm_cfg": {**good["ssm_cfg"], "d_state": 8}}, "d_inner"),
-             ({"intermediate_size": 7}, "intermediate_size")]
+    cases = [
+        ({"attn_layers": [0, 1, 3]}, "does not fit layer"),  # layer 2 holds mamba.* tensors
+        ({"bidirectional": True}, "bidirectional"),
+        ({"ssm_cfg": {**good["ssm_cfg"], "D_has_hdim": True}}, "D_has_hdim"),
+        ({"ssm_cfg": {**good["ssm_cfg"], "d_state": 8}}, "d_inner"),
+        ({"intermediate_size": 7}, "intermediate_size"),
+    ]
     for change, message in cases:
         mamba_file.write_text(json.dumps({**good, **change}))
         with pytest.raises(ConversionError, match=message):
@@ -164,6 +186,7 @@ def test_import_refuses_other_checkpoints(tinyllava, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(src, broken)
     from safetensors.torch import save_file
+
     tensors = read_all(broken)
     del tensors["language_model.model.layers.2.mamba.D"]
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
@@ -210,7 +233,8 @@ def test_full_size_authors_layout_matches_the_importer():
     assert "language_model.model.layers.4.self_attn.q_proj.weight" not in specs
     config = matvlm_config_from_authors({"text_config": text.to_dict(), "vision_config": vision.to_dict()}, mamba)
     with torch.device("meta"):
-        expected = {checkpoint_key(k): tuple(v.shape)
-                    for k, v in MaTVLMForConditionalGeneration(config).state_dict().items()}
+        expected = {
+            checkpoint_key(k): tuple(v.shape) for k, v in MaTVLMForConditionalGeneration(config).state_dict().items()
+        }
     assert {import_key(k, set(config.mamba_layers)): s for k, s in specs.items()} == expected
     assert sum(torch.Size(s).numel() for s in specs.values()) > 3.0e9

@@ -21,8 +21,11 @@ def test_nothing_lost_anywhere(rows):
 
 
 def test_every_entry_point_case_is_clear_or_handled(rows):
-    bad = [(r["case"], r["verdict"], r["message"]) for r in rows
-           if r["owner"] != "model core" and r["verdict"] not in ("clear", "handled")]
+    bad = [
+        (r["case"], r["verdict"], r["message"])
+        for r in rows
+        if r["owner"] != "model core" and r["verdict"] not in ("clear", "handled")
+    ]
     assert bad == []
     assert len([r for r in rows if r["owner"] != "model core"]) >= 55
 

@@ -16,7 +16,9 @@ def test_tiny_benchmark_writes_json_and_plots(tmp_path):
     assert all(v["tokens_per_s"] > 0 for v in hybrid["decode"].values())
     for name in ("teacher", "hybrid-50"):  # transformers' own paths: eager and static cache
         for path in ("eager", "static"):
-            assert results["models"][name][path] and all(v["tokens_per_s"] > 0 for v in results["models"][name][path].values())
+            assert results["models"][name][path] and all(
+                v["tokens_per_s"] > 0 for v in results["models"][name][path].values()
+            )
     assert hybrid["largest_batch"]["batch"] >= 1
     assert (tmp_path / "decode_throughput.png").stat().st_size > 10_000
     assert (tmp_path / "memory_prefill.png").stat().st_size > 10_000

@@ -31,16 +31,22 @@ TWO_ROUNDS = [
 @pytest.fixture(scope="module")
 def processors(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
-    return {lm: processor_from_tinyllava(write_tinyllava_checkpoint(root / lm, lm_type=lm), IMG_ID)
-            for lm in ("phi", "llama")}
+    return {
+        lm: processor_from_tinyllava(write_tinyllava_checkpoint(root / lm, lm_type=lm), IMG_ID)
+        for lm in ("phi", "llama")
+    }
 
 
 def test_format_conversation_text():
-    expected = (SYSTEM_PROMPT + " USER: <image>\nWhat is in the picture? ASSISTANT: A cat on a sofa.<|endoftext|>"
-                "USER: What color is it? ASSISTANT: It is brown.<|endoftext|>")
+    expected = (
+        SYSTEM_PROMPT + " USER: <image>\nWhat is in the picture? ASSISTANT: A cat on a sofa.<|endoftext|>"
+        "USER: What color is it? ASSISTANT: It is brown.<|endoftext|>"
+    )
     assert format_conversation(TWO_ROUNDS) == expected
-    assert SYSTEM_PROMPT == ("A chat between a curious user and an artificial intelligence assistant. The assistant "
-                             "gives helpful, detailed, and polite answers to the user's questions.")
+    assert SYSTEM_PROMPT == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions."
+    )
 
 
 def test_image_moves_to_front_and_generation_prompt():
@@ -78,9 +84,14 @@ def _hf_messages(turns, with_system=False):
 CONVERSATIONS = [
     TWO_ROUNDS,
     [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A dog."}],
-    [{"from": "human", "value": "Describe the image. <image>"}, {"from": "gpt", "value": "Trees and sky."},
-     {"from": "human", "value": "And the ground?"}, {"from": "gpt", "value": "Grass."},
-     {"from": "human", "value": "Anything else?"}, {"from": "gpt", "value": "No."}],
+    [
+        {"from": "human", "value": "Describe the image. <image>"},
+        {"from": "gpt", "value": "Trees and sky."},
+        {"from": "human", "value": "And the ground?"},
+        {"from": "gpt", "value": "Grass."},
+        {"from": "human", "value": "Anything else?"},
+        {"from": "gpt", "value": "No."},
+    ],
 ]
 
 
@@ -97,8 +108,9 @@ def test_jinja_equals_format_conversation(processors, lm_type, conv):
     assert prompt.endswith("ASSISTANT:")
     # a system message replaces the default system prompt
     system_turn = [{"from": "system", "value": "Be brief."}]
-    assert (proc.apply_chat_template(_hf_messages(turns, with_system=True))
-            == format_conversation(system_turn + turns, eos_token=eos))
+    assert proc.apply_chat_template(_hf_messages(turns, with_system=True)) == format_conversation(
+        system_turn + turns, eos_token=eos
+    )
     # plain-string content works too
     str_msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
     assert proc.apply_chat_template(str_msgs) == format_conversation(turns, eos_token=eos)
@@ -111,7 +123,7 @@ def test_labels_cover_exactly_the_answers(processors, lm_type):
     assert len(ids) == len(labels)
     assert ids.count(IMG_ID) == N_IMG
     start = ids.index(IMG_ID)
-    assert ids[start:start + N_IMG] == [IMG_ID] * N_IMG  # one contiguous block
+    assert ids[start : start + N_IMG] == [IMG_ID] * N_IMG  # one contiguous block
     assert all(lab == IGNORE_INDEX for i, lab in zip(ids, labels) if i == IMG_ID)
     assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, labels))
     supervised = [lab for lab in labels if lab != IGNORE_INDEX]
@@ -126,6 +138,7 @@ def test_labels_cover_exactly_the_answers(processors, lm_type):
 
 def _tinyllava_encode(prompt, tokenizer):
     """TinyLLaVA Factory's Template.tokenizer_image_token + make_labels ("phi" separator), for comparison."""
+
     def tokenizer_image_token(text):
         chunks = [tokenizer(c).input_ids for c in text.split("<image>")]
         out, offset = [], 0
@@ -151,7 +164,7 @@ def _tinyllava_encode(prompt, tokenizer):
         parts[0] += sep
         round_len = len(tokenizer_image_token(rou)) + eos_len
         instruction_len = len(tokenizer_image_token(parts[0])) - 1
-        labels[cur:cur + instruction_len] = [IGNORE_INDEX] * instruction_len
+        labels[cur : cur + instruction_len] = [IGNORE_INDEX] * instruction_len
         cur += round_len
     labels[cur:] = [IGNORE_INDEX] * (len(labels) - cur)
     total_len = sum(i != tokenizer.pad_token_id for i in ids)
@@ -168,8 +181,8 @@ def test_matches_tinyllava_factory_phi(processors, conv):
     turns = CONVERSATIONS[conv]
     ids, labels = tokenize_conversation(turns, tok, IMG_ID, N_IMG)
     start = ids.index(IMG_ID)
-    ids = ids[:start] + [-200] + ids[start + N_IMG:]
-    labels = labels[:start] + [IGNORE_INDEX] + labels[start + N_IMG:]
+    ids = ids[:start] + [-200] + ids[start + N_IMG :]
+    labels = labels[:start] + [IGNORE_INDEX] + labels[start + N_IMG :]
     ref_ids, ref_labels = _tinyllava_encode(format_conversation(turns), tok)
     assert ids == ref_ids
     assert labels == ref_labels
@@ -180,7 +193,7 @@ def test_max_length(processors):
     ids, labels = tokenize_conversation(TWO_ROUNDS, tok, IMG_ID, N_IMG)
     end = max(i for i, t in enumerate(ids) if t == IMG_ID) + 1
     cut_ids, cut_labels = tokenize_conversation(TWO_ROUNDS, tok, IMG_ID, N_IMG, max_length=end + 3)
-    assert cut_ids == ids[:end + 3] and cut_labels == labels[:end + 3]
+    assert cut_ids == ids[: end + 3] and cut_labels == labels[: end + 3]
     assert tokenize_conversation(TWO_ROUNDS, tok, IMG_ID, N_IMG, max_length=len(ids)) == (ids, labels)
     with pytest.raises(ValueError, match=rf"max_length={end - 1}.*{len(ids)} tokens.*end at position {end}"):
         tokenize_conversation(TWO_ROUNDS, tok, IMG_ID, N_IMG, max_length=end - 1)

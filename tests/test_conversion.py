@@ -27,7 +27,9 @@ def phi_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_ckpt(tmp_path_factory):  # GQA, sharded
-    return write_tinyllava_checkpoint(tmp_path_factory.mktemp("tinyllava_llama"), lm_type="llama", max_shard_size=60_000)
+    return write_tinyllava_checkpoint(
+        tmp_path_factory.mktemp("tinyllava_llama"), lm_type="llama", max_shard_size=60_000
+    )
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -47,8 +49,12 @@ def test_ratio_zero_equals_independent_tinyllava_forward(lm, phi_ckpt, llama_ckp
     text_ids = processor.tokenizer("A chat. USER: what is here? ASSISTANT:", add_special_tokens=False)["input_ids"]
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = model(input_ids=torch.tensor([text_ids[:3] + [model.config.image_token_id] * model.config.num_image_tokens
-                                             + text_ids[3:]]), pixel_values=pixels).logits
+        ours = model(
+            input_ids=torch.tensor(
+                [text_ids[:3] + [model.config.image_token_id] * model.config.num_image_tokens + text_ids[3:]]
+            ),
+            pixel_values=pixels,
+        ).logits
     ref = load_tinyllava_reference(src)
     theirs = reference_logits(ref, torch.tensor([text_ids[:3] + [IMAGE] + text_ids[3:]]), pixels)
     assert ours.shape == theirs.shape
@@ -61,10 +67,13 @@ def test_kept_tensors_identical_and_mixer_takes_vkqo(ratio, layers, phi_ckpt, tm
     config = json.loads((out / "config.json").read_text())
     assert config["mamba_layers"] == layers
     src, dst = read_all(phi_ckpt), read_all(out)
-    renames = {"language_model.": "language_model.", "vision_tower._vision_tower.vision_model.": "vision_tower.",
-               "connector._connector.": "connector."}
+    renames = {
+        "language_model.": "language_model.",
+        "vision_tower._vision_tower.vision_model.": "vision_tower.",
+        "connector._connector.": "connector.",
+    }
     for key, tensor in src.items():
-        new = next(n + key[len(o):] for o, n in renames.items() if key.startswith(o))
+        new = next(n + key[len(o) :] for o, n in renames.items() if key.startswith(o))
         if any(f"layers.{i}.self_attn." in key for i in layers) and key.startswith("language_model."):
             assert new not in dst
             continue
@@ -73,7 +82,11 @@ def test_kept_tensors_identical_and_mixer_takes_vkqo(ratio, layers, phi_ckpt, tm
     for i in layers:
         a, m = f"language_model.model.layers.{i}.self_attn.", f"language_model.model.layers.{i}.self_attn."
         w, b = dst[m + "in_proj.weight"], dst[m + "in_proj.bias"]
-        for name, rows in (("v_proj", slice(d, 2 * d)), ("k_proj", slice(2 * d, 3 * d)), ("q_proj", slice(3 * d, 4 * d))):
+        for name, rows in (
+            ("v_proj", slice(d, 2 * d)),
+            ("k_proj", slice(2 * d, 3 * d)),
+            ("q_proj", slice(3 * d, 4 * d)),
+        ):
             assert torch.equal(w[rows], src[a + name + ".weight"]), name
             assert torch.equal(b[rows], src[a + name + ".bias"]), name
         assert torch.equal(dst[m + "out_proj.weight"], src[a + "dense.weight"])
@@ -105,13 +118,13 @@ def test_initialised_mixer_computes_softmax_free_attention(phi_ckpt, monkeypatch
     config = matvlm_config_from_tinyllava(read_tinyllava_config(phi_ckpt), [1])
     src = read_all(phi_ckpt)
     prefix = "language_model.model.layers.1.self_attn."
-    attn = {k[len(prefix):]: v for k, v in src.items() if k.startswith(prefix)}
+    attn = {k[len(prefix) :]: v for k, v in src.items() if k.startswith(prefix)}
     mixer = mixer_module.MaTVLMMamba2Mixer(config, 1)
     mixer.load_state_dict(mixer_from_attention(config, 1, attn, generator_seed=0))
     with torch.no_grad():
         mixer.A_log.fill_(-torch.inf)  # A = -exp(-inf) = 0: no decay
-        mixer.in_proj.weight[-mixer.nheads:] = 0  # dt = softplus(0 + dt_bias) = 1
-        mixer.in_proj.bias[-mixer.nheads:] = 0
+        mixer.in_proj.weight[-mixer.nheads :] = 0  # dt = softplus(0 + dt_bias) = 1
+        mixer.in_proj.bias[-mixer.nheads :] = 0
         mixer.dt_bias.fill_(torch.log(torch.expm1(torch.tensor(1.0))))
         mixer.D.zero_()
     monkeypatch.setattr(mixer_module, "causal_conv1d_blc", lambda x, w, b, use_kernel=True: x)
@@ -120,9 +133,14 @@ def test_initialised_mixer_computes_softmax_free_attention(phi_ckpt, monkeypatch
     with torch.no_grad():
         y, _ = mixer(u)
         heads = lambda t: t.unflatten(-1, (4, 16)).transpose(1, 2)  # (b, h, l, 16)
-        q, k, v = (heads(torch.nn.functional.linear(u, attn[f"{n}.weight"], attn[f"{n}.bias"])) for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (
+            heads(torch.nn.functional.linear(u, attn[f"{n}.weight"], attn[f"{n}.bias"]))
+            for n in ("q_proj", "k_proj", "v_proj")
+        )
         scores = (q @ k.transpose(-1, -2)).tril()  # causal, no softmax, no scale
-        expected = torch.nn.functional.linear((scores @ v).transpose(1, 2).flatten(-2), attn["dense.weight"], attn["dense.bias"])
+        expected = torch.nn.functional.linear(
+            (scores @ v).transpose(1, 2).flatten(-2), attn["dense.weight"], attn["dense.bias"]
+        )
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -134,12 +152,23 @@ def test_random_init_ablation_does_not_copy_attention(phi_ckpt, tmp_path):
 
 
 def test_output_folder_is_complete(phi_ckpt, tmp_path):
-    out = convert_tinyllava_to_matvlm(phi_ckpt, tmp_path / "o", mamba_ratio=0.5, dtype="bfloat16", progress=False,
-                                      max_shard_size=100_000)
+    out = convert_tinyllava_to_matvlm(
+        phi_ckpt, tmp_path / "o", mamba_ratio=0.5, dtype="bfloat16", progress=False, max_shard_size=100_000
+    )
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json",
-            "configuration_matvlm.py", "modeling_matvlm.py", "mamba2_mixer.py", "mamba2_ops.py",
-            "processing_matvlm.py", "chat_template.py", "tokenizer.json"} <= names, names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "model.safetensors.index.json",
+        "configuration_matvlm.py",
+        "modeling_matvlm.py",
+        "mamba2_mixer.py",
+        "mamba2_ops.py",
+        "processing_matvlm.py",
+        "chat_template.py",
+        "tokenizer.json",
+    } <= names, names
     assert not list(out.glob("*.bin")) and len(list(out.glob("model-*-of-*.safetensors"))) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert all((out / f).exists() for f in set(index["weight_map"].values()))
@@ -153,6 +182,7 @@ def test_output_folder_is_complete(phi_ckpt, tmp_path):
 
 
 # --- bad input: clear errors and nothing half-written ---------------------------------------------------------------
+
 
 def no_partial_output(parent: Path, name: str) -> bool:
     return not (parent / name).exists() and not [p for p in parent.iterdir() if "partial" in p.name]
@@ -170,6 +200,7 @@ def test_not_a_tinyllava_folder(tmp_path):
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
     import shutil
+
     shutil.copytree(src, dst)
     return dst
 
@@ -229,6 +260,7 @@ def test_cli_errors_exit_with_a_message(phi_ckpt, tmp_path, capsys):
 
 # --- publishing: capture what huggingface_hub would send ---------------------------------------------------------
 
+
 @pytest.fixture
 def captured_commits(monkeypatch):
     from huggingface_hub import HfApi
@@ -239,8 +271,11 @@ def captured_commits(monkeypatch):
         files = {}
         for op in operations:
             obj = op.path_or_fileobj
-            files[op.path_in_repo] = Path(obj).read_bytes() if isinstance(obj, (str, Path)) else (
-                obj if isinstance(obj, bytes) else obj.read())
+            files[op.path_in_repo] = (
+                Path(obj).read_bytes()
+                if isinstance(obj, (str, Path))
+                else (obj if isinstance(obj, bytes) else obj.read())
+            )
         commits.append({"repo_id": repo_id, "files": files})
 
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
@@ -250,8 +285,9 @@ def captured_commits(monkeypatch):
 
 
 def test_push_to_hub_uploads_the_whole_folder(phi_ckpt, tmp_path, captured_commits):
-    out = convert_tinyllava_to_matvlm(phi_ckpt, tmp_path / "o", mamba_ratio=0.25, push_to_hub="me/matvlm-tiny",
-                                      progress=False)
+    out = convert_tinyllava_to_matvlm(
+        phi_ckpt, tmp_path / "o", mamba_ratio=0.25, push_to_hub="me/matvlm-tiny", progress=False
+    )
     (commit,) = captured_commits
     assert commit["repo_id"] == "me/matvlm-tiny"
     local = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -265,5 +301,13 @@ def test_loaded_hybrid_push_to_hub_includes_remote_code(phi_ckpt, tmp_path, capt
     model.push_to_hub("me/pushed")
     processor.push_to_hub("me/pushed")
     files = set(captured_commits[0]["files"]) | set(captured_commits[1]["files"])
-    assert {"model.safetensors", "config.json", "modeling_matvlm.py", "mamba2_mixer.py", "mamba2_ops.py",
-            "configuration_matvlm.py", "processing_matvlm.py", "tokenizer.json"} <= files, files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "modeling_matvlm.py",
+        "mamba2_mixer.py",
+        "mamba2_ops.py",
+        "configuration_matvlm.py",
+        "processing_matvlm.py",
+        "tokenizer.json",
+    } <= files, files

@@ -19,8 +19,9 @@ N_IMG = 15  # (32 // 8) ** 2 - 1
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return write_tinyllava_checkpoint(tmp_path_factory.mktemp("ck") / "tinyllava", lm_type="phi",
-                                      image_aspect_ratio="pad")
+    return write_tinyllava_checkpoint(
+        tmp_path_factory.mktemp("ck") / "tinyllava", lm_type="phi", image_aspect_ratio="pad"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +39,15 @@ def data_dir(tmp_path_factory):
     return d
 
 
-def conv(q1="What is in the picture?", a1="The car is red.", q2="How many people?", a2="There are three people.",
-         image=True):
-    return [{"from": "human", "value": ("<image>\n" if image else "") + q1}, {"from": "gpt", "value": a1},
-            {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]
+def conv(
+    q1="What is in the picture?", a1="The car is red.", q2="How many people?", a2="There are three people.", image=True
+):
+    return [
+        {"from": "human", "value": ("<image>\n" if image else "") + q1},
+        {"from": "gpt", "value": a1},
+        {"from": "human", "value": q2},
+        {"from": "gpt", "value": a2},
+    ]
 
 
 def write_json(path, samples):
@@ -86,9 +92,11 @@ def test_labels_cover_exactly_the_answers(processor, data_dir, tmp_path):
 
 
 def test_missing_and_corrupt_images_name_the_sample(processor, data_dir, tmp_path):
-    samples = [{"id": "ok", "image": "blue.jpg", "conversations": conv()},
-               {"id": "gone-42", "image": "nope/missing.jpg", "conversations": conv()},
-               {"id": "broken-7", "image": "corrupt.jpg", "conversations": conv()}]
+    samples = [
+        {"id": "ok", "image": "blue.jpg", "conversations": conv()},
+        {"id": "gone-42", "image": "nope/missing.jpg", "conversations": conv()},
+        {"id": "broken-7", "image": "corrupt.jpg", "conversations": conv()},
+    ]
     ds = LLaVADataset(write_json(tmp_path / "d.json", samples), data_dir / "img", processor)  # lazy: no error yet
     assert ds[0]["pixel_values"].shape == (1, 3, 32, 32)
     with pytest.raises(LLaVADataError, match=r"'gone-42'.*not found.*nope/missing\.jpg"):
@@ -98,8 +106,10 @@ def test_missing_and_corrupt_images_name_the_sample(processor, data_dir, tmp_pat
 
 
 def test_image_count_must_match_placeholders(processor, data_dir, tmp_path):
-    samples = [{"id": "no-placeholder", "image": "blue.jpg", "conversations": conv(image=False)},
-               {"id": "no-image", "conversations": conv()}]
+    samples = [
+        {"id": "no-placeholder", "image": "blue.jpg", "conversations": conv(image=False)},
+        {"id": "no-image", "conversations": conv()},
+    ]
     ds = LLaVADataset(write_json(tmp_path / "d.json", samples), data_dir / "img", processor)
     with pytest.raises(LLaVADataError, match="'no-placeholder'.*1 image"):
         ds[0]
@@ -121,12 +131,19 @@ def test_truncation_never_cuts_image_tokens(processor, data_dir, tmp_path):
 
 
 def test_collator_mixes_text_only_and_image_samples(processor, data_dir, tmp_path, ckpt):
-    samples = [{"id": "a", "image": "red.png", "conversations": conv()},
-               {"id": "t", "conversations": conv(image=False, a2="Two.")},
-               {"id": "b", "image": "blue.jpg", "conversations": conv(a1="Blue.")}]
-    ds = LLaVADataset(write_json(tmp_path / "d.json", samples), data_dir / "img",
-                      (processor.tokenizer, processor.image_processor), image_token_id=IMG_ID,
-                      num_image_tokens=N_IMG, image_aspect_ratio="pad")
+    samples = [
+        {"id": "a", "image": "red.png", "conversations": conv()},
+        {"id": "t", "conversations": conv(image=False, a2="Two.")},
+        {"id": "b", "image": "blue.jpg", "conversations": conv(a1="Blue.")},
+    ]
+    ds = LLaVADataset(
+        write_json(tmp_path / "d.json", samples),
+        data_dir / "img",
+        (processor.tokenizer, processor.image_processor),
+        image_token_id=IMG_ID,
+        num_image_tokens=N_IMG,
+        image_aspect_ratio="pad",
+    )
     items = [ds[i] for i in range(3)]
     pad = processor.tokenizer.pad_token_id
     batch = LLaVACollator(pad)(items)
@@ -156,14 +173,16 @@ def test_collator_mixes_text_only_and_image_samples(processor, data_dir, tmp_pat
     assert out.logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(out.loss)
 
     left = LLaVACollator(pad, padding_side="left")(items)
-    assert left["attention_mask"][1].tolist()[-lengths[1]:] == [1] * lengths[1]
+    assert left["attention_mask"][1].tolist()[-lengths[1] :] == [1] * lengths[1]
 
 
 def test_bad_json_structure(processor, tmp_path):
     path = write_json(tmp_path / "d.json", [{"id": "x", "conversations": []}])
     with pytest.raises(LLaVADataError, match="'x'.*conversations"):
         LLaVADataset(path, None, processor)[0]
-    path = write_json(tmp_path / "e.json", [{"id": "y", "conversations": [{"from": "gpt", "value": "hi"},
-                                                                          {"from": "gpt", "value": "hi"}]}])
+    path = write_json(
+        tmp_path / "e.json",
+        [{"id": "y", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "gpt", "value": "hi"}]}],
+    )
     with pytest.raises(LLaVADataError, match="'y'"):
         LLaVADataset(path, None, processor)[0]

@@ -21,8 +21,22 @@ def test_largest_fitting_finds_the_boundary_with_few_tries():
 
 def test_tiny_benchmark_runs_the_training_path_and_reports(tmp_path):
     out = tmp_path / "bench.json"
-    result = db.main(["--size", "tiny", "--workdir", str(tmp_path / "work"), "--out", str(out), "--max-length",
-                      "48", "--steps", "3", "--batch-size", "2"])
+    result = db.main(
+        [
+            "--size",
+            "tiny",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+            "--max-length",
+            "48",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
     run = saved["timed_run"]

@@ -59,8 +59,11 @@ def test_accumulation_split_gives_the_same_step(term, tmp_path):
 @pytest.mark.parametrize("checkpointing", ["on", "reentrant"])
 @pytest.mark.parametrize("term", list(TERMS))
 def test_gradient_checkpointing_gives_the_same_step(term, checkpointing, tmp_path):
-    assert_same_step(sgd_step(term, checkpointing, 2, 2, tmp_path), reference(term),
-                     f"{term}, checkpointing {checkpointing}, at 2 x 2")
+    assert_same_step(
+        sgd_step(term, checkpointing, 2, 2, tmp_path),
+        reference(term),
+        f"{term}, checkpointing {checkpointing}, at 2 x 2",
+    )
 
 
 def test_per_device_batch_1_is_the_authors_recipe(tmp_path):
@@ -83,8 +86,9 @@ def test_per_device_batch_1_is_the_authors_recipe(tmp_path):
         loss = F.kl_div(F.log_softmax(s_logits, -1), F.softmax(t.logits, -1), reduction="batchmean")
         for i in MAMBA_LAYERS:  # hidden_states[i] enters layer i, [i + 1] leaves it (i + 1 < last: not normed)
             loss = loss + torch.norm(student.decoder_layers[i](t.hidden_states[i]) - t.hidden_states[i + 1], p=2)
-        for name, g in zip(trainable, torch.autograd.grad(loss / len(samples), list(trainable.values()),
-                                                           allow_unused=True)):
+        for name, g in zip(
+            trainable, torch.autograd.grad(loss / len(samples), list(trainable.values()), allow_unused=True)
+        ):
             if g is not None:
                 grads[name] += g
     want = {n: p.detach() - 1.0 * grads[n] for n, p in trainable.items()}  # SGD, lr 1
@@ -96,11 +100,28 @@ def test_two_processes_give_the_same_step(tmp_path):
     """torchrun, 2 gloo processes x per-device batch 1 x accumulation 2, every case of distill_split.CASES."""
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "distill_split.py"), str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "distill_split.py"),
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     for term, checkpointing in CASES:
         got = load_file(str(tmp_path / f"{term}-{checkpointing}.safetensors"))

@@ -50,14 +50,34 @@ def make_trainer(tmp_path, teacher, student, items, *, mode="mamba+connector", s
     distill = kwargs.pop("distill", {})
     set_trainable(student, mode)
     student.train()
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps,
-                             per_device_train_batch_size=kwargs.pop("per_device_train_batch_size", len(items)),
-                             learning_rate=lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
-                             lr_scheduler_type=kwargs.pop("lr_scheduler_type", "constant"), max_grad_norm=1.0,
-                             use_cpu=True, save_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True,
-                             dataloader_num_workers=0, remove_unused_columns=False, seed=0, **kwargs)
-    return MaTVLMDistillationTrainer(model=student, teacher_model=teacher, distill_args=distill, args=args,
-                                     train_dataset=items, data_collator=LLaVACollator(pad_token_id=0))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=steps,
+        per_device_train_batch_size=kwargs.pop("per_device_train_batch_size", len(items)),
+        learning_rate=lr,
+        weight_decay=0.01,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        lr_scheduler_type=kwargs.pop("lr_scheduler_type", "constant"),
+        max_grad_norm=1.0,
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
+        **kwargs,
+    )
+    return MaTVLMDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        distill_args=distill,
+        args=args,
+        train_dataset=items,
+        data_collator=LLaVACollator(pad_token_id=0),
+    )
 
 
 def batch_of(items):
@@ -82,8 +102,12 @@ def test_all_distillation_losses_zero_when_student_is_teacher(tmp_path):
     assert terms["l_layer"].item() == 0.0
     assert terms["l_prob"].item() == 0.0  # exactly: identical logits
     for positions in ("answer",):
-        assert kl_loss(terms["outputs"].logits, terms["outputs"].logits, positions=positions,
-                       labels=batch_of(items)["labels"]).item() == 0.0
+        assert (
+            kl_loss(
+                terms["outputs"].logits, terms["outputs"].logits, positions=positions, labels=batch_of(items)["labels"]
+            ).item()
+            == 0.0
+        )
     # the only non-zero term is the CE on the labels, and it equals the model's own loss
     batch = batch_of(items)
     ref = teacher(**batch, use_cache=False).loss
@@ -200,11 +224,14 @@ def test_train_modes():
     _, student = make_pair(mamba_layers=(1, 3))
     names = dict(student.named_parameters())
     mamba = set(trainable_parameter_names(student, "mamba"))
-    assert mamba and all(n.startswith(("model.language_model.layers.1.self_attn.",
-                                       "model.language_model.layers.3.self_attn.")) for n in mamba)
+    assert mamba and all(
+        n.startswith(("model.language_model.layers.1.self_attn.", "model.language_model.layers.3.self_attn."))
+        for n in mamba
+    )
     with_mlp = set(trainable_parameter_names(student, "mamba+mlp+connector"))
     assert with_mlp - set(trainable_parameter_names(student, "mamba+connector")) == {
-        n for n in names if n.startswith(("model.language_model.layers.1.mlp.", "model.language_model.layers.3.mlp."))}
+        n for n in names if n.startswith(("model.language_model.layers.1.mlp.", "model.language_model.layers.3.mlp."))
+    }
     everything = set(trainable_parameter_names(student, "all"))
     left_out = set(names) - everything
     # only vision parameters that cannot reach the LM (pooling head, post_layernorm, last encoder layer)
@@ -220,8 +247,15 @@ def test_train_modes():
 
 def test_optimizer_groups_and_wsd_schedule(tmp_path):
     teacher, student = make_pair(mamba_layers=(1, 3))
-    trainer = make_trainer(tmp_path, teacher, student, make_items(teacher.config), lr=2e-4,
-                           lr_scheduler_type="warmup_stable_decay", warmup_steps=0.1)
+    trainer = make_trainer(
+        tmp_path,
+        teacher,
+        student,
+        make_items(teacher.config),
+        lr=2e-4,
+        lr_scheduler_type="warmup_stable_decay",
+        warmup_steps=0.1,
+    )
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     opt = trainer.optimizer
     assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
@@ -293,8 +327,13 @@ def test_bf16_autocast_step(tmp_path):
 def test_answer_kl_and_mse_variants(tmp_path):
     teacher, student = make_pair(mamba_layers=(1, 3))
     items = make_items(teacher.config)
-    trainer = make_trainer(tmp_path, teacher, student, items,
-                           distill=DistillationArguments(kl_positions="answer", layer_loss="mse", gamma=0.5))
+    trainer = make_trainer(
+        tmp_path,
+        teacher,
+        student,
+        items,
+        distill=DistillationArguments(kl_positions="answer", layer_loss="mse", gamma=0.5),
+    )
     batch = batch_of(items)
     terms = eval_losses(trainer, batch)
     assert terms["loss"] == pytest.approx(terms["l_layer"] + terms["l_prob"] + 0.5 * terms["l_ce"], rel=1e-5)
@@ -316,13 +355,31 @@ def test_cli_config_yaml_and_flags(tmp_path):
     assert (cfg["alpha"], cfg["beta"], cfg["gamma"], cfg["temperature"]) == (1.0, 1.0, 0.0, 1.0)
     assert (cfg["learning_rate"], cfg["weight_decay"], cfg["adam_beta1"], cfg["adam_beta2"]) == (2e-4, 0.01, 0.9, 0.95)
     assert (cfg["lr_scheduler"], cfg["warmup_ratio"], cfg["decay_ratio"]) == ("warmup_stable_decay", 0.1, 0.1)
-    assert (cfg["global_batch_size"], cfg["max_length"], cfg["max_grad_norm"], cfg["num_epochs"]) == (64, 1428, 0.1, 1.0)
+    assert (cfg["global_batch_size"], cfg["max_length"], cfg["max_grad_norm"], cfg["num_epochs"]) == (
+        64,
+        1428,
+        0.1,
+        1.0,
+    )
     assert cfg["train_mode"] == "mamba+connector" and cfg["gradient_checkpointing"] is True
     assert {k: DEFAULTS[k] for k in ("alpha", "learning_rate", "global_batch_size")} == {
-        k: cfg[k] for k in ("alpha", "learning_rate", "global_batch_size")}
+        k: cfg[k] for k in ("alpha", "learning_rate", "global_batch_size")
+    }
     # flags override the YAML
-    cfg = parse_config(["--config", str(root / "examples/configs/distill_paper.yaml"), *paths, "--learning-rate",
-                        "1e-3", "--gradient-checkpointing", "false", "--kl-positions", "answer", "--resume"])
+    cfg = parse_config(
+        [
+            "--config",
+            str(root / "examples/configs/distill_paper.yaml"),
+            *paths,
+            "--learning-rate",
+            "1e-3",
+            "--gradient-checkpointing",
+            "false",
+            "--kl-positions",
+            "answer",
+            "--resume",
+        ]
+    )
     assert cfg["learning_rate"] == 1e-3 and cfg["gradient_checkpointing"] is False
     assert cfg["kl_positions"] == "answer" and cfg["resume"] is True
     assert DistillationRecipe(per_device_batch_size=1).gradient_accumulation(4) == 16
@@ -353,13 +410,15 @@ def test_first_step_fails_naming_a_conv_that_gets_no_gradient(tmp_path, monkeypa
     monkeypatch.setattr(mixer, "causal_conv1d_blc", forward_only)
     teacher, student = make_pair(mamba_layers=(1, 3))
     items = make_items(teacher.config)
-    trainer = make_trainer(tmp_path, teacher, student, items, steps=2, gradient_accumulation_steps=2,
-                           per_device_train_batch_size=1)
+    trainer = make_trainer(
+        tmp_path, teacher, student, items, steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=1
+    )
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     with pytest.raises(GradientCheckError) as err:
         trainer.train()
-    assert err.value.missing == sorted(f"model.language_model.layers.{i}.self_attn.conv1d.{w}"
-                                       for i in (1, 3) for w in ("bias", "weight"))
+    assert err.value.missing == sorted(
+        f"model.language_model.layers.{i}.self_attn.conv1d.{w}" for i in (1, 3) for w in ("bias", "weight")
+    )
     assert "layers.1.self_attn.conv1d.weight" in str(err.value)
     assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())  # no optimizer step was taken
 
@@ -378,8 +437,16 @@ def test_first_step_fails_naming_a_trainable_parameter_outside_the_loss(tmp_path
 def test_gradient_check_runs_once_and_passes_on_a_sound_run(tmp_path):
     teacher, student = make_pair(mamba_layers=(1, 3))
     items = make_items(teacher.config)
-    trainer = make_trainer(tmp_path, teacher, student, items, steps=2, gradient_accumulation_steps=2,
-                           per_device_train_batch_size=1, gradient_checkpointing=True)
+    trainer = make_trainer(
+        tmp_path,
+        teacher,
+        student,
+        items,
+        steps=2,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=1,
+        gradient_checkpointing=True,
+    )
     assert not trainer._gradients_checked
     trainer.train()
     assert trainer._gradients_checked and trainer.state.global_step == 2

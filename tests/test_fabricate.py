@@ -79,8 +79,12 @@ def test_published_key_names_phi(checkpoints):
     }
     for key, shape in expected.items():
         assert shapes.get(key) == shape, key
-    prefixes = ("language_model.model.", "language_model.lm_head.", "vision_tower._vision_tower.vision_model.",
-                "connector._connector.")
+    prefixes = (
+        "language_model.model.",
+        "language_model.lm_head.",
+        "vision_tower._vision_tower.vision_model.",
+        "connector._connector.",
+    )
     assert all(k.startswith(prefixes) for k in shapes)
     assert not any("position_ids" in k or "inv_freq" in k for k in shapes)  # buffers are not saved
     assert len([k for k in shapes if k.startswith("connector.")]) == 4
@@ -92,8 +96,10 @@ def test_gqa_layout(checkpoints, lm_type):
     assert cfg["num_key_value_heads"] == TINY_NUM_KV_HEADS < cfg["num_attention_heads"]
     shapes = _keys_and_shapes(checkpoints[lm_type])
     head_dim = TINY_LM["hidden_size"] // TINY_LM["num_attention_heads"]
-    assert shapes["language_model.model.layers.0.self_attn.k_proj.weight"] == (TINY_NUM_KV_HEADS * head_dim,
-                                                                              TINY_LM["hidden_size"])
+    assert shapes["language_model.model.layers.0.self_attn.k_proj.weight"] == (
+        TINY_NUM_KV_HEADS * head_dim,
+        TINY_LM["hidden_size"],
+    )
     assert shapes["language_model.model.layers.0.self_attn.o_proj.weight"] == (TINY_LM["hidden_size"],) * 2
     assert "language_model.model.norm.weight" in shapes
     assert ("language_model.model.layers.0.self_attn.q_proj.bias" in shapes) == (lm_type == "qwen2")
@@ -104,14 +110,30 @@ def test_config_fields(checkpoints, lm_type):
     cfg = json.loads((checkpoints[lm_type] / "config.json").read_text())
     assert cfg["model_type"] == "tinyllava"
     assert cfg["architectures"] == ["TinyLlavaForConditionalGeneration"]
-    fixed = {"connector_type": "mlp2x_gelu", "ignore_index": -100, "image_token_index": -200,
-             "tokenizer_padding_side": "right", "tokenizer_model_max_length": 3072, "vision_feature_layer": -2,
-             "vision_feature_select_strategy": "patch", "image_aspect_ratio": "square",
-             "vision_model_name_or_path": "google/siglip-so400m-patch14-384"}
+    fixed = {
+        "connector_type": "mlp2x_gelu",
+        "ignore_index": -100,
+        "image_token_index": -200,
+        "tokenizer_padding_side": "right",
+        "tokenizer_model_max_length": 3072,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "patch",
+        "image_aspect_ratio": "square",
+        "vision_model_name_or_path": "google/siglip-so400m-patch14-384",
+    }
     for key, value in fixed.items():
         assert cfg[key] == value, key
-    for key in ("llm_model_name_or_path", "tokenizer_name_or_path", "pad_token", "pad_token_id", "use_cache",
-                "tokenizer_use_fast", "tune_type_llm", "tune_type_vision_tower", "tune_type_connector"):
+    for key in (
+        "llm_model_name_or_path",
+        "tokenizer_name_or_path",
+        "pad_token",
+        "pad_token_id",
+        "use_cache",
+        "tokenizer_use_fast",
+        "tune_type_llm",
+        "tune_type_vision_tower",
+        "tune_type_connector",
+    ):
         assert key in cfg, key
     assert cfg["text_config"]["model_type"] == lm_type
     assert cfg["vision_config"]["model_type"] == "siglip_vision_model"

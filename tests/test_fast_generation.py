@@ -13,7 +13,7 @@ def left_padded(cfg, lengths, seed=0):
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
     return ids, mask
 
 
@@ -22,8 +22,15 @@ def test_fast_greedy_equals_generate_on_a_left_padded_batch(mamba_layers):
     model = tiny_model("phi", mamba_layers)
     ids, mask = left_padded(model.config, (3, 9, 6))
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=70, do_sample=False,
-              pad_token_id=0, eos_token_id=None)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pixels,
+        max_new_tokens=70,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     assert torch.equal(model.generate(**kw, fast_decode=True), model.generate(**kw))
 
 
@@ -43,8 +50,9 @@ def test_eos_stops_and_pads_like_generate(pixel_values):
     ids = image_prompt(model.config)
     free = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=30, do_sample=False)
     eos = int(free[0, ids.shape[1] + 4])  # a token the model emits at step 5
-    kw = dict(input_ids=ids, pixel_values=pixel_values, max_new_tokens=30, do_sample=False, eos_token_id=eos,
-              pad_token_id=0)
+    kw = dict(
+        input_ids=ids, pixel_values=pixel_values, max_new_tokens=30, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
     assert torch.equal(model.generate(**kw, fast_decode=True), model.generate(**kw))
 
 
@@ -52,14 +60,24 @@ def test_sampling_top_k_one_is_greedy_and_sampling_is_seeded(pixel_values):
     model = tiny_model("phi", (0, 2, 5))
     ids = image_prompt(model.config)
     greedy = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=12, do_sample=False)
-    top1 = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=12, do_sample=True, top_k=1,
-                          fast_decode=True)
+    top1 = model.generate(
+        input_ids=ids, pixel_values=pixel_values, max_new_tokens=12, do_sample=True, top_k=1, fast_decode=True
+    )
     assert torch.equal(top1, greedy)
     draws = []
     for _ in range(2):
         torch.manual_seed(3)
-        draws.append(model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=12, do_sample=True,
-                                    temperature=1.5, top_p=0.9, fast_decode=True))
+        draws.append(
+            model.generate(
+                input_ids=ids,
+                pixel_values=pixel_values,
+                max_new_tokens=12,
+                do_sample=True,
+                temperature=1.5,
+                top_p=0.9,
+                fast_decode=True,
+            )
+        )
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], greedy)
 
 
@@ -79,6 +97,7 @@ def test_unsupported_options_are_clear_errors(pixel_values):
 @pytest.mark.parametrize("chunk", [5, 16])
 def test_chunked_prefill_equals_whole_prefill(chunk):
     from matvlm_hf.fast_generation import StaticDecoder
+
     model = tiny_model("phi", (0, 2, 5), dtype=torch.float64)
     ids, mask = left_padded(model.config, (3, 14))  # the image block spans chunk boundaries
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

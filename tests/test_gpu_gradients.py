@@ -21,8 +21,7 @@ from transformers import PhiConfig
 from conftest import tiny_vision_config
 from matvlm_hf import MaTVLMConfig, MaTVLMForConditionalGeneration, mamba2_ops
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not mamba2_ops.HAS_MAMBA_SSM, reason="mamba_ssm is not installed")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not mamba2_ops.HAS_MAMBA_SSM, reason="mamba_ssm is not installed")]
 FP32_TOL = 1e-4
 
 
@@ -43,10 +42,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def small_hybrid(mamba_layers=(0, 2), num_layers: int = 4, hidden: int = 320) -> MaTVLMForConditionalGeneration:
     """The issue's case: a 4-layer Phi hybrid, Mamba layers 0 and 2, hidden 320 (5 heads x 64), chunk 64."""
     torch.manual_seed(0)
-    text = PhiConfig(vocab_size=512, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=num_layers,
-                     num_attention_heads=hidden // 64, max_position_embeddings=2048)
-    config = MaTVLMConfig(text_config=text, vision_config=tiny_vision_config(), mamba_layers=list(mamba_layers),
-                          mamba_chunk_size=64)
+    text = PhiConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden // 64,
+        max_position_embeddings=2048,
+    )
+    config = MaTVLMConfig(
+        text_config=text, vision_config=tiny_vision_config(), mamba_layers=list(mamba_layers), mamba_chunk_size=64
+    )
     model = MaTVLMForConditionalGeneration(config).cuda().train()
     with torch.no_grad():  # spread A and dt so that the scan decays for real
         for name, p in model.named_parameters():
@@ -78,6 +84,7 @@ def compare(got: dict, want: dict, tol: float, what: str) -> None:
 
 # --- each op: the kernel's gradients against the reference's ---------------------------------------------------
 
+
 def _op_grads(fn, inputs, weight, use_kernel: bool):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*leaves, use_kernel)
@@ -99,18 +106,33 @@ def test_op_gradients_kernel_equal_reference_fp32():
     A, D, init = -torch.rand(h, device="cuda") * 3 - 0.2, r(h), r(b, h, p, n) * 0.1
     state, conv_state = r(b, h, p, n) * 0.1, r(b, c, 4)
     cases = {
-        "ssd_scan": (lambda x_, dt_, A_, B_, C_, D_, s_, k: mamba2_ops.ssd_scan(
-            x_, dt_, A_, B_, C_, 64, D=D_, initial_state=s_, use_kernel=k), (x, dt, A, B, C, D, init), r(b, l, h, p)),
-        "rmsnorm_gated": (lambda x_, z_, w_, k: mamba2_ops.rmsnorm_gated(x_, z_, w_, 1e-5, 64, use_kernel=k),
-                          (r(b, l, 256), r(b, l, 256), torch.rand(256, device="cuda") + 0.5), r(b, l, 256)),
-        "causal_conv1d_blc": (lambda x_, w_, b_, k: mamba2_ops.causal_conv1d_blc(x_, w_, b_, use_kernel=k),
-                              (r(b, l, c + 64)[:, :, :c], r(c, 4), r(c)), r(b, l, c)),
-        "ssd_step": (lambda x_, dt_, B_, C_, D_, k: mamba2_ops.ssd_step(state.clone(), x_, dt_, A, B_, C_, D_,
-                                                                          use_kernel=k),
-                     (x[:, 0], dt[:, 0], B[:, 0], C[:, 0], D), r(b, h, p)),
-        "causal_conv1d_step": (lambda x_, w_, b_, k: mamba2_ops.causal_conv1d_step(x_, conv_state.clone(), w_, b_,
-                                                                                    use_kernel=k),
-                               (r(b, c), r(c, 4), r(c)), r(b, c)),
+        "ssd_scan": (
+            lambda x_, dt_, A_, B_, C_, D_, s_, k: mamba2_ops.ssd_scan(
+                x_, dt_, A_, B_, C_, 64, D=D_, initial_state=s_, use_kernel=k
+            ),
+            (x, dt, A, B, C, D, init),
+            r(b, l, h, p),
+        ),
+        "rmsnorm_gated": (
+            lambda x_, z_, w_, k: mamba2_ops.rmsnorm_gated(x_, z_, w_, 1e-5, 64, use_kernel=k),
+            (r(b, l, 256), r(b, l, 256), torch.rand(256, device="cuda") + 0.5),
+            r(b, l, 256),
+        ),
+        "causal_conv1d_blc": (
+            lambda x_, w_, b_, k: mamba2_ops.causal_conv1d_blc(x_, w_, b_, use_kernel=k),
+            (r(b, l, c + 64)[:, :, :c], r(c, 4), r(c)),
+            r(b, l, c),
+        ),
+        "ssd_step": (
+            lambda x_, dt_, B_, C_, D_, k: mamba2_ops.ssd_step(state.clone(), x_, dt_, A, B_, C_, D_, use_kernel=k),
+            (x[:, 0], dt[:, 0], B[:, 0], C[:, 0], D),
+            r(b, h, p),
+        ),
+        "causal_conv1d_step": (
+            lambda x_, w_, b_, k: mamba2_ops.causal_conv1d_step(x_, conv_state.clone(), w_, b_, use_kernel=k),
+            (r(b, c), r(c, 4), r(c)),
+            r(b, c),
+        ),
     }
     for name, (fn, inputs, weight) in cases.items():
         got, want = (_op_grads(fn, inputs, weight, k) for k in (True, False))
@@ -121,12 +143,14 @@ def test_op_gradients_kernel_equal_reference_fp32():
 
 # --- a Mamba decoder layer and a whole hybrid ----------------------------------------------------------------
 
+
 def layer_loss_fn(layer, x, mask, weight, autocast_dtype=None):
     def loss():
         with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             out = layer(x, mamba_mask=mask)
             out = out[0] if isinstance(out, tuple) else out
         return (out.float() * weight).sum()
+
     return loss
 
 
@@ -141,8 +165,8 @@ def hybrid_loss_fn(model, autocast_dtype=None):
 
     def loss():
         with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            return model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels,
-                         use_cache=False).loss
+            return model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels, use_cache=False).loss
+
     return loss
 
 
@@ -170,8 +194,11 @@ def test_mamba_layer_gradients_kernels_on_equal_reference_fp32():
 def test_hybrid_gradients_kernels_on_equal_reference_fp32():
     model = small_hybrid()
     params = dict(model.named_parameters())
-    unused = {n for n in params if n.startswith("model.vision_tower.") and (".head." in n or "post_layernorm" in n
-                                                                         or ".layers.1." in n)}
+    unused = {
+        n
+        for n in params
+        if n.startswith("model.vision_tower.") and (".head." in n or "post_layernorm" in n or ".layers.1." in n)
+    }
     params = {n: p for n, p in params.items() if n not in unused}  # outside hidden_states[-2]: never a gradient
     loss_fn = hybrid_loss_fn(model)
     grads = {}
@@ -205,6 +232,9 @@ def test_gradients_bf16_autocast_within_the_reference_noise(what):
         set_kernels(model, on)
         g = gradients(params, loss_for(torch.bfloat16))
         errors[on] = {n: rel(g[n], truth[n]) for n in truth}
-    bad = {n: f"kernels {errors[True][n]:.2e} vs reference {errors[False][n]:.2e}" for n in truth
-           if not errors[True][n] <= 3 * errors[False][n] + 5e-3}
+    bad = {
+        n: f"kernels {errors[True][n]:.2e} vs reference {errors[False][n]:.2e}"
+        for n in truth
+        if not errors[True][n] <= 3 * errors[False][n] + 5e-3
+    }
     assert not bad, f"{what}, bf16 autocast: kernel-path gradients further from fp32 than the reference's: {bad}"

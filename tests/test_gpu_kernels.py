@@ -8,8 +8,7 @@ from transformers import DynamicCache
 from conftest import image_prompt, tiny_model
 from matvlm_hf import mamba2_ops
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not mamba2_ops.HAS_MAMBA_SSM, reason="mamba_ssm is not installed")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not mamba2_ops.HAS_MAMBA_SSM, reason="mamba_ssm is not installed")]
 
 
 def ssm_inputs(b=2, l=300, h=8, p=64, g=8, n=64, dtype=torch.bfloat16):
@@ -53,8 +52,11 @@ def test_gated_norm_kernel_matches_reference():
     gen = torch.Generator(device="cuda").manual_seed(0)
     x, z = (torch.randn(3, 50, 512, device="cuda", generator=gen).bfloat16() for _ in range(2))
     w = torch.rand(512, device="cuda") + 0.5
-    close(mamba2_ops.rmsnorm_gated(x, z, w, 1e-5, 64, use_kernel=True),
-          mamba2_ops.rmsnorm_gated(x, z, w, 1e-5, 64, use_kernel=False), 1e-2)
+    close(
+        mamba2_ops.rmsnorm_gated(x, z, w, 1e-5, 64, use_kernel=True),
+        mamba2_ops.rmsnorm_gated(x, z, w, 1e-5, 64, use_kernel=False),
+        1e-2,
+    )
 
 
 @pytest.mark.parametrize("lm_type", ["phi", "llama"])
@@ -71,12 +73,13 @@ def test_model_kernel_path_matches_torch_path_prefill_and_decode(lm_type):
             cache = DynamicCache(config=model.config)
             steps = [model(input_ids=ids[:, :30], pixel_values=pixels, past_key_values=cache).logits]
             for t in range(30, ids.shape[1]):
-                steps.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits)
+                steps.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits)
         outputs[use_kernels] = torch.cat(steps, 1)
     close(outputs[True], outputs[False], 2e-2)
 
 
 # --- the CUDA-graph decode path (fast_decode) against transformers' generate on the same GPU --------------------
+
 
 @pytest.mark.parametrize("mamba_layers", [(0, 2, 5), ()])
 def test_cuda_graph_greedy_equals_generate_for_80_steps(mamba_layers):
@@ -87,10 +90,17 @@ def test_cuda_graph_greedy_equals_generate_for_80_steps(mamba_layers):
     ids = torch.zeros(2, width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), pixel_values=pixels.cuda(), max_new_tokens=80,
-              do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = dict(
+        input_ids=ids.cuda(),
+        attention_mask=mask.cuda(),
+        pixel_values=pixels.cuda(),
+        max_new_tokens=80,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     fast = model.generate(**kw, fast_decode=True)
     assert model._static_decoders and next(iter(model._static_decoders.values())).graph is not None
     assert torch.equal(fast, model.generate(**kw))
@@ -103,8 +113,18 @@ def test_cuda_graph_sampling_is_seeded_and_valid():
     draws = []
     for _ in range(2):
         torch.manual_seed(7)
-        draws.append(model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=40, do_sample=True, top_k=20,
-                                    top_p=0.9, temperature=1.3, fast_decode=True))
+        draws.append(
+            model.generate(
+                input_ids=ids,
+                pixel_values=pixels,
+                max_new_tokens=40,
+                do_sample=True,
+                top_k=20,
+                top_p=0.9,
+                temperature=1.3,
+                fast_decode=True,
+            )
+        )
     assert torch.equal(draws[0], draws[1])
     assert (draws[0] < model.config.text_config.vocab_size).all()
 
@@ -113,8 +133,11 @@ def test_cuda_graph_sampling_is_seeded_and_valid():
 def test_blc_conv_kernel_matches_reference(length):
     gen = torch.Generator(device="cuda").manual_seed(0)
     packed = torch.randn(2, length, 12832, device="cuda", generator=gen).bfloat16()  # in_proj's width
-    x = packed[:, :, 2560:2560 + 7680]  # xBC as a column slice of in_proj's output
+    x = packed[:, :, 2560 : 2560 + 7680]  # xBC as a column slice of in_proj's output
     w = torch.randn(7680, 4, device="cuda", generator=gen).bfloat16()
     bias = torch.randn(7680, device="cuda", generator=gen).bfloat16()
-    close(mamba2_ops.causal_conv1d_blc(x, w, bias, use_kernel=True),
-          mamba2_ops.causal_conv1d_blc(x.float(), w.float(), bias.float(), use_kernel=False), 1e-2)
+    close(
+        mamba2_ops.causal_conv1d_blc(x, w, bias, use_kernel=True),
+        mamba2_ops.causal_conv1d_blc(x.float(), w.float(), bias.float(), use_kernel=False),
+        1e-2,
+    )

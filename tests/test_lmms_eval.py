@@ -15,8 +15,10 @@ import pytest
 import torch
 
 if os.environ.get("MATVLM_REQUIRE_LMMS_EVAL") != "1":
-    pytest.importorskip("lmms_eval", reason='lmms-eval is not installed: pip install "matvlm-hf[eval]" && '
-                                            'pip install --no-deps "lmms-eval==0.7.3"')
+    pytest.importorskip(
+        "lmms_eval",
+        reason='lmms-eval is not installed: pip install "matvlm-hf[eval]" && pip install --no-deps "lmms-eval==0.7.3"',
+    )
 from lmms_eval.api.instance import Instance  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -26,7 +28,11 @@ from matvlm_hf.conversion import convert_tinyllava_to_matvlm  # noqa: E402
 from matvlm_hf.fabricate import write_tinyllava_checkpoint  # noqa: E402
 from matvlm_hf.integrations.lmms_eval.model import MaTVLM, build_prompt  # noqa: E402
 from matvlm_hf.integrations.lmms_eval.tasks import (  # noqa: E402
-    PAPER_SUFFIXES, synthetic_to_parquet, upstream_yaml, write_task_dir)
+    PAPER_SUFFIXES,
+    synthetic_to_parquet,
+    upstream_yaml,
+    write_task_dir,
+)
 from matvlm_hf.quickstart import evaluate  # noqa: E402
 from matvlm_hf.synthetic_vqa import make_dataset  # noqa: E402
 
@@ -51,17 +57,28 @@ def hybrid(work):
 
 def _docs(work: Path) -> list[dict]:
     records = json.loads((work / "data" / "test.json").read_text())
-    return [{"image": Image.open(work / "data" / "images" / r["image"]),
-             "question": r["conversations"][0]["value"].replace("<image>", "").strip()} for r in records]
+    return [
+        {
+            "image": Image.open(work / "data" / "images" / r["image"]),
+            "question": r["conversations"][0]["value"].replace("<image>", "").strip(),
+        }
+        for r in records
+    ]
 
 
 def _requests(docs: list[dict], kind: str, second: list) -> list[Instance]:
     def visual(doc):
         return [doc["image"]] if doc.get("image") is not None else []
 
-    return [Instance(request_type=kind, arguments=(doc["question"], extra, visual, i, "t", "test"), idx=0,
-                     metadata={"task": "t", "doc_id": i, "repeats": 1})
-            for i, (doc, extra) in enumerate(zip(docs, second))]
+    return [
+        Instance(
+            request_type=kind,
+            arguments=(doc["question"], extra, visual, i, "t", "test"),
+            idx=0,
+            metadata={"task": "t", "doc_id": i, "repeats": 1},
+        )
+        for i, (doc, extra) in enumerate(zip(docs, second))
+    ]
 
 
 def test_entry_point_resolves_the_model_class():
@@ -102,8 +119,12 @@ def test_batched_generation_with_left_padding_equals_one_by_one(work, hybrid):
     processor, model = hybrid.processor, hybrid.model
     inputs = processor(images=[docs[0]["image"]], text=build_prompt(docs[0]["question"], True), return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert single[0] == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True
-                                                   ).split("ASSISTANT:")[0].strip()
+    assert (
+        single[0]
+        == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        .split("ASSISTANT:")[0]
+        .strip()
+    )
 
 
 def test_loglikelihood_equals_a_direct_computation(work, hybrid):
@@ -124,14 +145,16 @@ def test_loglikelihood_equals_a_direct_computation(work, hybrid):
     got = hybrid.loglikelihood(_requests(docs, "loglikelihood", continuations))
     for doc, continuation, (logprob, is_greedy) in zip(docs, continuations, got):
         has_image = doc["image"] is not None
-        text = format_conversation([{"from": "human", "value": ("<image>\n" if has_image else "") + doc["question"]}],
-                                   add_generation_prompt=True)
+        text = format_conversation(
+            [{"from": "human", "value": ("<image>\n" if has_image else "") + doc["question"]}],
+            add_generation_prompt=True,
+        )
         context = processor(images=[doc["image"]] if has_image else None, text=text, return_tensors="pt")
         target = processor.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = torch.cat([context["input_ids"], target], dim=1)
         with torch.no_grad():
             logits = model(input_ids=ids, pixel_values=context.get("pixel_values")).logits[0].double()
-        steps = logits[context["input_ids"].shape[1] - 1:-1].log_softmax(-1)
+        steps = logits[context["input_ids"].shape[1] - 1 : -1].log_softmax(-1)
         expected = steps.gather(-1, target[0][:, None]).sum().item()
         assert logprob == pytest.approx(expected, abs=1e-4)
         assert is_greedy == bool((steps.argmax(-1) == target[0]).all())
@@ -141,8 +164,9 @@ def test_loglikelihood_equals_a_direct_computation(work, hybrid):
 @pytest.mark.slow
 def test_synthetic_task_through_the_lmms_eval_cli_scores_like_the_quickstart(work, hybrid, tmp_path):
     records = json.loads((work / "data" / "test.json").read_text())
-    predictions, _ = evaluate(hybrid.model, hybrid.processor, records, work / "data" / "images", batch_size=4,
-                              max_new_tokens=16)
+    predictions, _ = evaluate(
+        hybrid.model, hybrid.processor, records, work / "data" / "images", batch_size=4, max_new_tokens=16
+    )
     # a random model is always wrong; make every other reference its own answer (capitalised, with a full stop:
     # the scorers must normalise) so that the accuracy being compared is 1/2, not 0
     for i, r in enumerate(records):
@@ -156,11 +180,25 @@ def test_synthetic_task_through_the_lmms_eval_cli_scores_like_the_quickstart(wor
     _, expected = evaluate(hybrid.model, hybrid.processor, records, data / "images", batch_size=4, max_new_tokens=16)
     assert 0 < expected["accuracy"] < 1
 
-    task_dir = write_task_dir(tmp_path / "tasks", ["matvlm_synthetic"],
-                              {"matvlm_synthetic": synthetic_to_parquet(data, tmp_path / "parquet")})
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "matvlm", "--model_args",
-           f"pretrained={work / 'hybrid'},batch_size=3,device=cpu", "--tasks", "matvlm_synthetic",
-           "--include_path", str(task_dir), "--output_path", str(tmp_path / "out"), "--log_samples"]
+    task_dir = write_task_dir(
+        tmp_path / "tasks", ["matvlm_synthetic"], {"matvlm_synthetic": synthetic_to_parquet(data, tmp_path / "parquet")}
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "matvlm",
+        "--model_args",
+        f"pretrained={work / 'hybrid'},batch_size=3,device=cpu",
+        "--tasks",
+        "matvlm_synthetic",
+        "--include_path",
+        str(task_dir),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+    ]
     env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -181,7 +219,8 @@ def _write_hub_layout(folder: Path, split: str, columns: dict, features) -> Path
 
     (folder / "data").mkdir(parents=True)
     datasets.Dataset.from_dict(columns, features=features).to_parquet(
-        str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+        str(folder / "data" / f"{split}-00000-of-00001.parquet")
+    )
     return folder
 
 
@@ -195,28 +234,71 @@ def _benchmarks(work: Path, root: Path) -> dict[str, Path]:
     from datasets import Features, Image as HFImage, Sequence, Value
 
     n, s = 4, Value("string")
-    pope = _write_hub_layout(root / "POPE", "test", {
-        "id": [str(i) for i in range(n)], "question_id": [str(i) for i in range(n)],
-        "question": ["Is there a red square in the image?"] * n, "answer": ["yes", "no"] * (n // 2),
-        "image_source": ["synthetic"] * n, "image": _image_column(work, n), "category": ["adversarial"] * n,
-    }, Features(id=s, question_id=s, question=s, answer=s, image_source=s, image=HFImage(), category=s))
-    mme = _write_hub_layout(root / "MME", "test", {
-        # MME asks two questions (answers Yes and No) about each image; question_id is the image's name
-        "question_id": ["count/0000.png", "count/0000.png", "color/0001.png", "color/0001.png"],
-        "image": [_image_column(work, 2)[i // 2] for i in range(n)],
-        "question": ["Is there one shape in this image? Please answer yes or no.",
-                     "Are there five shapes in this image? Please answer yes or no."] * (n // 2),
-        "answer": ["Yes", "No"] * (n // 2), "category": ["count", "count", "color", "color"],
-    }, Features(question_id=s, image=HFImage(), question=s, answer=s, category=s))
-    textvqa = _write_hub_layout(root / "textvqa", "validation", {
-        "image_id": [str(i) for i in range(n)], "question_id": list(range(n)),
-        "question": ["what colour is the square?"] * n, "question_tokens": [["what", "colour"]] * n,
-        "image": _image_column(work, n), "image_width": [32] * n, "image_height": [32] * n,
-        "flickr_original_url": [""] * n, "flickr_300k_url": [""] * n, "answers": [["red"] * 10] * n,
-        "image_classes": [["shape"]] * n, "set_name": ["val"] * n, "ocr_tokens": [[]] * n,
-    }, Features(image_id=s, question_id=Value("int32"), question=s, question_tokens=Sequence(s), image=HFImage(),
-                image_width=Value("int32"), image_height=Value("int32"), flickr_original_url=s, flickr_300k_url=s,
-                answers=Sequence(s), image_classes=Sequence(s), set_name=s, ocr_tokens=Sequence(s)))
+    pope = _write_hub_layout(
+        root / "POPE",
+        "test",
+        {
+            "id": [str(i) for i in range(n)],
+            "question_id": [str(i) for i in range(n)],
+            "question": ["Is there a red square in the image?"] * n,
+            "answer": ["yes", "no"] * (n // 2),
+            "image_source": ["synthetic"] * n,
+            "image": _image_column(work, n),
+            "category": ["adversarial"] * n,
+        },
+        Features(id=s, question_id=s, question=s, answer=s, image_source=s, image=HFImage(), category=s),
+    )
+    mme = _write_hub_layout(
+        root / "MME",
+        "test",
+        {
+            # MME asks two questions (answers Yes and No) about each image; question_id is the image's name
+            "question_id": ["count/0000.png", "count/0000.png", "color/0001.png", "color/0001.png"],
+            "image": [_image_column(work, 2)[i // 2] for i in range(n)],
+            "question": [
+                "Is there one shape in this image? Please answer yes or no.",
+                "Are there five shapes in this image? Please answer yes or no.",
+            ]
+            * (n // 2),
+            "answer": ["Yes", "No"] * (n // 2),
+            "category": ["count", "count", "color", "color"],
+        },
+        Features(question_id=s, image=HFImage(), question=s, answer=s, category=s),
+    )
+    textvqa = _write_hub_layout(
+        root / "textvqa",
+        "validation",
+        {
+            "image_id": [str(i) for i in range(n)],
+            "question_id": list(range(n)),
+            "question": ["what colour is the square?"] * n,
+            "question_tokens": [["what", "colour"]] * n,
+            "image": _image_column(work, n),
+            "image_width": [32] * n,
+            "image_height": [32] * n,
+            "flickr_original_url": [""] * n,
+            "flickr_300k_url": [""] * n,
+            "answers": [["red"] * 10] * n,
+            "image_classes": [["shape"]] * n,
+            "set_name": ["val"] * n,
+            "ocr_tokens": [[]] * n,
+        },
+        Features(
+            image_id=s,
+            question_id=Value("int32"),
+            question=s,
+            question_tokens=Sequence(s),
+            image=HFImage(),
+            image_width=Value("int32"),
+            image_height=Value("int32"),
+            flickr_original_url=s,
+            flickr_300k_url=s,
+            answers=Sequence(s),
+            image_classes=Sequence(s),
+            set_name=s,
+            ocr_tokens=Sequence(s),
+        ),
+    )
     assert datasets.load_dataset(str(pope))["test"].num_rows == n  # the layout load_dataset reads offline
     return {"pope": pope, "mme": mme, "textvqa_val": textvqa}
 
@@ -229,8 +311,20 @@ def test_matvlm_eval_runs_local_pope_mme_textvqa_teacher_vs_hybrid(work, tmp_pat
     monkeypatch.chdir(tmp_path / "cwd")  # nothing may be written here (TextVQA writes a submission file)
     data = _benchmarks(work, tmp_path / "benchmarks")
     out = tmp_path / "eval"
-    args = ["--model", str(work / "hybrid"), "--teacher", str(work / "teacher"), "--tasks", "pope,mme,textvqa_val",
-            "--batch-size", "2", "--device", "cpu", "--out", str(out)]
+    args = [
+        "--model",
+        str(work / "hybrid"),
+        "--teacher",
+        str(work / "teacher"),
+        "--tasks",
+        "pope,mme,textvqa_val",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     args += [f"--data={task}={folder}" for task, folder in data.items()]
     report = eval_command.main(args)
     for label in ("teacher", "hybrid"):

@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from matvlm_hf.mamba2_ops import (
-    causal_conv1d, causal_conv1d_step, rmsnorm_gated, ssd_scan_reference, ssd_step_reference,
+    causal_conv1d,
+    causal_conv1d_step,
+    rmsnorm_gated,
+    ssd_scan_reference,
+    ssd_step_reference,
 )
 
 
@@ -24,7 +28,9 @@ def naive_ssm(x, dt, A, B, C, D, state=None):
         for head in range(h):
             grp = head // (h // g)
             decay = torch.exp(dt[:, t, head] * A[head])[:, None, None]
-            state[:, head] = decay * state[:, head] + dt[:, t, head, None, None] * x[:, t, head, :, None] * B[:, t, grp, None, :]
+            state[:, head] = (
+                decay * state[:, head] + dt[:, t, head, None, None] * x[:, t, head, :, None] * B[:, t, grp, None, :]
+            )
             ys[:, t, head] = torch.einsum("bpn,bn->bp", state[:, head], C[:, t, grp]) + D[head] * x[:, t, head]
     return ys, state
 
@@ -80,9 +86,13 @@ def test_conv_step_equals_sequence_conv():
     x = torch.randn(2, 6, 11, generator=gen, dtype=torch.float64)
     w, bias = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
     full = causal_conv1d(x, w, bias)
-    manual = torch.stack([
-        F.silu(sum(w[:, j] * (x[:, :, t - 3 + j] if t - 3 + j >= 0 else 0) for j in range(4)) + bias) for t in range(11)
-    ], -1)
+    manual = torch.stack(
+        [
+            F.silu(sum(w[:, j] * (x[:, :, t - 3 + j] if t - 3 + j >= 0 else 0) for j in range(4)) + bias)
+            for t in range(11)
+        ],
+        -1,
+    )
     torch.testing.assert_close(full, manual)
     state = torch.zeros(2, 6, 4, dtype=torch.float64)
     steps = torch.stack([causal_conv1d_step(x[:, :, t], state, w, bias) for t in range(11)], -1)
@@ -95,18 +105,20 @@ def test_rmsnorm_gated_per_group():
     out = rmsnorm_gated(x, z, w[0], 1e-5, group_size=4)
     gated = x * z * torch.sigmoid(z)
     for grp in range(2):
-        part = gated[:, grp * 4:(grp + 1) * 4]
-        expected = part / torch.sqrt(part.pow(2).mean(-1, keepdim=True) + 1e-5) * w[0, grp * 4:(grp + 1) * 4]
-        torch.testing.assert_close(out[:, grp * 4:(grp + 1) * 4], expected)
+        part = gated[:, grp * 4 : (grp + 1) * 4]
+        expected = part / torch.sqrt(part.pow(2).mean(-1, keepdim=True) + 1e-5) * w[0, grp * 4 : (grp + 1) * 4]
+        torch.testing.assert_close(out[:, grp * 4 : (grp + 1) * 4], expected)
 
 
 def test_blc_conv_reference_matches_channel_first_conv():
     from matvlm_hf.mamba2_ops import causal_conv1d_blc
+
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 13, 6, generator=gen, dtype=torch.float64)
     w, bias = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(causal_conv1d_blc(x, w, bias, use_kernel=False),
-                               causal_conv1d(x.transpose(1, 2), w, bias).transpose(1, 2))
+    torch.testing.assert_close(
+        causal_conv1d_blc(x, w, bias, use_kernel=False), causal_conv1d(x.transpose(1, 2), w, bias).transpose(1, 2)
+    )
 
 
 def test_blc_conv_triton_kernel_in_the_interpreter():
@@ -125,13 +137,15 @@ def test_blc_conv_triton_kernel_in_the_interpreter():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         print("OK")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}
+    )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
 
 
 def test_grad_needed_rule():
     from matvlm_hf.mamba2_ops import grad_needed
+
     x, w = torch.randn(2, 3), torch.randn(3, requires_grad=True)
     assert grad_needed(x, w, None) and not grad_needed(x, None)
     with torch.no_grad():
@@ -143,6 +157,7 @@ def test_blc_conv_uses_the_forward_only_kernel_only_without_gradients(monkeypatc
     differentiable path must run (gradients equal the reference's); without, the kernel runs. The kernel launch is
     replaced by a spy (Triton is not needed: `interpret=True` takes the kernel branch on the CPU)."""
     import matvlm_hf.mamba2_ops as ops
+
     calls = []
 
     def forward_only_kernel(x, weight, bias):  # what the real launch returns: the right values, no graph

@@ -21,7 +21,7 @@ def test_prefill_then_decode_equals_full_forward(lm_type, mamba_layers, pixel_va
         cache = DynamicCache(config=model.config)
         logits = [model(input_ids=ids[:, :n_prefill], pixel_values=pixel_values.double(), past_key_values=cache).logits]
         for t in range(n_prefill, ids.shape[1]):
-            logits.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits)
+            logits.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache).logits)
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
 
 
@@ -42,8 +42,12 @@ def test_teacher_language_model_equals_transformers(lm_type):
     text_config = copy.deepcopy(model.config.text_config)
     text_config.layer_types = ["full_attention"] * text_config.num_hidden_layers
     reference = AutoModelForCausalLM.from_config(text_config).eval()
-    reference.load_state_dict({**{f"model.{k}": v for k, v in model.language_model.state_dict().items()},
-                               **{f"lm_head.{k}": v for k, v in model.lm_head.state_dict().items()}})
+    reference.load_state_dict(
+        {
+            **{f"model.{k}": v for k, v in model.language_model.state_dict().items()},
+            **{f"lm_head.{k}": v for k, v in model.lm_head.state_dict().items()},
+        }
+    )
     ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(input_ids=ids).logits
@@ -57,7 +61,12 @@ def test_mamba_layers_replace_only_attention():
         assert isinstance(layer.self_attn, MaTVLMMamba2Mixer) == (i in (0, 2, 5))
         assert hasattr(layer, "mlp") and hasattr(layer, "input_layernorm")
     assert model.config.text_config.layer_types == [
-        "linear_attention", "full_attention", "linear_attention", "full_attention", "full_attention", "linear_attention"
+        "linear_attention",
+        "full_attention",
+        "linear_attention",
+        "full_attention",
+        "full_attention",
+        "linear_attention",
     ]
 
 
@@ -72,12 +81,12 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(lm_type):
     batch = torch.full((3, width), pad_id)
     mask = torch.zeros(3, width, dtype=torch.long)
     for i, p in enumerate(prompts):
-        batch[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
+        batch[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=pad_id, eos_token_id=None)
     together = model.generate(input_ids=batch, attention_mask=mask, pixel_values=pixels, **kwargs)[:, width:]
     for i, p in enumerate(prompts):
-        alone = model.generate(input_ids=p[None], pixel_values=pixels[i:i + 1], **kwargs)[:, len(p):]
+        alone = model.generate(input_ids=p[None], pixel_values=pixels[i : i + 1], **kwargs)[:, len(p) :]
         assert torch.equal(together[i], alone[0]), f"prompt {i}"
 
 
@@ -110,15 +119,27 @@ def test_beam_search_with_one_beam_equals_greedy(pixel_values):
     greedy = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=8, do_sample=False)
     # beam search reorders the cache (reorder_cache on conv/SSM states): 4 beams with length_penalty 0 must
     # contain the greedy continuation's score or better; check the cache reordering path runs and is consistent
-    beams = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=8, num_beams=4,
-                           num_return_sequences=4, output_scores=True, return_dict_in_generate=True, length_penalty=0)
+    beams = model.generate(
+        input_ids=ids,
+        pixel_values=pixel_values,
+        max_new_tokens=8,
+        num_beams=4,
+        num_return_sequences=4,
+        output_scores=True,
+        return_dict_in_generate=True,
+        length_penalty=0,
+    )
     with torch.no_grad():
+
         def logprob(seq):
-            logits = model(input_ids=seq[None], pixel_values=pixel_values, use_cache=False).logits[0, ids.shape[1] - 1:-1]
-            new = seq[ids.shape[1]:]
+            logits = model(input_ids=seq[None], pixel_values=pixel_values, use_cache=False).logits[
+                0, ids.shape[1] - 1 : -1
+            ]
+            new = seq[ids.shape[1] :]
             eos = (new == model.generation_config.eos_token_id).nonzero()
             n = int(eos[0]) + 1 if len(eos) else len(new)  # a finished beam is scored up to its EOS
             return logits[:n].log_softmax(-1).gather(-1, new[:n, None]).sum()
+
         best = beams.sequences[0]
         torch.testing.assert_close(logprob(best), beams.sequences_scores[0].double().float(), rtol=1e-4, atol=1e-4)
         assert logprob(best) >= logprob(greedy[0]) - 1e-5
@@ -153,6 +174,7 @@ def test_image_features_follow_tinyllava(pixel_values):
 
 # --- bad input ---------------------------------------------------------------------------------------------------
 
+
 def test_image_count_mismatch_is_a_clear_error(pixel_values):
     model = tiny_model("phi", (0,))
     ids = image_prompt(model.config, n_images=2)
@@ -171,8 +193,14 @@ def test_wrong_pixel_shape_is_a_clear_error():
         model(input_ids=ids, pixel_values=torch.randn(3, 32, 32))
 
 
-@pytest.mark.parametrize("layers,match", [([6], r"\[6\] out of range.*6 decoder layers"), ([-1], "out of range"),
-                                          (list(range(6)), "at least one attention layer")])
+@pytest.mark.parametrize(
+    "layers,match",
+    [
+        ([6], r"\[6\] out of range.*6 decoder layers"),
+        ([-1], "out of range"),
+        (list(range(6)), "at least one attention layer"),
+    ],
+)
 def test_bad_mamba_layers_are_clear_errors(layers, match):
     with pytest.raises(ValueError, match=match):
         tiny_config("phi", layers)
@@ -181,6 +209,7 @@ def test_bad_mamba_layers_are_clear_errors(layers, match):
 def test_unsupported_language_model_is_a_clear_error():
     from transformers import GPT2Config
     from conftest import tiny_vision_config
+
     with pytest.raises(ValueError, match="Unsupported language model type 'gpt2'"):
         MaTVLMConfig(text_config=GPT2Config(n_layer=2), vision_config=tiny_vision_config())
 
@@ -197,7 +226,8 @@ def test_attention_backends_agree(pixel_values):
     for backend in ("eager", "sdpa"):
         torch.manual_seed(0)
         models[backend] = MaTVLMForConditionalGeneration._from_config(
-            tiny_config("phi", (0, 2, 5)), attn_implementation=backend).eval()
+            tiny_config("phi", (0, 2, 5)), attn_implementation=backend
+        ).eval()
         assert models[backend].language_model.config._attn_implementation == backend
     ids = image_prompt(models["eager"].config)
     with torch.no_grad():

@@ -38,13 +38,27 @@ def setup(tmp_path_factory):
     for i in range(12):
         name = list(colors)[i % 3]
         if i % 4 == 3:  # text-only
-            samples.append({"id": f"text-{i}", "conversations": [
-                {"from": "human", "value": "What time of day is it?"}, {"from": "gpt", "value": "It is evening."}]})
+            samples.append(
+                {
+                    "id": f"text-{i}",
+                    "conversations": [
+                        {"from": "human", "value": "What time of day is it?"},
+                        {"from": "gpt", "value": "It is evening."},
+                    ],
+                }
+            )
             continue
         Image.new("RGB", (40 + i, 28), colors[name]).save(d / "img" / f"{i}.png")
-        samples.append({"id": f"img-{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is the car?"},
-            {"from": "gpt", "value": f"The car is {name}."}]})
+        samples.append(
+            {
+                "id": f"img-{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is the car?"},
+                    {"from": "gpt", "value": f"The car is {name}."},
+                ],
+            }
+        )
     (d / "data.json").write_text(json.dumps(samples))
     return d, teacher, student
 
@@ -57,9 +71,32 @@ def run(cmd, cwd, timeout=240):
 
 
 def cli_args(d, teacher, student, out, steps=3):
-    return ["--student", student, "--teacher", teacher, "--data", d / "data.json", "--images", d / "img",
-            "--output", out, "--global-batch-size", "4", "--per-device-batch-size", "1", "--max-steps", str(steps),
-            "--save-steps", "2", "--logging-steps", "1", "--num-workers", "0", "--seed", "0"]
+    return [
+        "--student",
+        student,
+        "--teacher",
+        teacher,
+        "--data",
+        d / "data.json",
+        "--images",
+        d / "img",
+        "--output",
+        out,
+        "--global-batch-size",
+        "4",
+        "--per-device-batch-size",
+        "1",
+        "--max-steps",
+        str(steps),
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--seed",
+        "0",
+    ]
 
 
 def logged_losses(out_dir):
@@ -74,8 +111,19 @@ def test_two_process_ddp_run_matches_one_process_and_saves(setup, tmp_path):
     log1 = run([sys.executable, SCRIPT, *cli_args(d, teacher, student, single)], cwd=ROOT)
     assert "1 x 4 accumulation x 1 process(es)" in log1
     ddp = tmp_path / "ddp"
-    log2 = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
-                *cli_args(d, teacher, student, ddp)], cwd=ROOT)
+    log2 = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            SCRIPT,
+            *cli_args(d, teacher, student, ddp),
+        ],
+        cwd=ROOT,
+    )
     assert "1 x 2 accumulation x 2 process(es)" in log2
 
     # checkpoints with optimizer/scheduler state, and the final student
@@ -111,10 +159,13 @@ def test_two_process_ddp_run_matches_one_process_and_saves(setup, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(ddp).eval()
     assert type(model).__name__ == "MaTVLMForConditionalGeneration" and model.config.mamba_layers == [0, 2]
     processor = AutoProcessor.from_pretrained(ddp)
-    inputs = processor(images=[Image.open(d / "img" / "0.png")],
-                       text=processor.apply_chat_template([{"role": "user", "content": [
-                           {"type": "image"}, {"type": "text", "text": "What color is the car?"}]}],
-                           add_generation_prompt=True))
+    inputs = processor(
+        images=[Image.open(d / "img" / "0.png")],
+        text=processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the car?"}]}],
+            add_generation_prompt=True,
+        ),
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
@@ -130,8 +181,10 @@ def test_resume_continues_from_the_last_checkpoint(setup, tmp_path):
 
     shutil.rmtree(out / "checkpoint-4")
     (out / "model.safetensors").unlink()
-    log = run([sys.executable, SCRIPT, *cli_args(d, teacher, student, out, steps=4), "--save-steps", "2",
-               "--resume"], cwd=ROOT)
+    log = run(
+        [sys.executable, SCRIPT, *cli_args(d, teacher, student, out, steps=4), "--save-steps", "2", "--resume"],
+        cwd=ROOT,
+    )
     assert (out / "model.safetensors").is_file()
     resumed = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
     a = [e for e in full if "loss" in e and e["step"] > 2]
@@ -147,9 +200,27 @@ def test_accelerate_launch_runs_the_same_two_process_training(setup, tmp_path):
     d, teacher, student = setup
     single, acc = tmp_path / "single", tmp_path / "accelerate"
     run([sys.executable, SCRIPT, *cli_args(d, teacher, student, single)], cwd=ROOT)
-    log = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517", SCRIPT, *cli_args(d, teacher, student, acc)], cwd=ROOT)
+    log = run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29517",
+            SCRIPT,
+            *cli_args(d, teacher, student, acc),
+        ],
+        cwd=ROOT,
+    )
     assert "1 x 2 accumulation x 2 process(es)" in log
     assert len(list(acc.glob("checkpoint-2/rng_state_*.pth"))) == 2
     for a, b in zip(logged_losses(single), logged_losses(acc)):

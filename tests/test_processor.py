@@ -152,7 +152,10 @@ def test_chat_template_and_tokenize(proc):
     assert prompt == _prompt("What is it?")
     out = proc.apply_chat_template(
         [{"role": "user", "content": [{"type": "image", "image": _image()}, {"type": "text", "text": "What is it?"}]}],
-        add_generation_prompt=True, tokenize=True, return_dict=True)
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )
     assert out["input_ids"].shape[0] == 1 and (out["input_ids"] == IMG_ID).sum() == N_IMG
     assert out["pixel_values"].shape == (1, 3, 32, 32)
 
@@ -202,8 +205,9 @@ def test_defaults_standard_kwargs_and_empty_text(proc):
     texts = [_prompt("What is shown in this picture in detail?"), _prompt("Hi?")]
     images = [_image(), _image()]
     plain = proc(images=images, text=texts, padding=True, padding_side="right")
-    grouped = proc(images=images, text=texts, text_kwargs={"padding": True, "padding_side": "right"},
-                   return_attention_mask=True)
+    grouped = proc(
+        images=images, text=texts, text_kwargs={"padding": True, "padding_side": "right"}, return_attention_mask=True
+    )
     assert all(torch.equal(plain[k], grouped[k]) for k in plain)
     assert plain["attention_mask"][1, -1] == 0
     with pytest.raises(ValueError, match="empty"):

@@ -74,8 +74,11 @@ def test_vision_pretraining_learns_cell_attributes_then_the_frozen_tower_stays_p
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     captions = [t["value"] for r in records for t in r["conversations"] if t["value"].startswith("top left:")]
     assert len(captions) == len(records)
-    colours = Counter(part.split(": ")[1].split()[1] if part.split(": ")[1] != "nothing" else "nothing"
-                      for c in captions for part in c.rstrip(".").split("; ")[:4])
+    colours = Counter(
+        part.split(": ")[1].split()[1] if part.split(": ")[1] != "nothing" else "nothing"
+        for c in captions
+        for part in c.rstrip(".").split("; ")[:4]
+    )
     majority = colours.most_common(1)[0][1] / sum(colours.values())
     assert log[-1]["accuracy"]["color"] > majority + 0.2  # beats "always the most common colour (or nothing)"
     with pytest.raises(ValueError, match="captions"):

@@ -31,8 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,7 @@ def model_is_whole(folder: Path) -> list[int]:
 
 # --- refusals: input, working directory and old output intact ------------------------------------------------------
 
+
 @pytest.mark.parametrize("where", ["cwd", "same", "parent_of_input", "inside_input", "cwd_parent"])
 def test_convert_refuses_outputs_over_inputs_and_cwd(where, source, tmp_path, monkeypatch):
     work = tmp_path / "work"
@@ -67,8 +71,13 @@ def test_convert_refuses_outputs_over_inputs_and_cwd(where, source, tmp_path, mo
     shutil.copytree(source, src)
     (work / "notes.txt").write_text("the user's")
     monkeypatch.chdir(work)
-    output = {"cwd": ".", "same": "ckpts/tinyllava", "parent_of_input": "ckpts",
-              "inside_input": "ckpts/tinyllava/out", "cwd_parent": ".."}[where]
+    output = {
+        "cwd": ".",
+        "same": "ckpts/tinyllava",
+        "parent_of_input": "ckpts",
+        "inside_input": "ckpts/tinyllava/out",
+        "cwd_parent": "..",
+    }[where]
     before = tree_digest(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         convert_main(["--input", "ckpts/tinyllava", "--output", output, "--mamba-ratio", "0.5", "--overwrite"])
@@ -130,9 +139,13 @@ def test_check_output_rules(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     assert check_output("new/out", [("--input", "in")]) == tmp_path / "new" / "out"
     assert check_output("out", [("--input", "someone/model")]) == tmp_path / "out"  # a Hub id is not local
-    for bad, msg in ((".", "is the working directory"), ("..", "contains the working directory"),
-                     ("in", "is the same folder as the input --input"), ("in/x", "lies inside the input"),
-                     ("file", "is an existing file")):
+    for bad, msg in (
+        (".", "is the working directory"),
+        ("..", "contains the working directory"),
+        ("in", "is the same folder as the input --input"),
+        ("in/x", "lies inside the input"),
+        ("file", "is an existing file"),
+    ):
         with pytest.raises(UnsafeOutputError, match=msg):
             check_output(bad, [("--input", "in")])
 
@@ -150,14 +163,18 @@ def test_claim_workdir_refuses_a_users_folder_and_reuses_its_own(tmp_path):
 
 # --- distill: the run folder, the student and the teacher are never clobbered ---------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pair(source, tmp_path_factory):
     d = tmp_path_factory.mktemp("pair")
     teacher = convert_tinyllava_to_matvlm(source, d / "teacher", mamba_ratio=0.0, progress=False)
     student = convert_tinyllava_to_matvlm(source, d / "student", mamba_ratio=0.5, progress=False)
     data = d / "data.json"
-    data.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "Hi?"},
-                                                              {"from": "gpt", "value": "Hello."}]}]))
+    data.write_text(
+        json.dumps(
+            [{"id": "a", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}]
+        )
+    )
     return d, teacher, student, data
 
 
@@ -180,8 +197,20 @@ def test_distill_refuses_to_clobber(which, pair, tmp_path, capsys):
     (earlier / "model.safetensors").write_text("the final model of an earlier run")
     output = {"teacher": teacher, "student": student, "earlier_run": earlier}[which]
     before = {p: tree_digest(p) for p in (teacher, student, earlier)}
-    code, _ = distill("--student", student, "--teacher", teacher, "--data", data, "--output", output,
-                      "--max-steps", "1", "--num-workers", "0")
+    code, _ = distill(
+        "--student",
+        student,
+        "--teacher",
+        teacher,
+        "--data",
+        data,
+        "--output",
+        output,
+        "--max-steps",
+        "1",
+        "--num-workers",
+        "0",
+    )
     err = capsys.readouterr().err
     assert code == 2 and ("same folder as the input" in err or "pass --resume to continue" in err), err
     assert {p: tree_digest(p) for p in before} == before
@@ -211,12 +240,21 @@ PAUSER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,sig", [
-    ("weights", signal.SIGINT), ("weights", signal.SIGTERM), ("weights", signal.SIGKILL),
-    ("metadata", signal.SIGINT), ("metadata", signal.SIGTERM), ("metadata", signal.SIGKILL),
-    ("swap", signal.SIGINT), ("swap", signal.SIGTERM), ("swap", signal.SIGKILL),
-    ("swap_done", signal.SIGKILL),
-])
+@pytest.mark.parametrize(
+    "stage,sig",
+    [
+        ("weights", signal.SIGINT),
+        ("weights", signal.SIGTERM),
+        ("weights", signal.SIGKILL),
+        ("metadata", signal.SIGINT),
+        ("metadata", signal.SIGTERM),
+        ("metadata", signal.SIGKILL),
+        ("swap", signal.SIGINT),
+        ("swap", signal.SIGTERM),
+        ("swap", signal.SIGKILL),
+        ("swap_done", signal.SIGKILL),
+    ],
+)
 def test_interrupted_overwrite_leaves_one_whole_model(stage, sig, source, tmp_path):
     out = tmp_path / "out"
     convert_tinyllava_to_matvlm(source, out, mamba_ratio=0.0, progress=False)  # the old model: no Mamba layer
@@ -225,9 +263,25 @@ def test_interrupted_overwrite_leaves_one_whole_model(stage, sig, source, tmp_pa
     script = tmp_path / "pauser.py"
     script.write_text(PAUSER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, str(script), stage, str(flag), "--input", str(source), "--output",
-                             str(out), "--mamba-ratio", "0.5", "--overwrite"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            stage,
+            str(flag),
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+            "--mamba-ratio",
+            "0.5",
+            "--overwrite",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 180
     while not flag.exists():
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]

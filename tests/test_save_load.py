@@ -20,7 +20,9 @@ def test_fresh_mixer_gets_the_mamba2_init():
     assert ((A <= -1) & (A >= -16)).all()
     dt = torch.nn.functional.softplus(mixer.dt_bias)
     assert ((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all()
-    assert torch.equal(mixer.D, torch.ones_like(mixer.D)) and torch.equal(mixer.norm_weight, torch.ones_like(mixer.D.new_ones(mixer.d_inner)))
+    assert torch.equal(mixer.D, torch.ones_like(mixer.D)) and torch.equal(
+        mixer.norm_weight, torch.ones_like(mixer.D.new_ones(mixer.d_inner))
+    )
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path, pixel_values):
@@ -40,8 +42,10 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, pixel_values):
         assert torch.equal(a, b), name
     ids = image_prompt(model.config)
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, pixel_values=pixel_values).logits,
-                           loaded(input_ids=ids, pixel_values=pixel_values).logits)
+        assert torch.equal(
+            model(input_ids=ids, pixel_values=pixel_values).logits,
+            loaded(input_ids=ids, pixel_values=pixel_values).logits,
+        )
 
 
 def test_remote_code_loads_without_the_package(tmp_path, pixel_values):
@@ -49,6 +53,7 @@ def test_remote_code_loads_without_the_package(tmp_path, pixel_values):
     model.save_pretrained(tmp_path)
     ids = image_prompt(model.config)
     from safetensors.torch import save_file
+
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=pixel_values).logits
     save_file({"ids": ids, "pixels": pixel_values, "logits": logits}, str(tmp_path / "io.safetensors"))
@@ -74,7 +79,12 @@ def test_remote_code_loads_without_the_package(tmp_path, pixel_values):
         gen = model.generate(input_ids=d["ids"], pixel_values=d["pixels"], max_new_tokens=4, do_sample=False)
         print("OK", type(model).__name__, gen.shape[1])
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK MaTVLMForConditionalGeneration" in result.stdout

@@ -26,25 +26,39 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from matvlm_hf.conversion import convert_tinyllava_to_matvlm
 from matvlm_hf.fabricate import write_tinyllava_checkpoint
 from matvlm_hf.synthetic_vqa import render_scene, sample_scene
 
 MAX_NEW_TOKENS = 40
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
 SERVER_START_S = 600  # imports + two model loads; generous for a loaded 2-core machine
 ANSWER_S = 240
 
 
 def _missing() -> list[str]:
-    missing = [f"python package {m} (pip install -e '.[demo-test]')"
-               for m in ("gradio", "selenium") if importlib.util.find_spec(m) is None]
-    missing += [f"{exe} (apt-get install chromium chromium-driver)"
-                for exe in ("chromium", "chromedriver") if shutil.which(exe) is None]
+    missing = [
+        f"python package {m} (pip install -e '.[demo-test]')"
+        for m in ("gradio", "selenium")
+        if importlib.util.find_spec(m) is None
+    ]
+    missing += [
+        f"{exe} (apt-get install chromium chromium-driver)"
+        for exe in ("chromium", "chromedriver")
+        if shutil.which(exe) is None
+    ]
     return missing
 
 
@@ -61,8 +75,10 @@ def needs_browser():
 def checkpoints(tmp_path_factory, needs_browser):
     work = tmp_path_factory.mktemp("serve-browser")
     write_tinyllava_checkpoint(work / "tinyllava", seed=0)
-    return {"teacher": convert_tinyllava_to_matvlm(work / "tinyllava", work / "teacher", mamba_ratio=0.0),
-            "hybrid": convert_tinyllava_to_matvlm(work / "tinyllava", work / "hybrid", mamba_ratio=0.5)}
+    return {
+        "teacher": convert_tinyllava_to_matvlm(work / "tinyllava", work / "teacher", mamba_ratio=0.0),
+        "hybrid": convert_tinyllava_to_matvlm(work / "tinyllava", work / "hybrid", mamba_ratio=0.5),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +100,22 @@ def server(checkpoints, tmp_path_factory):
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("server") / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "matvlm_hf.cli", "serve", "--model", str(checkpoints["hybrid"]),
-           "--teacher", str(checkpoints["teacher"]), "--port", str(port), "--device", "cpu",
-           "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "matvlm_hf.cli",
+        "serve",
+        "--model",
+        str(checkpoints["hybrid"]),
+        "--teacher",
+        str(checkpoints["teacher"]),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
@@ -158,14 +187,17 @@ class Page:
 
     def record(self, key: str) -> None:
         """From now on, remember every text the next reply of chat `key` shows (to see it stream)."""
-        self.driver.execute_script("""
+        self.driver.execute_script(
+            """
             const chat = document.querySelector('#chat-' + arguments[0]), n = arguments[1];
             window.seen = [];
             new MutationObserver(() => {
                 const bots = chat.querySelectorAll('[data-testid=bot]');
                 if (bots.length > n) window.seen.push(bots[n].innerText);
             }).observe(chat, {subtree: true, childList: true, characterData: true});""",
-            key, len(self.texts(key, "bot")))
+            key,
+            len(self.texts(key, "bot")),
+        )
 
     def seen(self) -> list[str]:
         return self.driver.execute_script("return window.seen")
@@ -178,12 +210,15 @@ class Page:
         self.wait(30).until(lambda d: box.is_enabled())
         if upload is not None:
             self.driver.find_element("css selector", "#ask input[type=file]").send_keys(str(upload))
-            self.wait(60).until(lambda d: d.find_elements(
-                "css selector", f"#ask .thumbnails img[src*='{upload.name}']"))  # uploaded: served back
+            self.wait(60).until(
+                lambda d: d.find_elements("css selector", f"#ask .thumbnails img[src*='{upload.name}']")
+            )  # uploaded: served back
         if len(text) > 200:
             self.driver.execute_script(
                 "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', {bubbles: true}))",
-                box, text)
+                box,
+                text,
+            )
         else:
             box.send_keys(text)
         box.send_keys(Keys.ENTER)
@@ -197,9 +232,13 @@ class Page:
     def replies(self, before: int) -> list[str]:
         """Wait until the hybrid's chat (the one that answers last) has more than `before` replies and the request
         is over (box enabled again, no "generating"); the newest reply of each chat."""
+
         def finished(d) -> bool:
-            return (len(self.texts("hybrid", "bot")) > before and "generating" not in self.speed("hybrid")
-                    and d.find_element("css selector", "#ask textarea").is_enabled())
+            return (
+                len(self.texts("hybrid", "bot")) > before
+                and "generating" not in self.speed("hybrid")
+                and d.find_element("css selector", "#ask textarea").is_enabled()
+            )
 
         self.wait().until(finished)
         return [self.texts(k, "bot")[-1] for k in ("teacher", "hybrid")]
@@ -207,19 +246,20 @@ class Page:
 
 def reference_answer(path: Path, image_path: Path, turns: list[tuple[str, str | None]]) -> str:
     """generate() (greedy) on a freshly loaded copy, for the conversation `turns` [(question, answer), ...]."""
-    model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     messages = []
     for i, (question, answer) in enumerate(turns):
-        messages.append({"role": "user", "content": ([{"type": "image"}] if i == 0 else [])
-                         + [{"type": "text", "text": question}]})
+        messages.append(
+            {"role": "user", "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": question}]}
+        )
         if answer is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[processor.preprocess_images([str(image_path)])[0]], text=prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_chat_page_in_a_headless_browser(open_page, checkpoints, images):
@@ -228,8 +268,9 @@ def test_chat_page_in_a_headless_browser(open_page, checkpoints, images):
 
     # bad input: a chat message each time, and the page goes on working
     assert all("Upload an image with your first question" in r for r in alice.ask("What colour is the square?"))
-    assert all("Could not read 'broken.png' as an image" in r
-               for r in alice.ask("What colour?", upload=images["broken"]))
+    assert all(
+        "Could not read 'broken.png' as an image" in r for r in alice.ask("What colour?", upload=images["broken"])
+    )
     assert all("Type a question" in r for r in alice.ask("   ", upload=images["a"]))
     assert alice.texts("hybrid", "user")[-1] == "(no question)"
 
@@ -242,8 +283,9 @@ def test_chat_page_in_a_headless_browser(open_page, checkpoints, images):
     for i, key in enumerate(("teacher", "hybrid")):
         expected = reference_answer(checkpoints[key], images["a"], [("What is in the image?", None)])
         assert words(alice_first[i]) == words(expected) != ""
-        assert words(bob_first[i]) == words(reference_answer(checkpoints[key], images["b"],
-                                                             [("How many shapes are there?", None)]))
+        assert words(bob_first[i]) == words(
+            reference_answer(checkpoints[key], images["b"], [("How many shapes are there?", None)])
+        )
         assert "tokens/s" in alice.speed(key)
     streamed = [words(t) for t in alice.seen() if t.strip()]
     assert len(set(streamed)) > 1, f"the hybrid's answer appeared in one piece: {streamed}"
@@ -256,8 +298,9 @@ def test_chat_page_in_a_headless_browser(open_page, checkpoints, images):
     second = alice.ask("And what colour is it?")
     for i, key in enumerate(("teacher", "hybrid")):
         first = words(alice_first[i])
-        expected = reference_answer(checkpoints[key], images["a"],
-                                    [("What is in the image?", first), ("And what colour is it?", None)])
+        expected = reference_answer(
+            checkpoints[key], images["a"], [("What is in the image?", first), ("And what colour is it?", None)]
+        )
         assert words(second[i]) == words(expected)
 
     # one image per conversation

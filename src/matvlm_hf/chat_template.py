@@ -41,7 +41,7 @@ GENERATION_PROMPT = "ASSISTANT:"
 # An optional leading "system" message replaces the default system prompt.
 CHAT_TEMPLATE = (
     "{%- set eos = eos_token if eos_token is defined and eos_token else '<|endoftext|>' -%}"
-    "{%- set ns = namespace(system=\"" + SYSTEM_PROMPT + "\", start=0) -%}"
+    '{%- set ns = namespace(system="' + SYSTEM_PROMPT + '", start=0) -%}'
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
     "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
@@ -140,8 +140,9 @@ def format_conversation(
     A final gpt turn with value None, or `add_generation_prompt=True` after a final question, ends the text
     with "ASSISTANT:" (the inference prompt). A leading {"from": "system"} turn replaces `system_prompt`.
     """
-    return _render(turns, add_generation_prompt=add_generation_prompt, system_prompt=system_prompt,
-                   eos_token=eos_token)[0]
+    return _render(
+        turns, add_generation_prompt=add_generation_prompt, system_prompt=system_prompt, eos_token=eos_token
+    )[0]
 
 
 def _chunk_ids_and_offsets(tokenizer, chunk: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:

@@ -6,15 +6,33 @@ import importlib
 import sys
 
 COMMANDS = {
-    "quickstart": ("matvlm_hf.quickstart", "from nothing on a CPU: data, teacher, 25 % hybrid, distillation, report"),
-    "demo": ("matvlm_hf.demo", "fabricate a tiny TinyLLaVA, convert it, compare teacher and hybrid"),
-    "convert": ("matvlm_hf.conversion", "convert a TinyLLaVA checkpoint to a MaTVLM hybrid"),
-    "data": ("matvlm_hf.synthetic_vqa", "write the synthetic visual-QA data set"),
-    "bench": ("matvlm_hf.benchmark", "decode/prefill speed and memory, teacher vs hybrids (GPU; --size tiny on CPU)"),
-    "distill": ("matvlm_hf.train_cli", "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)"),
-    "bench-distill": ("matvlm_hf.distill_benchmark", "distillation step time, memory, largest micro-batch (GPU)"),
-    "study": ("matvlm_hf.study", "the synthetic-world study: ratios and loss/placement/init ablations, report"),
-    "import": ("matvlm_hf.commands.import_", "import an authors'-layout MaTVLM checkpoint (hustvl/MaTVLM) as matvlm-hf"),
+    "quickstart": (
+        "matvlm_hf.synthetic.quickstart",
+        "from nothing on a CPU: data, teacher, 25 % hybrid, distillation, report",
+    ),
+    "demo": ("matvlm_hf.synthetic.demo", "fabricate a tiny TinyLLaVA, convert it, compare teacher and hybrid"),
+    "convert": ("matvlm_hf.convert.conversion", "convert a TinyLLaVA checkpoint to a MaTVLM hybrid"),
+    "data": ("matvlm_hf.synthetic.synthetic_vqa", "write the synthetic visual-QA data set"),
+    "bench": (
+        "matvlm_hf.synthetic.benchmark",
+        "decode/prefill speed and memory, teacher vs hybrids (GPU; --size tiny on CPU)",
+    ),
+    "distill": (
+        "matvlm_hf.commands.distill",
+        "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)",
+    ),
+    "bench-distill": (
+        "matvlm_hf.synthetic.distill_benchmark",
+        "distillation step time, memory, largest micro-batch (GPU)",
+    ),
+    "study": (
+        "matvlm_hf.synthetic.study",
+        "the synthetic-world study: ratios and loss/placement/init ablations, report",
+    ),
+    "import": (
+        "matvlm_hf.commands.import_",
+        "import an authors'-layout MaTVLM checkpoint (hustvl/MaTVLM) as matvlm-hf",
+    ),
     "export": ("matvlm_hf.commands.export", "write a matvlm-hf checkpoint in the authors' layout (--format authors)"),
     "eval": ("matvlm_hf.commands.eval", "the paper's benchmarks (or the synthetic world) through lmms-eval"),
     "serve": ("matvlm_hf.commands.serve", "a chat page (Gradio): image upload, streamed answers, teacher beside"),

@@ -95,20 +95,24 @@ class MaTVLMConfig(PreTrainedConfig):
             raise ValueError(f"Unsupported connector_type {self.connector_type!r}: only 'mlp2x_gelu' is implemented.")
         if self.vision_feature_select_strategy not in ("patch", "cls_patch"):
             raise ValueError(
-                f"vision_feature_select_strategy must be 'patch' or 'cls_patch', got {self.vision_feature_select_strategy!r}"
+                "vision_feature_select_strategy must be 'patch' or 'cls_patch', got "
+                f"{self.vision_feature_select_strategy!r}"
             )
         tc = self.text_config
         if self.image_token_id is None:
             self.image_token_id = tc.vocab_size - 1
         if not 0 <= self.image_token_id < tc.vocab_size:
-            raise ValueError(f"image_token_id {self.image_token_id} is outside the embedding (vocab_size {tc.vocab_size}).")
+            raise ValueError(
+                f"image_token_id {self.image_token_id} is outside the embedding (vocab_size {tc.vocab_size})."
+            )
 
         n_layers = tc.num_hidden_layers
         layers = sorted({int(i) for i in (self.mamba_layers or [])})
         bad = [i for i in layers if not 0 <= i < n_layers]
         if bad:
             raise ValueError(
-                f"mamba_layers {bad} out of range: the language model has {n_layers} decoder layers (0..{n_layers - 1})."
+                f"mamba_layers {bad} out of range: the language model has {n_layers} decoder layers "
+                f"(0..{n_layers - 1})."
             )
         if len(layers) == n_layers:
             raise ValueError("All decoder layers are Mamba layers: MaTVLM needs at least one attention layer.")
@@ -135,7 +139,8 @@ class MaTVLMConfig(PreTrainedConfig):
             )
         if self.mamba_d_xb % self.mamba_headdim or self.mamba_d_xb % self.mamba_d_state or d_inner % self.mamba_d_xb:
             raise ValueError(
-                f"mamba_d_xb ({self.mamba_d_xb}) must be a multiple of headdim and d_state and divide d_inner ({d_inner})."
+                f"mamba_d_xb ({self.mamba_d_xb}) must be a multiple of headdim and d_state and divide d_inner "
+                f"({d_inner})."
             )
 
         # transformers' caches read the layer structure from the text config

@@ -63,7 +63,9 @@ class StaticDecoder:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the token fed to the next step
         self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.mask = torch.full((batch_size, 1, 1, self.max_length), torch.finfo(dtype).min, dtype=dtype, device=device)
-        self.suppress = torch.tensor(params.suppress_ids, dtype=torch.long, device=device) if params.suppress_ids else None
+        self.suppress = (
+            torch.tensor(params.suppress_ids, dtype=torch.long, device=device) if params.suppress_ids else None
+        )
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_graph = device.type == "cuda"
         # optional: inductor fuses the step's small kernels; the fused step is still captured in our own graph
@@ -77,16 +79,27 @@ class StaticDecoder:
         slot = self._attention_layer().cumulative_length.view(1)
         self.mask.index_fill_(-1, slot, 0.0)
         lm = self.model.model.language_model
-        lm_mask, _ = self.model.model.language_model_masks({"full_attention": self.mask, "linear_attention": None},
-                                                           None, None, None)
-        out = lm(inputs_embeds=lm.get_input_embeddings()(self.tokens), attention_mask=lm_mask,
-                 position_ids=self.positions, use_cache=True, **{CACHE_ARG: self.cache})
+        lm_mask, _ = self.model.model.language_model_masks(
+            {"full_attention": self.mask, "linear_attention": None}, None, None, None
+        )
+        out = lm(
+            inputs_embeds=lm.get_input_embeddings()(self.tokens),
+            attention_mask=lm_mask,
+            position_ids=self.positions,
+            use_cache=True,
+            **{CACHE_ARG: self.cache},
+        )
         logits = self.model.lm_head(out.last_hidden_state[:, -1])
         self.tokens.copy_(choose_tokens(logits.float(), self.params, self.suppress)[:, None])
         self.positions.add_(1)
 
-    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-                chunk_size: int | None = None) -> torch.Tensor:
+    def prefill(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
         """Runs the prompt into the static cache, `chunk_size` tokens at a time (bounding activation memory; the
         Mamba states carry across chunks); returns the first generated tokens (b,)."""
         self.cache.reset()
@@ -99,9 +112,14 @@ class StaticDecoder:
             embeds = self.model.embed_inputs(input_ids, pixel_values)  # images scattered before chunking
             for start in range(0, length, chunk_size):
                 end = min(start + chunk_size, length)
-                out = self.model(inputs_embeds=embeds[:, start:end], attention_mask=attention_mask[:, :end],
-                                 position_ids=positions[:, start:end], cache=self.cache, use_cache=True,
-                                 logits_to_keep=1)
+                out = self.model(
+                    inputs_embeds=embeds[:, start:end],
+                    attention_mask=attention_mask[:, :end],
+                    position_ids=positions[:, start:end],
+                    cache=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         first = choose_tokens(out.logits[:, -1].float(), self.params, self.suppress)
         self.tokens.copy_(first[:, None])
         self.positions.copy_(positions[:, -1:] + 1)
@@ -133,10 +151,19 @@ class StaticDecoder:
         return out
 
 
-def fast_generate(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                  pixel_values: torch.Tensor | None = None, *, max_new_tokens: int, params: SamplingParams,
-                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                  prefill_chunk_size: int | None = PREFILL_CHUNK, compile: bool = False) -> torch.LongTensor:
+def fast_generate(
+    model,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    params: SamplingParams,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    prefill_chunk_size: int | None = PREFILL_CHUNK,
+    compile: bool = False,
+) -> torch.LongTensor:
     """Prompt + up to max_new_tokens new tokens (b, prompt + new), like `generate()`; after EOS, pad_token_id."""
     b, prompt_length = input_ids.shape
     if attention_mask is None:
@@ -148,8 +175,13 @@ def fast_generate(model, input_ids: torch.LongTensor, attention_mask: torch.Tens
         decoders.clear()  # one at a time: a decoder holds a full-length KV cache
         decoders[key] = StaticDecoder(model, b, total, params, compile=compile)
     decoder = decoders[key]
-    eos = None if eos_token_id is None else torch.tensor(
-        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device)
+    eos = (
+        None
+        if eos_token_id is None
+        else torch.tensor(
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device
+        )
+    )
     chunks = [decoder.prefill(input_ids, attention_mask, pixel_values, prefill_chunk_size)[:, None]]
     remaining = max_new_tokens - 1
     while remaining > 0:  # chunks of steps between checks, so finished batches stop early without a sync per step

@@ -38,8 +38,11 @@ def local_or_hub(value: str | os.PathLike, option: str) -> Path | str:
     if is_hub_id(value):
         return os.fspath(value)
     parent = path.parent
-    hint = (f"{parent} exists but holds no {path.name!r}; check the spelling" if parent.is_dir() and str(parent) != "."
-            else "check the path")
+    hint = (
+        f"{parent} exists but holds no {path.name!r}; check the spelling"
+        if parent.is_dir() and str(parent) != "."
+        else "check the path"
+    )
     raise UserError(f"{option} {value}: no such file or folder ({hint}). A Hub repo id has the form owner/name.")
 
 
@@ -75,17 +78,21 @@ def check_matvlm_checkpoint(value: str | os.PathLike, option: str, role: str) ->
         raise UserError(
             f"{option} {value} is a TinyLLaVA checkpoint, not a MaTVLM one (its vision tower and connector would load "
             f"randomly initialised). Convert it first: matvlm convert --input {value} --output OUT/{role} "
-            f"--mamba-ratio {ratio}, then pass {option} OUT/{role}.")
+            f"--mamba-ratio {ratio}, then pass {option} OUT/{role}."
+        )
     if kind != "matvlm":
-        raise UserError(f"{option} {value}: config.json has model_type {kind!r}, expected 'matvlm' (a checkpoint "
-                        "written by `matvlm convert` or `matvlm distill`).")
+        raise UserError(
+            f"{option} {value}: config.json has model_type {kind!r}, expected 'matvlm' (a checkpoint "
+            "written by `matvlm convert` or `matvlm distill`)."
+        )
     if not ((where / "model.safetensors").is_file() or (where / "model.safetensors.index.json").is_file()):
         raise UserError(f"{option} {value} has no model.safetensors or model.safetensors.index.json.")
     return config
 
 
-def check_student_teacher(student: dict[str, Any] | None, teacher: dict[str, Any] | None, student_name: str,
-                          teacher_name: str) -> list[str]:
+def check_student_teacher(
+    student: dict[str, Any] | None, teacher: dict[str, Any] | None, student_name: str, teacher_name: str
+) -> list[str]:
     """`UserError` when the two MaTVLM configs cannot be distilled one from the other; returns notes to print.
 
     Compared: language model type and sizes, vision tower sizes, image token id. The student must have Mamba layers;
@@ -98,17 +105,26 @@ def check_student_teacher(student: dict[str, Any] | None, teacher: dict[str, Any
         s, t = student.get(part) or {}, teacher.get(part) or {}
         problems += [f"{part}.{f}: student {s.get(f)!r}, teacher {t.get(f)!r}" for f in fields if s.get(f) != t.get(f)]
     if student.get("image_token_id") != teacher.get("image_token_id"):
-        problems.append(f"image_token_id: student {student.get('image_token_id')}, teacher {teacher.get('image_token_id')}")
+        problems.append(
+            f"image_token_id: student {student.get('image_token_id')}, teacher {teacher.get('image_token_id')}"
+        )
     if problems:
-        raise UserError(f"--student {student_name} and --teacher {teacher_name} are not the same model: "
-                        + "; ".join(problems) + ". Convert both from the same TinyLLaVA checkpoint.")
+        raise UserError(
+            f"--student {student_name} and --teacher {teacher_name} are not the same model: "
+            + "; ".join(problems)
+            + ". Convert both from the same TinyLLaVA checkpoint."
+        )
     s_layers, t_layers = set(student.get("mamba_layers") or []), set(teacher.get("mamba_layers") or [])
     if not s_layers:
-        raise UserError(f"--student {student_name} has no Mamba layers: there is nothing to distil. Convert it with "
-                        "--mamba-ratio > 0 (e.g. 0.25) or --mamba-layers.")
+        raise UserError(
+            f"--student {student_name} has no Mamba layers: there is nothing to distil. Convert it with "
+            "--mamba-ratio > 0 (e.g. 0.25) or --mamba-layers."
+        )
     if t_layers - s_layers:
-        raise UserError(f"--teacher {teacher_name} has Mamba layers {sorted(t_layers - s_layers)} that the student "
-                        "keeps as attention; use the attention teacher (convert with --mamba-ratio 0).")
+        raise UserError(
+            f"--teacher {teacher_name} has Mamba layers {sorted(t_layers - s_layers)} that the student "
+            "keeps as attention; use the attention teacher (convert with --mamba-ratio 0)."
+        )
     if t_layers:
         return [f"note: the teacher has Mamba layers {sorted(t_layers)} (progressive distillation)"]
     return []
@@ -122,7 +138,7 @@ def check_resume_checkpoint(folder: Path) -> None:
     """
     from safetensors import SafetensorError, safe_open
 
-    advice = (f"delete {folder} to resume from the checkpoint before it, or run without --resume to start afresh")
+    advice = f"delete {folder} to resume from the checkpoint before it, or run without --resume to start afresh"
     state = folder / "trainer_state.json"
     if not state.is_file():
         raise UserError(f"--resume: {folder} has no trainer_state.json; it is not a complete checkpoint ({advice}).")
@@ -150,5 +166,11 @@ def check_resume_checkpoint(folder: Path) -> None:
             raise UserError(f"--resume: {file} is damaged (member {bad} fails its checksum); {advice}.")
 
 
-__all__ = ["check_matvlm_checkpoint", "check_resume_checkpoint", "check_student_teacher", "is_hub_id", "local_or_hub",
-           "read_config"]
+__all__ = [
+    "check_matvlm_checkpoint",
+    "check_resume_checkpoint",
+    "check_student_teacher",
+    "is_hub_id",
+    "local_or_hub",
+    "read_config",
+]

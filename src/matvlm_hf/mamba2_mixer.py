@@ -38,22 +38,34 @@ class MaTVLMMamba2Mixer(nn.Module):
         self.use_kernels = config.use_mamba_kernels
         self.conv_dim = 2 * self.d_xb + self.d_inner  # x, B, C
         self.in_proj = nn.Linear(self.d_model, self.d_inner + self.conv_dim + self.nheads, bias=config.mamba_proj_bias)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.d_conv, groups=self.conv_dim,
-                                padding=self.d_conv - 1, bias=config.mamba_conv_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            self.d_conv,
+            groups=self.conv_dim,
+            padding=self.d_conv - 1,
+            bias=config.mamba_conv_bias,
+        )
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.empty(self.nheads))
         self.norm_weight = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=config.mamba_out_proj_bias)
-        self._init_ranges = (config.mamba_dt_min, config.mamba_dt_max, config.mamba_dt_init_floor,
-                             tuple(config.mamba_A_init_range))
+        self._init_ranges = (
+            config.mamba_dt_min,
+            config.mamba_dt_max,
+            config.mamba_dt_init_floor,
+            tuple(config.mamba_A_init_range),
+        )
 
     @torch.no_grad()
     def init_ssm_parameters(self) -> None:
         """Standard Mamba-2 initialisation of dt_bias (log-uniform dt), A_log (uniform A), D = 1 and the norm."""
         dt_min, dt_max, floor, (a_lo, a_hi) = self._init_ranges
         device = self.dt_bias.device
-        dt = torch.exp(torch.rand(self.nheads, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = torch.exp(
+            torch.rand(self.nheads, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        )
         dt = dt.clamp(min=floor)
         init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         init.copy_(self.A_log, torch.log(torch.empty(self.nheads, device=device).uniform_(a_lo, a_hi)))
@@ -97,8 +109,9 @@ class MaTVLMMamba2Mixer(nn.Module):
         if mask is not None:  # pad positions must leave the conv and SSM states untouched
             xBC = xBC * mask
         if decoding:
-            xBC = causal_conv1d_step(xBC[:, 0], cache_layer.conv_states[0], self.conv1d.weight[:, 0],
-                                     self.conv1d.bias, self.use_kernels)[:, None]
+            xBC = causal_conv1d_step(
+                xBC[:, 0], cache_layer.conv_states[0], self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels
+            )[:, None]
         else:
             conv_input = xBC
             if continuing:  # a continued prompt (chunked prefill) needs the previous conv inputs as left context
@@ -121,13 +134,15 @@ class MaTVLMMamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
 
         if decoding:
-            y = ssd_step(cache_layer.recurrent_states[0], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D,
-                         self.use_kernels)[:, None]
+            y = ssd_step(
+                cache_layer.recurrent_states[0], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.use_kernels
+            )[:, None]
         else:
             # a fresh prompt starts from None (not a zero tensor: the kernels specialise on it)
             initial = cache_layer.recurrent_states[0] if continuing else None
-            y, final_state = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial,
-                                      use_kernel=self.use_kernels)
+            y, final_state = ssd_scan(
+                x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial, use_kernel=self.use_kernels
+            )
             if cache_layer is not None:
                 cache.update_recurrent_state(final_state, self.layer_idx)
         y = rmsnorm_gated(y.flatten(-2), z, self.norm_weight, self.eps, self.d_inner // self.ngroups, self.use_kernels)

@@ -110,7 +110,12 @@ def ssd_scan_reference(
 
 
 def ssd_step_reference(
-    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
     D: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One recurrence step, updating `state` (b, h, p, n) in place. x (b, h, p); dt (b, h) positive; B, C (b, g, n)."""
@@ -121,7 +126,9 @@ def ssd_step_reference(
     xs = x.to(state.dtype)
     # under autograd, read a copy: the in-place update below must not change a tensor saved for the backward
     prev = state.clone() if grad_needed(state, x, dt, A, B, C, D) else state
-    new_state = prev * torch.exp(dt * A.to(state.dtype))[..., None, None] + (dt[..., None] * xs)[..., None] * B[:, :, None]
+    new_state = (
+        prev * torch.exp(dt * A.to(state.dtype))[..., None, None] + (dt[..., None] * xs)[..., None] * B[:, :, None]
+    )
     state.copy_(new_state)
     y = torch.einsum("bhpn,bhn->bhp", new_state, C)
     if D is not None:
@@ -147,14 +154,22 @@ def ssd_step(state, x, dt, A, B, C, D, use_kernel: bool = True) -> torch.Tensor:
         p, n = x.shape[-1], B.shape[-1]
         # broadcast views (stride 0) let the kernel take its tied-head-dim fast path; dt_bias and D must not be None
         return _state_update_kernel(
-            state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n).float(),
-            B, C, D=D[:, None].expand(-1, p), dt_bias=torch.zeros_like(dt[0])[:, None].expand(-1, p),
+            state,
+            x,
+            dt[..., None].expand(-1, -1, p),
+            A[:, None, None].expand(-1, p, n).float(),
+            B,
+            C,
+            D=D[:, None].expand(-1, p),
+            dt_bias=torch.zeros_like(dt[0])[:, None].expand(-1, p),
             dt_softplus=False,
         )
     return ssd_step_reference(state, x, dt, A, B, C, D)
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True) -> torch.Tensor:
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True
+) -> torch.Tensor:
     """Depthwise causal conv + SiLU over x (b, c, l) with weight (c, k); zero left context. causal_conv1d's
     autograd Function on CUDA when installed (differentiable), else the reference."""
     if use_kernel and _conv_kernel is not None and x.is_cuda:
@@ -166,8 +181,22 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 if triton is not None:
 
     @triton.jit
-    def _conv_silu_blc_kernel(x_ptr, w_ptr, b_ptr, out_ptr, L, C, stride_xb, stride_xl, stride_ob, stride_ol,
-                              K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _conv_silu_blc_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        out_ptr,
+        L,
+        C,
+        stride_xb,
+        stride_xl,
+        stride_ob,
+        stride_ol,
+        K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         """out[b, t, c] = silu(bias[c] + sum_k w[c, k] x[b, t - K + 1 + k, c]) on (batch, length, channel) layout."""
         pid_b, pid_l, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -177,27 +206,39 @@ if triton is not None:
         for k in tl.static_range(K):
             src = offs_l - (K - 1) + k
             m = (src >= 0) & (src < L)
-            xk = tl.load(x_ptr + pid_b * stride_xb + src[:, None] * stride_xl + offs_c[None, :],
-                         mask=m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+            xk = tl.load(
+                x_ptr + pid_b * stride_xb + src[:, None] * stride_xl + offs_c[None, :],
+                mask=m[:, None] & mask_c[None, :],
+                other=0.0,
+            ).to(tl.float32)
             wk = tl.load(w_ptr + offs_c * K + k, mask=mask_c, other=0.0).to(tl.float32)
             acc += xk * wk[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         acc = acc * tl.sigmoid(acc)
-        tl.store(out_ptr + pid_b * stride_ob + offs_l[:, None] * stride_ol + offs_c[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=(offs_l < L)[:, None] & mask_c[None, :])
+        tl.store(
+            out_ptr + pid_b * stride_ob + offs_l[:, None] * stride_ol + offs_c[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=(offs_l < L)[:, None] & mask_c[None, :],
+        )
 
 
-def causal_conv1d_blc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True,
-                      interpret: bool = False) -> torch.Tensor:
+def causal_conv1d_blc(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True, interpret: bool = False
+) -> torch.Tensor:
     """causal_conv1d on the (b, l, c) layout in_proj produces (channels contiguous, any length stride).
 
     Without gradients (inference): a forward-only Triton kernel on CUDA (no transposes, one pass). When a gradient
     is needed (`grad_needed`): `causal_conv1d` on the transposed copy, i.e. causal_conv1d's autograd Function on
     CUDA when installed, else the PyTorch reference; both differentiable. `interpret` runs the Triton kernel body
     on the CPU through Triton's interpreter (TRITON_INTERPRET=1), for tests."""
-    if (use_kernel and triton is not None and (x.is_cuda or interpret) and x.stride(-1) == 1
-            and not grad_needed(x, weight, bias)):
+    if (
+        use_kernel
+        and triton is not None
+        and (x.is_cuda or interpret)
+        and x.stride(-1) == 1
+        and not grad_needed(x, weight, bias)
+    ):
         return _conv_silu_blc_triton(x, weight, bias)
     return causal_conv1d(x.transpose(1, 2).contiguous(), weight, bias, use_kernel).transpose(1, 2)
 
@@ -208,14 +249,28 @@ def _conv_silu_blc_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     out = torch.empty(b, l, c, dtype=x.dtype, device=x.device)
     w = weight.contiguous()
     grid = (b, triton.cdiv(l, 64), triton.cdiv(c, 128))
-    _conv_silu_blc_kernel[grid](x, w, bias if bias is not None else w, out, l, c, x.stride(0), x.stride(1),
-                                out.stride(0), out.stride(1), K=w.shape[-1], HAS_BIAS=bias is not None,
-                                BLOCK_L=64, BLOCK_C=128)
+    _conv_silu_blc_kernel[grid](
+        x,
+        w,
+        bias if bias is not None else w,
+        out,
+        l,
+        c,
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        K=w.shape[-1],
+        HAS_BIAS=bias is not None,
+        BLOCK_L=64,
+        BLOCK_C=128,
+    )
     return out
 
 
-def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       use_kernel: bool = True) -> torch.Tensor:
+def causal_conv1d_step(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True
+) -> torch.Tensor:
     """One conv step for x (b, c): shifts x into conv_state (b, c, k) in place, returns SiLU(conv) (b, c).
     causal_conv1d_update on CUDA when no gradient is needed (it has no backward), else the reference."""
     if use_kernel and _conv_update_kernel is not None and x.is_cuda and not grad_needed(x, conv_state, weight, bias):
@@ -228,8 +283,9 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
     return F.silu(out).to(x.dtype)
 
 
-def rmsnorm_gated(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
-                  use_kernel: bool = True) -> torch.Tensor:
+def rmsnorm_gated(
+    x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int, use_kernel: bool = True
+) -> torch.Tensor:
     """RMSNorm(x * SiLU(z)) over groups of `group_size` channels, times weight (Mamba-2, norm_before_gate=False).
     mamba_ssm's rmsnorm_fn on CUDA (an autograd Function), else the reference."""
     if use_kernel and _rmsnorm_gated_kernel is not None and x.is_cuda:

@@ -46,8 +46,10 @@ CHECKPOINT_KEY_PREFIXES = {
 # versions, by the converter and by save_pretrained share one layout
 register_checkpoint_conversion_mapping(
     MaTVLMConfig.model_type,
-    [WeightRenaming(source_patterns="^" + disk.replace(".", r"\."), target_patterns=module)
-     for disk, module in CHECKPOINT_KEY_PREFIXES.items()],
+    [
+        WeightRenaming(source_patterns="^" + disk.replace(".", r"\."), target_patterns=module)
+        for disk, module in CHECKPOINT_KEY_PREFIXES.items()
+    ],
     overwrite=True,
 )
 
@@ -57,7 +59,7 @@ def checkpoint_key(name: str) -> str:
     -> "language_model.model.layers.0...")."""
     for disk, module in CHECKPOINT_KEY_PREFIXES.items():
         if name.startswith(module + "."):
-            return disk + name[len(module):]
+            return disk + name[len(module) :]
     return name
 
 
@@ -70,8 +72,11 @@ def _deprecated_cache_name(past_key_values: Cache | None) -> Cache | None:
     """`past_key_values` passed to a forward: from 5.2x transformers calls it `cache` and warns for the old name
     (removal announced for 5.40), as its own models do."""
     if past_key_values is not None and CACHE_ARG == "cache":
-        warnings.warn("`past_key_values` is deprecated and will be removed in transformers 5.40.0; pass `cache`.",
-                      FutureWarning, stacklevel=3)
+        warnings.warn(
+            "`past_key_values` is deprecated and will be removed in transformers 5.40.0; pass `cache`.",
+            FutureWarning,
+            stacklevel=3,
+        )
     return past_key_values
 
 
@@ -133,9 +138,11 @@ class MaTVLMPreTrainedModel(PreTrainedModel):
     def __init__(self, config: MaTVLMConfig, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
         # remote code: saving records only the Auto class the saved class was registered for; both must resolve
-        config.auto_map = {**(getattr(config, "auto_map", None) or {}),
-                           "AutoModel": "modeling_matvlm.MaTVLMModel",
-                           "AutoModelForImageTextToText": "modeling_matvlm.MaTVLMForConditionalGeneration"}
+        config.auto_map = {
+            **(getattr(config, "auto_map", None) or {}),
+            "AutoModel": "modeling_matvlm.MaTVLMModel",
+            "AutoModelForImageTextToText": "modeling_matvlm.MaTVLMForConditionalGeneration",
+        }
 
     @property
     def _is_stateful(self) -> bool:
@@ -158,6 +165,7 @@ class MaTVLMPreTrainedModel(PreTrainedModel):
         missing = sorted(info.get("missing_keys") or [])
         unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not (headless and k.startswith("lm_head")))
         if missing or unexpected:
+
             def listed(keys: list[str]) -> str:
                 return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
@@ -235,8 +243,9 @@ class MaTVLMModel(MaTVLMPreTrainedModel):
             output_hidden_states = self.config.vision_config.output_hidden_states
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True,
-                                **kwargs)
+        out = self.vision_tower(
+            pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True, **kwargs
+        )
         features = out.hidden_states[layer]
         if strategy == "patch":
             features = features[:, 1:]
@@ -247,12 +256,14 @@ class MaTVLMModel(MaTVLMPreTrainedModel):
             attentions=out.attentions,
         )
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor,
-                             image_features: torch.FloatTensor) -> torch.BoolTensor:
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor, image_features: torch.FloatTensor
+    ) -> torch.BoolTensor:
         """(b, l, 1) mask of the image-token positions; ValueError when their count differs from the features'."""
         if input_ids is None:
             image_embed = self.get_input_embeddings()(
-                torch.tensor(self.config.image_token_id, device=inputs_embeds.device))
+                torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            )
             mask = (inputs_embeds == image_embed).all(-1)
         else:
             mask = input_ids == self.config.image_token_id
@@ -278,8 +289,13 @@ class MaTVLMModel(MaTVLMPreTrainedModel):
         mask = self.get_placeholder_mask(input_ids, inputs_embeds, features)
         return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
 
-    def language_model_masks(self, attention_mask: torch.Tensor | dict | None, inputs_embeds: torch.Tensor,
-                             cache: Cache | None, position_ids: torch.LongTensor | None):
+    def language_model_masks(
+        self,
+        attention_mask: torch.Tensor | dict | None,
+        inputs_embeds: torch.Tensor,
+        cache: Cache | None,
+        position_ids: torch.LongTensor | None,
+    ):
         """The attention-layer mask in the form the language model takes, and the Mamba layers' padding mask.
 
         `attention_mask` is the user's 2-D padding mask (b, past + l), a prepared 4-D mask, or the per-layer-type dict
@@ -363,8 +379,14 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
     # too (as Llava does), or tensor parallelism would gather a replicated head over a sharded embedding
     _tp_plan = {"lm_head": "colwise_gather_output"}
     # generate() options the fast decode path does not implement, with their neutral values
-    _FAST_DEFAULTS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
-                      "no_repeat_ngram_size": 0, "min_new_tokens": 0, "penalty_alpha": None}
+    _FAST_DEFAULTS = {
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "min_new_tokens": 0,
+        "penalty_alpha": None,
+    }
 
     def __init__(self, config: MaTVLMConfig):
         super().__init__(config)
@@ -444,8 +466,12 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                      num_items_in_batch=num_items_in_batch)
+            loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+            )
         return MaTVLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -456,8 +482,13 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             **_output_fields(getattr(outputs, CACHE_ARG)),
         )
 
-    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
-                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ):
         """generate() repeats every tensor along dim 0 per sample; dim 0 of `pixel_values` counts images, so each
         prompt's own images are repeated with it instead (any number of images per prompt)."""
         pixel_values = model_kwargs.pop("pixel_values", None)
@@ -465,13 +496,17 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             per_row = ((input_ids == self.config.image_token_id).sum(1) // self.config.num_image_tokens).tolist()
             if sum(per_row) == pixel_values.shape[0]:
                 pixel_values = torch.cat(
-                    [chunk.repeat(expand_size, *([1] * (chunk.dim() - 1)))
-                     for chunk in pixel_values.split(per_row)], dim=0)
+                    [chunk.repeat(expand_size, *([1] * (chunk.dim() - 1))) for chunk in pixel_values.split(per_row)],
+                    dim=0,
+                )
         elif pixel_values is not None and expand_size > 1:
-            raise ValueError("generate() with several sequences per prompt needs input_ids with the image "
-                             "placeholders to keep each image with its prompt; give input_ids, not inputs_embeds.")
+            raise ValueError(
+                "generate() with several sequences per prompt needs input_ids with the image "
+                "placeholders to keep each image with its prompt; give input_ids, not inputs_embeds."
+            )
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
         if pixel_values is not None:
             model_kwargs["pixel_values"] = pixel_values
         return input_ids, model_kwargs
@@ -479,8 +514,8 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
     def generate(self, *args, fast_decode: bool | None = None, fast_decode_compile: bool | None = None, **kwargs):
         """transformers' `generate`, or with `fast_decode=True` (argument or generation config attribute) the static
         hybrid cache + one CUDA graph per decode step (greedy and sampling; see fast_generation.py). Generation config
-        attribute `prefill_chunk_size` (default 4096) and `fast_decode_compile` (argument or attribute: torch.compile the
-        step before capturing it) tune it. The image token id is always suppressed."""
+        attribute `prefill_chunk_size` (default 4096) and `fast_decode_compile` (argument or attribute:
+        torch.compile the step before capturing it) tune it. The image token id is always suppressed."""
         prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         limit = self.config.text_config.max_position_embeddings
         if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 and prompt.shape[1] > limit:
@@ -500,23 +535,43 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
         pixel_values, attention_mask = unused.pop("pixel_values", None), unused.pop("attention_mask", None)
         if unused:
             raise ValueError(f"fast_decode does not take {sorted(unused)}; use the regular generate() for them.")
-        unsupported = {name: getattr(config, name) for name, default in self._FAST_DEFAULTS.items()
-                       if getattr(config, name, default) not in (default, None)}
+        unsupported = {
+            name: getattr(config, name)
+            for name, default in self._FAST_DEFAULTS.items()
+            if getattr(config, name, default) not in (default, None)
+        }
         if unsupported:
             raise ValueError(f"fast_decode supports greedy and sampling only; got {unsupported}.")
         if config.max_new_tokens is None:
             raise ValueError("fast_decode needs max_new_tokens.")
-        params = SamplingParams(bool(config.do_sample), float(config.temperature or 1.0), config.top_k or None,
-                                config.top_p if config.top_p not in (None, 1.0) else None,
-                                tuple(config.suppress_tokens))
+        params = SamplingParams(
+            bool(config.do_sample),
+            float(config.temperature or 1.0),
+            config.top_k or None,
+            config.top_p if config.top_p not in (None, 1.0) else None,
+            tuple(config.suppress_tokens),
+        )
         # unset (None) values fall back to the model's generation config, as in generate()
-        eos, pad = (getattr(config, name) if getattr(config, name) is not None else getattr(self.generation_config, name)
-                    for name in ("eos_token_id", "pad_token_id"))
-        return fast_generate(self, input_ids, attention_mask, pixel_values, max_new_tokens=config.max_new_tokens,
-                             params=params, eos_token_id=eos, pad_token_id=pad,
-                             prefill_chunk_size=config.prefill_chunk_size or PREFILL_CHUNK,
-                             compile=bool(fast_decode_compile if fast_decode_compile is not None
-                                          else getattr(config, "fast_decode_compile", False)))
+        eos, pad = (
+            getattr(config, name) if getattr(config, name) is not None else getattr(self.generation_config, name)
+            for name in ("eos_token_id", "pad_token_id")
+        )
+        return fast_generate(
+            self,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            max_new_tokens=config.max_new_tokens,
+            params=params,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            prefill_chunk_size=config.prefill_chunk_size or PREFILL_CHUNK,
+            compile=bool(
+                fast_decode_compile
+                if fast_decode_compile is not None
+                else getattr(config, "fast_decode_compile", False)
+            ),
+        )
 
 
 __all__ = ["MaTVLMPreTrainedModel", "MaTVLMModel", "MaTVLMForConditionalGeneration", "checkpoint_key"]

@@ -59,9 +59,17 @@ def siglip_image_processor(image_size: int = 384):
     """SigLIP's preprocessing (PIL backend): resize to a square bicubic, rescale 1/255, normalise 0.5/0.5."""
     from transformers.image_utils import PILImageResampling
 
-    return _SiglipPil(size={"height": image_size, "width": image_size}, resample=PILImageResampling.BICUBIC,
-                      do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                      image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD), do_convert_rgb=True)
+    return _SiglipPil(
+        size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BICUBIC,
+        do_resize=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(SIGLIP_MEAN),
+        image_std=list(SIGLIP_STD),
+        do_convert_rgb=True,
+    )
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
@@ -117,10 +125,18 @@ class MaTVLMProcessor(ProcessorMixin):
         padding_side: side batches are padded on, "left" (default: what `generate()` needs) or "right".
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, image_token_id: int = DEFAULT_IMAGE_TOKEN_ID,
-                 num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS, image_aspect_ratio: str = "pad",
-                 chat_template: str | None = None, image_token: str = IMAGE_PLACEHOLDER, padding_side: str = "left",
-                 **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        image_token_id: int = DEFAULT_IMAGE_TOKEN_ID,
+        num_image_tokens: int = DEFAULT_NUM_IMAGE_TOKENS,
+        image_aspect_ratio: str = "pad",
+        chat_template: str | None = None,
+        image_token: str = IMAGE_PLACEHOLDER,
+        padding_side: str = "left",
+        **kwargs,
+    ):
         if image_aspect_ratio not in ("pad", "square"):
             raise ValueError(f"image_aspect_ratio must be 'pad' or 'square', got {image_aspect_ratio!r}")
         if padding_side not in ("left", "right"):
@@ -163,14 +179,34 @@ class MaTVLMProcessor(ProcessorMixin):
         return out
 
     # keyword arguments transformers' processors take that change nothing here
-    _IGNORED_KWARGS = ("return_dict", "return_mm_token_type_ids", "return_attention_mask", "return_token_type_ids",
-                       "verbose", "pad_to_multiple_of", "return_overflowing_tokens", "return_special_tokens_mask",
-                       "return_offsets_mapping", "return_length", "do_convert_rgb")
+    _IGNORED_KWARGS = (
+        "return_dict",
+        "return_mm_token_type_ids",
+        "return_attention_mask",
+        "return_token_type_ids",
+        "verbose",
+        "pad_to_multiple_of",
+        "return_overflowing_tokens",
+        "return_special_tokens_mask",
+        "return_offsets_mapping",
+        "return_length",
+        "do_convert_rgb",
+    )
 
-    def __call__(self, images=None, text=None, padding: bool | str = False, truncation: bool = False,
-                 max_length: int | None = None, return_tensors: str | None = "pt",
-                 add_special_tokens: bool = True, videos=None, audio=None, padding_side: str | None = None,
-                 **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+        add_special_tokens: bool = True,
+        videos=None,
+        audio=None,
+        padding_side: str | None = None,
+        **kwargs,
+    ) -> BatchFeature:
         """Tokenise `text` (str or list of str) with each `<image>` expanded, and preprocess `images`.
 
         images: None, one image, a list of images, or a list of lists (per text); each a PIL image or a
@@ -219,26 +255,36 @@ class MaTVLMProcessor(ProcessorMixin):
                 for i, (t, imgs) in enumerate(zip(texts, images)):
                     n_imgs = len(imgs) if isinstance(imgs, (list, tuple)) else 1
                     if t.count(self.image_token) != n_imgs:
-                        raise ValueError(f"text {i}: got {n_imgs} image(s) but {t.count(self.image_token)} "
-                                         f"{self.image_token} placeholder(s)")
+                        raise ValueError(
+                            f"text {i}: got {n_imgs} image(s) but {t.count(self.image_token)} "
+                            f"{self.image_token} placeholder(s)"
+                        )
             data.update(self._tokenize(texts, padding, truncation, max_length, add_special_tokens, padding_side))
             lengths = sorted({len(ids) for ids in data["input_ids"]})
             if return_tensors is not None and len(lengths) > 1:
-                raise ValueError(f"the texts have different lengths ({lengths[0]} to {lengths[-1]} tokens): pass "
-                                 "padding=True to batch them as tensors, or return_tensors=None")
+                raise ValueError(
+                    f"the texts have different lengths ({lengths[0]} to {lengths[-1]} tokens): pass "
+                    "padding=True to batch them as tensors, or return_tensors=None"
+                )
         if flat_images:
             pil = self.preprocess_images(flat_images)
             pixel_values = self.image_processor(pil, return_tensors="pt")["pixel_values"]
             data["pixel_values"] = pixel_values
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def _tokenize(self, texts, padding, truncation, max_length, add_special_tokens,
-                  padding_side: str) -> dict[str, list]:
+    def _tokenize(
+        self, texts, padding, truncation, max_length, add_special_tokens, padding_side: str
+    ) -> dict[str, list]:
         batch = []
         for i, t in enumerate(texts):
-            ids, _ = encode_with_image_placeholders(t, self.tokenizer, self.image_token_id, self.num_image_tokens,
-                                                    add_special_tokens=add_special_tokens,
-                                                    placeholder=self.image_token)
+            ids, _ = encode_with_image_placeholders(
+                t,
+                self.tokenizer,
+                self.image_token_id,
+                self.num_image_tokens,
+                add_special_tokens=add_special_tokens,
+                placeholder=self.image_token,
+            )
             if max_length is not None and len(ids) > max_length:
                 if not truncation:
                     raise ValueError(
@@ -279,8 +325,9 @@ class MaTVLMProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-def processor_from_tinyllava(checkpoint_dir: str | os.PathLike, image_token_id: int,
-                             num_image_tokens: int | None = None) -> MaTVLMProcessor:
+def processor_from_tinyllava(
+    checkpoint_dir: str | os.PathLike, image_token_id: int, num_image_tokens: int | None = None
+) -> MaTVLMProcessor:
     """Build the processor of a TinyLLaVA folder: its tokenizer files and its config's image size,
     image_aspect_ratio, tokenizer padding side and model_max_length (num_image_tokens from the vision
     config's image/patch size and the "patch" strategy when not given).
@@ -292,11 +339,15 @@ def processor_from_tinyllava(checkpoint_dir: str | os.PathLike, image_token_id: 
     vision = config["vision_config"]
     image_size = vision["image_size"]
     if num_image_tokens is None:
-        num_image_tokens = num_image_tokens_for(image_size, vision["patch_size"],
-                                                config.get("vision_feature_select_strategy", "patch"))
+        num_image_tokens = num_image_tokens_for(
+            image_size, vision["patch_size"], config.get("vision_feature_select_strategy", "patch")
+        )
     tokenizer = AutoTokenizer.from_pretrained(  # an empty config: AutoConfig would ask to run config.json's auto_map
-        d, config=PretrainedConfig(), trust_remote_code=False,
-        model_max_length=config.get("tokenizer_model_max_length", 3072))
+        d,
+        config=PretrainedConfig(),
+        trust_remote_code=False,
+        model_max_length=config.get("tokenizer_model_max_length", 3072),
+    )
     if (d / "preprocessor_config.json").exists():
         image_processor = _SiglipPil.from_pretrained(d)
     else:
@@ -304,5 +355,10 @@ def processor_from_tinyllava(checkpoint_dir: str | os.PathLike, image_token_id: 
     aspect = config.get("image_aspect_ratio", "square")
     if aspect not in ("pad", "square"):
         raise ValueError(f"image_aspect_ratio {aspect!r} in {d / 'config.json'} is not supported (pad, square)")
-    return MaTVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, image_token_id=image_token_id,
-                           num_image_tokens=num_image_tokens, image_aspect_ratio=aspect)
+    return MaTVLMProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_token_id=image_token_id,
+        num_image_tokens=num_image_tokens,
+        image_aspect_ratio=aspect,
+    )

@@ -46,12 +46,18 @@ class UnsafeOutputError(UserError):
 
 # --- where an output may go ----------------------------------------------------------------------------------------
 
+
 def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_output(output: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]] = (), *,
-                 option: str = "--output", overwrite: bool | None = None) -> Path:
+def check_output(
+    output: str | os.PathLike,
+    inputs: Iterable[tuple[str, str | os.PathLike | None]] = (),
+    *,
+    option: str = "--output",
+    overwrite: bool | None = None,
+) -> Path:
     """The resolved output path, or `UnsafeOutputError` when it would clobber something it must not.
 
     inputs: (option name, path) pairs of what the command reads; None and non-local (Hub id) entries are skipped.
@@ -63,8 +69,10 @@ def check_output(output: str | os.PathLike, inputs: Iterable[tuple[str, str | os
     cwd = Path.cwd().resolve()
     if _is_within(cwd, out):
         what = "is" if out == cwd else "contains"
-        raise UnsafeOutputError(f"{option} {output} {what} the working directory ({cwd}): replacing it would delete "
-                                f"what is there. Name a new folder below it instead.")
+        raise UnsafeOutputError(
+            f"{option} {output} {what} the working directory ({cwd}): replacing it would delete "
+            f"what is there. Name a new folder below it instead."
+        )
     for name, value in inputs:
         if value is None or not Path(value).expanduser().exists():
             continue
@@ -77,13 +85,17 @@ def check_output(output: str | os.PathLike, inputs: Iterable[tuple[str, str | os
             problem = "lies inside"
         else:
             continue
-        raise UnsafeOutputError(f"{option} {output} {problem} the input {name} {value}: writing there would destroy "
-                                f"the input. Choose an output folder outside {value}.")
+        raise UnsafeOutputError(
+            f"{option} {output} {problem} the input {name} {value}: writing there would destroy "
+            f"the input. Choose an output folder outside {value}."
+        )
     if out.exists() and not out.is_dir():
         raise UnsafeOutputError(f"{option} {output} is an existing file, not a folder; choose another path.")
     if overwrite is False and is_nonempty_dir(out):
-        raise UnsafeOutputError(f"{option} {output} exists and is not empty. Choose a new folder, or pass --overwrite "
-                                "to replace it (the old folder is kept until the new one is complete).")
+        raise UnsafeOutputError(
+            f"{option} {output} exists and is not empty. Choose a new folder, or pass --overwrite "
+            "to replace it (the old folder is kept until the new one is complete)."
+        )
     return out
 
 
@@ -92,6 +104,7 @@ def is_nonempty_dir(path: Path) -> bool:
 
 
 # --- markers and journals --------------------------------------------------------------------------------------------
+
 
 def _stamp(**extra) -> str:
     return json.dumps({"tool": TOOL, "pid": os.getpid(), "host": socket.gethostname(), **extra})
@@ -169,6 +182,7 @@ def recover(output: str | os.PathLike) -> list[Path]:
 
 # --- building beside and swapping ----------------------------------------------------------------------------------
 
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where not available."""
     try:
@@ -237,9 +251,14 @@ def _cleanup_on_termination() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def staged_output(output: str | os.PathLike, *, overwrite: bool = False,
-                  inputs: Iterable[tuple[str, str | os.PathLike | None]] = (), option: str = "--output",
-                  tag: str | None = None) -> Iterator[Path]:
+def staged_output(
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[tuple[str, str | os.PathLike | None]] = (),
+    option: str = "--output",
+    tag: str | None = None,
+) -> Iterator[Path]:
     """Yield a fresh folder beside `output` to build in; on success it replaces `output`, on any error it is removed.
 
     Raises `UnsafeOutputError` when `check_output` refuses the path, or when `output` exists, is not empty and
@@ -272,8 +291,12 @@ def staged_output(output: str | os.PathLike, *, overwrite: bool = False,
         raise
 
 
-def claim_workdir(workdir: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike | None]] = (), *,
-                  option: str = "--workdir") -> Path:
+def claim_workdir(
+    workdir: str | os.PathLike,
+    inputs: Iterable[tuple[str, str | os.PathLike | None]] = (),
+    *,
+    option: str = "--workdir",
+) -> Path:
     """Create (or reuse) a working folder this tool fills step by step; returns its path.
 
     Accepted: a new or empty folder (marked as this tool's), or one marked by an earlier run. A non-empty folder
@@ -282,8 +305,10 @@ def claim_workdir(workdir: str | os.PathLike, inputs: Iterable[tuple[str, str | 
     work = check_output(workdir, inputs, option=option)
     marker = work / WORKDIR_MARKER
     if is_nonempty_dir(work) and _read_stamp(marker) is None:
-        raise UnsafeOutputError(f"{option} {workdir} is not empty and was not created by {TOOL}: its files could be "
-                                f"replaced. Name a new folder (or an earlier {option} of this command).")
+        raise UnsafeOutputError(
+            f"{option} {workdir} is not empty and was not created by {TOOL}: its files could be "
+            f"replaced. Name a new folder (or an earlier {option} of this command)."
+        )
     work.mkdir(parents=True, exist_ok=True)
     if not marker.exists():
         marker.write_text(_stamp())

@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-INSTALL = ('lmms-eval is not installed: pip install "matvlm-hf[eval]" && pip install --no-deps "lmms-eval==0.7.3" '
-           "(--no-deps keeps your torch: lmms-eval's full dependency list pulls torchvision and a CUDA torch)")
+INSTALL = (
+    'lmms-eval is not installed: pip install "matvlm-hf[eval]" && pip install --no-deps "lmms-eval==0.7.3" '
+    "(--no-deps keeps your torch: lmms-eval's full dependency list pulls torchvision and a CUDA torch)"
+)
 SYNTHETIC_QUESTION_TYPES = ("color", "shape", "size", "count", "position")
 
 
@@ -63,13 +65,19 @@ def _synthetic_data(model_path: str, staging: Path, source: Path | None, n_test:
     from transformers import AutoConfig
 
     from ..integrations.lmms_eval.tasks import synthetic_to_parquet
-    from ..synthetic_vqa import make_dataset
+    from ..synthetic.synthetic_vqa import make_dataset
 
     if source is None:
         size = AutoConfig.from_pretrained(model_path, trust_remote_code=True).vision_config.image_size
         source = staging / "synthetic-data"
-        make_dataset(source, n_train=0, n_test=n_test, image_size=size, question_types=list(SYNTHETIC_QUESTION_TYPES),
-                     progress=False)
+        make_dataset(
+            source,
+            n_train=0,
+            n_test=n_test,
+            image_size=size,
+            question_types=list(SYNTHETIC_QUESTION_TYPES),
+            progress=False,
+        )
     return synthetic_to_parquet(source, staging / "synthetic-parquet")
 
 
@@ -77,8 +85,11 @@ def headline(task: str, metrics: dict[str, Any]) -> tuple[str, float | None]:
     """(metric name, value) shown for a task: `HEADLINE`'s metric, else the first numeric one."""
     from ..integrations.lmms_eval.tasks import HEADLINE
 
-    numeric = {k.split(",")[0]: v for k, v in metrics.items()
-               if isinstance(v, (int, float)) and "stderr" not in k and k != "alias"}
+    numeric = {
+        k.split(",")[0]: v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and "stderr" not in k and k != "alias"
+    }
     name = HEADLINE.get(task)
     if name in numeric:
         return name, float(numeric[name])
@@ -114,8 +125,9 @@ def lmms_eval_cli_args(output_path: Path) -> argparse.Namespace:
         sys.argv = argv
 
 
-def evaluate_model(path: str, tasks: list[str], task_dir: Path, files: Path,
-                   args: argparse.Namespace) -> dict[str, Any]:
+def evaluate_model(
+    path: str, tasks: list[str], task_dir: Path, files: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     """One model on `tasks` (wrapper yamls in `task_dir`) with lmms-eval's `simple_evaluate`; files that tasks write
     (e.g. TextVQA's submission file) go under `files`, not into the working directory."""
     from lmms_eval.evaluator import simple_evaluate
@@ -123,21 +135,44 @@ def evaluate_model(path: str, tasks: list[str], task_dir: Path, files: Path,
 
     from ..integrations.lmms_eval.model import MaTVLM
 
-    model = MaTVLM(pretrained=path, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                   fast_decode=args.fast_decode)
-    manager = TaskManager(verbosity="WARNING", include_path=str(task_dir), include_defaults=False,
-                          model_name="matvlm")
+    model = MaTVLM(
+        pretrained=path, device=args.device, dtype=args.dtype, batch_size=args.batch_size, fast_decode=args.fast_decode
+    )
+    manager = TaskManager(verbosity="WARNING", include_path=str(task_dir), include_defaults=False, model_name="matvlm")
     start = time.perf_counter()
-    out = simple_evaluate(model=model, tasks=tasks, limit=args.limit, task_manager=manager, log_samples=True,
-                          batch_size=args.batch_size, verbosity="WARNING",
-                          cli_args=lmms_eval_cli_args(files))
+    out = simple_evaluate(
+        model=model,
+        tasks=tasks,
+        limit=args.limit,
+        task_manager=manager,
+        log_samples=True,
+        batch_size=args.batch_size,
+        verbosity="WARNING",
+        cli_args=lmms_eval_cli_args(files),
+    )
     seconds = time.perf_counter() - start
     items = sum(int(n.get("effective", 0)) for n in out.get("n-samples", {}).values())
-    samples = {task: [{"doc_id": s["doc_id"], "target": s.get("target"), "response": s.get("filtered_resps"),
-                       "metrics": {m: s.get(m) for m in s.get("metrics", [])}} for s in rows]
-               for task, rows in out.get("samples", {}).items()}
-    return {"path": path, "results": out["results"], "n_samples": out.get("n-samples", {}), "seconds": seconds,
-            "items": items, "seconds_per_item": seconds / max(items, 1), "samples": samples}
+    samples = {
+        task: [
+            {
+                "doc_id": s["doc_id"],
+                "target": s.get("target"),
+                "response": s.get("filtered_resps"),
+                "metrics": {m: s.get(m) for m in s.get("metrics", [])},
+            }
+            for s in rows
+        ]
+        for task, rows in out.get("samples", {}).items()
+    }
+    return {
+        "path": path,
+        "results": out["results"],
+        "n_samples": out.get("n-samples", {}),
+        "seconds": seconds,
+        "items": items,
+        "seconds_per_item": seconds / max(items, 1),
+        "samples": samples,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,14 +199,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             task_dir = write_task_dir(staging / "tasks", tasks, data)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-        runs = {label: evaluate_model(path, tasks, task_dir, staging / "lmms-eval" / label, args)
-                for label, path in models.items()}
-        report = {"tasks": tasks, "limit": args.limit, "batch_size": args.batch_size, "fast_decode": args.fast_decode,
-                  "data": {k: str(v) for k, v in data.items()}, "models": runs}
+        runs = {
+            label: evaluate_model(path, tasks, task_dir, staging / "lmms-eval" / label, args)
+            for label, path in models.items()
+        }
+        report = {
+            "tasks": tasks,
+            "limit": args.limit,
+            "batch_size": args.batch_size,
+            "fast_decode": args.fast_decode,
+            "data": {k: str(v) for k, v in data.items()},
+            "models": runs,
+        }
         from lmms_eval.utils import handle_non_serializable
 
-        (staging / "results.json").write_text(json.dumps(report, indent=1, default=handle_non_serializable) + "\n",
-                                              encoding="utf-8")
+        (staging / "results.json").write_text(
+            json.dumps(report, indent=1, default=handle_non_serializable) + "\n", encoding="utf-8"
+        )
         table = results_table(tasks, runs)
         (staging / "results.md").write_text(table, encoding="utf-8")
         _swap(staging, out)
@@ -195,21 +239,64 @@ def _swap(staging: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="matvlm eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--model", required=True, help="MaTVLM checkpoint (folder or Hub id) to evaluate, e.g. the hybrid; required")
-    parser.add_argument("--teacher", default=None, help="its teacher (a ratio-0 conversion): adds the teacher-vs-hybrid comparison (default: none)")
-    parser.add_argument("--tasks", default=None,
-                        help="comma-separated lmms-eval tasks and/or matvlm_synthetic (default: the paper's nine)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task, e.g. for smoke tests (default: all)")
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call, left-padded (default: 1)")
-    parser.add_argument("--fast-decode", action="store_true", help="decode with generate(fast_decode=True): static cache + CUDA graphs, GPU (default: off)")
+    parser = argparse.ArgumentParser(
+        prog="matvlm eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--model", required=True, help="MaTVLM checkpoint (folder or Hub id) to evaluate, e.g. the hybrid; required"
+    )
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="its teacher (a ratio-0 conversion): adds the teacher-vs-hybrid comparison (default: none)",
+    )
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lmms-eval tasks and/or matvlm_synthetic (default: the paper's nine)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate only the first N documents of each task, e.g. for smoke tests (default: all)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="prompts per generate() call, left-padded (default: 1)"
+    )
+    parser.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="decode with generate(fast_decode=True): static cache + CUDA graphs, GPU (default: off)",
+    )
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (CUDA when available) (default: auto)")
-    parser.add_argument("--dtype", default="auto", help="weights dtype: auto (the checkpoint's), float32, bfloat16, float16 (default: auto)")
-    parser.add_argument("--data", action="append", default=[], metavar="TASK=DIR",
-                        help="local copy of a task's data set (published HF layout); repeatable (default: none: the HF cache)")
-    parser.add_argument("--synthetic-n", type=int, default=400,
-                        help="questions generated for matvlm_synthetic when --data does not give its folder (default: 400)")
-    parser.add_argument("--out", default="matvlm-eval", help="output folder: results.json, results.md, tasks/ (default: matvlm-eval)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out, built beside it and swapped in at the end (default: off)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights dtype: auto (the checkpoint's), float32, bfloat16, float16 (default: auto)",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="TASK=DIR",
+        help="local copy of a task's data set (published HF layout); repeatable (default: none: the HF cache)",
+    )
+    parser.add_argument(
+        "--synthetic-n",
+        type=int,
+        default=400,
+        help="questions generated for matvlm_synthetic when --data does not give its folder (default: 400)",
+    )
+    parser.add_argument(
+        "--out", default="matvlm-eval", help="output folder: results.json, results.md, tasks/ (default: matvlm-eval)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out, built beside it and swapped in at the end (default: off)",
+    )
     return run(parser.parse_args(argv))

@@ -23,25 +23,46 @@ def default_model() -> Path:
     """The quickstart's distilled hybrid in the current directory; SystemExit saying how to make one otherwise."""
     if (QUICKSTART_HYBRID / "config.json").is_file():
         return QUICKSTART_HYBRID
-    raise SystemExit(f"matvlm serve: no --model given and no distilled hybrid at {QUICKSTART_HYBRID}/ here.\n"
-                     "  Make one with `matvlm quickstart` (about 7 minutes on a CPU) and run `matvlm serve` in the "
-                     "same folder,\n  or give a MaTVLM checkpoint: `matvlm serve --model PATH` (see `matvlm convert` "
-                     "and `matvlm distill`).")
+    raise SystemExit(
+        f"matvlm serve: no --model given and no distilled hybrid at {QUICKSTART_HYBRID}/ here.\n"
+        "  Make one with `matvlm quickstart` (about 7 minutes on a CPU) and run `matvlm serve` in the "
+        "same folder,\n  or give a MaTVLM checkpoint: `matvlm serve --model PATH` (see `matvlm convert` "
+        "and `matvlm distill`)."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="matvlm serve", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--model", default=None,
-                        help=f"a MaTVLM checkpoint folder (default: {QUICKSTART_HYBRID} when it exists)")
-    parser.add_argument("--teacher", default=None, help="a second checkpoint (the teacher) answering beside it")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="the page's initial 'max new tokens'")
-    parser.add_argument("--no-fast-decode", action="store_true", help="on a GPU, use generate() instead")
+    parser = argparse.ArgumentParser(
+        prog="matvlm serve",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--model", default=None, help=f"a MaTVLM checkpoint folder (default: {QUICKSTART_HYBRID} when it exists)"
+    )
+    parser.add_argument(
+        "--teacher", default=None, help="a second checkpoint (the teacher) answering beside the model (default: none)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=7860, help="TCP port of the page (default: 7860)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N (default: auto)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype; auto = as saved in the checkpoint (default: auto)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="the page's initial 'max new tokens', tokens (default: 128)"
+    )
+    parser.add_argument(
+        "--no-fast-decode", action="store_true", help="on a GPU, use generate() instead of fast_decode (default: off)"
+    )
     args = parser.parse_args(argv)
     gradio = importlib.util.find_spec("gradio")
     if gradio is None or gradio.origin is None:  # (a folder named gradio in the working directory is not Gradio)

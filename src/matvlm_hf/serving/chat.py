@@ -21,7 +21,13 @@ from typing import Any, Iterator
 
 import torch
 from PIL import Image
-from transformers import AutoModel, AutoProcessor, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from ..fast_generation import BUCKET, PREFILL_CHUNK, SamplingParams, StaticDecoder
 from ..processing_matvlm import load_image
@@ -44,8 +50,13 @@ class Settings:
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature <= 0:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0,
-                "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": 0,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
     def check(self) -> None:
         if not 0 <= self.temperature <= 10:
@@ -83,8 +94,9 @@ def read_image(path: str | Path) -> Image.Image:
         image.load()
     except ValueError as e:  # the reason without the server's path of the upload
         name, reason = Path(path).name, str(e.__cause__ or e).replace(f"{str(path)!r}", "").replace(str(path), "")
-        raise InputError(f"Could not read {name!r} as an image ({reason.strip()}). Upload a PNG, JPEG, WebP or "
-                         "similar picture.") from e
+        raise InputError(
+            f"Could not read {name!r} as an image ({reason.strip()}). Upload a PNG, JPEG, WebP or similar picture."
+        ) from e
     return image
 
 
@@ -147,22 +159,31 @@ class ChatModel:
         self._decoder: tuple[tuple, StaticDecoder] | None = None
 
     @classmethod
-    def load(cls, path: str | Path, name: str, device: str = "auto", dtype: str = "auto",
-             fast_decode: bool = True) -> "ChatModel":
+    def load(
+        cls, path: str | Path, name: str, device: str = "auto", dtype: str = "auto", fast_decode: bool = True
+    ) -> "ChatModel":
         """Load a MaTVLM checkpoint folder (its remote code included). device: auto (CUDA when available) | cpu |
         cuda[:N]; dtype: auto (as saved) | float32 | bfloat16 | float16. ValueError when the folder is no MaTVLM
         checkpoint."""
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise ValueError(f"{path} is not a checkpoint folder (no config.json): give a MaTVLM checkpoint made by "
-                             "`matvlm convert`, `matvlm distill` or `matvlm quickstart`")
+            raise ValueError(
+                f"{path} is not a checkpoint folder (no config.json): give a MaTVLM checkpoint made by "
+                "`matvlm convert`, `matvlm distill` or `matvlm quickstart`"
+            )
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype).to(device).eval()
+        model = (
+            AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype)
+            .to(device)
+            .eval()
+        )
         if getattr(model.config, "model_type", None) != "matvlm":
-            raise ValueError(f"{path} holds a {model.config.model_type!r} model, not a MaTVLM one: convert it first "
-                             "with `matvlm convert --input PATH --output OUT`")
+            raise ValueError(
+                f"{path} holds a {model.config.model_type!r} model, not a MaTVLM one: convert it first "
+                "with `matvlm convert --input PATH --output OUT`"
+            )
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
         return cls(model, processor, name, fast_decode=fast_decode)
 
@@ -186,7 +207,8 @@ class ChatModel:
             raise InputError(
                 f"The prompt is too long for {self.name}: the conversation is {n} tokens ({image} of them the image) "
                 f"and {settings.max_new_tokens} new tokens would pass its context of {self.context} tokens. Ask a "
-                "shorter question, lower 'max new tokens', or press Clear to start over.")
+                "shorter question, lower 'max new tokens', or press Clear to start over."
+            )
         return inputs.to(self.model.device)
 
     def stream(self, inputs: dict[str, torch.Tensor], settings: Settings) -> Iterator[Progress]:
@@ -202,8 +224,12 @@ class ChatModel:
                     if self.fast_decode:
                         self._fast_generate(inputs, settings, streamer, stop)
                     else:
-                        self.model.generate(**inputs, **settings.generate_kwargs(), streamer=streamer,
-                                            stopping_criteria=StoppingCriteriaList([_StopOn(stop)]))
+                        self.model.generate(
+                            **inputs,
+                            **settings.generate_kwargs(),
+                            streamer=streamer,
+                            stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
+                        )
             except BaseException as e:  # noqa: BLE001 - handed to the consumer thread below
                 errors.append(e)
                 streamer.end()
@@ -226,8 +252,12 @@ class ChatModel:
     def _fast_generate(self, inputs, settings: Settings, streamer: _TimedStreamer, stop: threading.Event) -> None:
         """`fast_generation.fast_generate` for batch 1, with each batch of FAST_CHUNK tokens handed to the streamer."""
         sampling = settings.generate_kwargs()
-        params = SamplingParams(sampling["do_sample"], float(sampling.get("temperature", 1.0)), None,
-                                sampling["top_p"] if sampling.get("top_p", 1.0) < 1.0 else None)
+        params = SamplingParams(
+            sampling["do_sample"],
+            float(sampling.get("temperature", 1.0)),
+            None,
+            sampling["top_p"] if sampling.get("top_p", 1.0) < 1.0 else None,
+        )
         input_ids, total = inputs["input_ids"], inputs["input_ids"].shape[1] + settings.max_new_tokens
         key = (-(-total // BUCKET) * BUCKET, params)
         if self._decoder is None or self._decoder[0] != key:

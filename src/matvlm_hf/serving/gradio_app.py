@@ -22,8 +22,9 @@ from .chat import ChatModel, InputError, Session, Settings, assistant_message, r
 log = logging.getLogger(__name__)
 WARNING = "⚠️ "
 # system fonts only: the default theme would fetch its fonts from the internet
-THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                          font_mono=["ui-monospace", "Consolas", "monospace"])
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "Consolas", "monospace"]
+)
 
 
 def _speed_line(name: str, progress) -> str:
@@ -41,8 +42,9 @@ def build_app(models: dict[str, ChatModel], *, max_new_tokens: int = 128, title:
     keys = list(models)
     context = min(m.context for m in models.values())
 
-    def respond(message: dict | None, session: Session | None, temperature: float, top_p: float, max_new: float,
-                *chats: list) -> Iterator[tuple]:
+    def respond(
+        message: dict | None, session: Session | None, temperature: float, top_p: float, max_new: float, *chats: list
+    ) -> Iterator[tuple]:
         session = session or Session()
         chats = [list(c or []) for c in chats]
         speeds = [_speed_line(models[k].name, None) for k in keys]
@@ -61,8 +63,14 @@ def build_app(models: dict[str, ChatModel], *, max_new_tokens: int = 128, title:
             upload_error = e
         for chat in chats:  # the user's message is shown whatever becomes of it
             if files:
-                chat.append({"role": "user", "content": gr.Image(files[0]) if image is not None
-                             else f"(uploaded {os.path.basename(files[0])})"})
+                chat.append(
+                    {
+                        "role": "user",
+                        "content": gr.Image(files[0])
+                        if image is not None
+                        else f"(uploaded {os.path.basename(files[0])})",
+                    }
+                )
             chat.append({"role": "user", "content": question or "(no question)"})
         image = image if image is not None else session.image
         try:
@@ -73,10 +81,11 @@ def build_app(models: dict[str, ChatModel], *, max_new_tokens: int = 128, title:
             if not question:
                 raise InputError("Type a question about the image (an image alone is not a question).")
             if image is None:
-                raise InputError("Upload an image with your first question: the model answers questions about "
-                                 "one image (use the paperclip button in the box below).")
-            inputs = {k: models[k].prepare(Session(image, session.conversations), k, question, settings)
-                      for k in keys}
+                raise InputError(
+                    "Upload an image with your first question: the model answers questions about "
+                    "one image (use the paperclip button in the box below)."
+                )
+            inputs = {k: models[k].prepare(Session(image, session.conversations), k, question, settings) for k in keys}
         except InputError as e:
             for chat in chats:
                 chat.append({"role": "assistant", "content": WARNING + str(e)})
@@ -102,8 +111,12 @@ def build_app(models: dict[str, ChatModel], *, max_new_tokens: int = 128, title:
         yield out(done)
 
     def clear() -> tuple:
-        return (gr.MultimodalTextbox(value=None, interactive=True), None,
-                *([] for _ in keys), *(_speed_line(models[k].name, None) for k in keys))
+        return (
+            gr.MultimodalTextbox(value=None, interactive=True),
+            None,
+            *([] for _ in keys),
+            *(_speed_line(models[k].name, None) for k in keys),
+        )
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"## {title}\n" + "\n".join(f"- **{m.name}**: {m.describe()}" for m in models.values()))
@@ -112,21 +125,46 @@ def build_app(models: dict[str, ChatModel], *, max_new_tokens: int = 128, title:
         with gr.Row():
             for k in keys:
                 with gr.Column():
-                    chats.append(gr.Chatbot(label=models[k].name, elem_id=f"chat-{k}", height=420,
-                                            render_markdown=False, buttons=["copy"], feedback_options=None))
+                    chats.append(
+                        gr.Chatbot(
+                            label=models[k].name,
+                            elem_id=f"chat-{k}",
+                            height=420,
+                            render_markdown=False,
+                            buttons=["copy"],
+                            feedback_options=None,
+                        )
+                    )
                     speeds.append(gr.Markdown(_speed_line(models[k].name, None), elem_id=f"speed-{k}"))
-        box = gr.MultimodalTextbox(file_types=["image"], file_count="single", elem_id="ask", show_label=False,
-                                   placeholder="Upload an image (paperclip) and ask about it; Enter sends",
-                                   max_plain_text_length=100_000)
+        box = gr.MultimodalTextbox(
+            file_types=["image"],
+            file_count="single",
+            elem_id="ask",
+            show_label=False,
+            placeholder="Upload an image (paperclip) and ask about it; Enter sends",
+            max_plain_text_length=100_000,
+        )
         with gr.Row():
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)",
-                                    elem_id="temperature")
+            temperature = gr.Slider(
+                0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)", elem_id="temperature"
+            )
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p", elem_id="top-p")
-            max_new = gr.Slider(1, max(1, min(2048, context // 2)), value=min(max_new_tokens, context // 2), step=1,
-                                label="max new tokens", elem_id="max-new-tokens")
+            max_new = gr.Slider(
+                1,
+                max(1, min(2048, context // 2)),
+                value=min(max_new_tokens, context // 2),
+                step=1,
+                label="max new tokens",
+                elem_id="max-new-tokens",
+            )
             clear_button = gr.Button("Clear", elem_id="clear", scale=0)
-        event = box.submit(respond, [box, session, temperature, top_p, max_new, *chats],
-                           [box, session, *chats, *speeds], concurrency_limit=1, concurrency_id="models")
+        event = box.submit(
+            respond,
+            [box, session, temperature, top_p, max_new, *chats],
+            [box, session, *chats, *speeds],
+            concurrency_limit=1,
+            concurrency_id="models",
+        )
         for trigger in (clear_button.click, *(chat.clear for chat in chats)):  # a chat's own bin clears all
             trigger(clear, None, [box, session, *chats, *speeds], queue=False, cancels=[event])
     return app
@@ -144,10 +182,16 @@ def _read_upload(session: Session, files: list[str]) -> Any:
     return image
 
 
-def launch(models: dict[str, ChatModel], host: str = "127.0.0.1", port: int = 7860,
-           max_new_tokens: int = 128) -> None:
+def launch(models: dict[str, ChatModel], host: str = "127.0.0.1", port: int = 7860, max_new_tokens: int = 128) -> None:
     """Serve the page on http://host:port until interrupted; one request at a time."""
     app = build_app(models, max_new_tokens=max_new_tokens)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=host, server_port=port, share=False, show_error=True, max_file_size="50mb", theme=THEME,
-               footer_links=["gradio"])
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        show_error=True,
+        max_file_size="50mb",
+        theme=THEME,
+        footer_links=["gradio"],
+    )

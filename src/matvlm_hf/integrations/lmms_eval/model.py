@@ -58,14 +58,23 @@ class MaTVLM(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", batch_size: int | str = 1,
-                 fast_decode: bool = False, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 max_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        fast_decode: bool = False,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_batch_size: int | None = None,
+    ) -> None:
         super().__init__()
         if device in (None, "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
-        self.model = AutoModelForImageTextToText.from_pretrained(pretrained, trust_remote_code=True, dtype=_dtype(dtype)).to(self._device)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            pretrained, trust_remote_code=True, dtype=_dtype(dtype)
+        ).to(self._device)
         self.model.eval()
         self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=True)
         self.tokenizer = self.processor.tokenizer
@@ -105,16 +114,19 @@ class MaTVLM(lmms):
         visuals = [v for v in (visuals if isinstance(visuals, list) else [visuals]) if v is not None]
         if len(visuals) > 1:  # TinyLLaVA takes one image per question
             if not self._warned_multi_image:
-                warnings.warn(f"task {task}: a document has {len(visuals)} images; TinyLLaVA models see the first "
-                              "one only", stacklevel=2)
+                warnings.warn(
+                    f"task {task}: a document has {len(visuals)} images; TinyLLaVA models see the first one only",
+                    stacklevel=2,
+                )
                 self._warned_multi_image = True
             visuals = visuals[:1]
         return [v.convert("RGB") for v in visuals]
 
     def _left_padded(self, prompts: list[str], images: list[list[Any]]) -> dict[str, torch.Tensor]:
         flat = [im for ims in images for im in ims]
-        inputs = self.processor(images=flat or None, text=prompts, padding=True, padding_side="left",
-                                return_tensors="pt")
+        inputs = self.processor(
+            images=flat or None, text=prompts, padding=True, padding_side="left", return_tensors="pt"
+        )
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs.to(self._device)
@@ -151,13 +163,16 @@ class MaTVLM(lmms):
         images = [self._visuals(args) for args in batch_args]
         prompts = [build_prompt(args[0], bool(ims)) for args, ims in zip(batch_args, images)]
         inputs = self._left_padded(prompts, images)
-        options: dict[str, Any] = dict(max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
-                                       do_sample=sample, pad_token_id=self.tokenizer.pad_token_id)
+        options: dict[str, Any] = dict(
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
+            do_sample=sample,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         if sample:
             options.update(temperature=temperature, top_p=gen_kwargs.get("top_p"))
         with torch.inference_mode():
             out = self.model.generate(**inputs, **options, fast_decode=self.fast_decode)
-        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         answers = []
         for text in texts:
             for stop in until:
@@ -176,7 +191,7 @@ class MaTVLM(lmms):
         results: list[tuple[float, bool]] = []
         bar = self._progress(len(requests), "MaTVLM loglikelihood")
         for start in range(0, len(requests), self.batch_size):
-            chunk = [r.args for r in requests[start:start + self.batch_size]]
+            chunk = [r.args for r in requests[start : start + self.batch_size]]
             results.extend(self._loglikelihood(chunk))
             bar.update(len(chunk))
         bar.close()
@@ -191,10 +206,13 @@ class MaTVLM(lmms):
 
     def _loglikelihood(self, batch_args: list[tuple]) -> list[tuple[float, bool]]:
         images = [self._visuals(args) for args in batch_args]
-        contexts = [self.processor(text=build_prompt(args[0], bool(ims)), images=ims or None, return_tensors=None)
-                    for args, ims in zip(batch_args, images)]
-        continuations = [self.tokenizer(self._continuation(args), add_special_tokens=False)["input_ids"]
-                         for args in batch_args]
+        contexts = [
+            self.processor(text=build_prompt(args[0], bool(ims)), images=ims or None, return_tensors=None)
+            for args, ims in zip(batch_args, images)
+        ]
+        continuations = [
+            self.tokenizer(self._continuation(args), add_special_tokens=False)["input_ids"] for args in batch_args
+        ]
         sequences = [c["input_ids"][0] + t for c, t in zip(contexts, continuations)]
         width = max(len(s) for s in sequences)
         pad = self.tokenizer.pad_token_id
@@ -203,7 +221,8 @@ class MaTVLM(lmms):
         kwargs = {}
         if any(images):
             kwargs["pixel_values"] = torch.cat([c["pixel_values"] for c in contexts if "pixel_values" in c]).to(
-                self._device, self.model.dtype)
+                self._device, self.model.dtype
+            )
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -211,7 +230,7 @@ class MaTVLM(lmms):
         for row, context in enumerate(contexts):
             n_context, n_total = len(context["input_ids"][0]), len(sequences[row])
             targets = input_ids[row, n_context:n_total]
-            predicted = logprobs[row, n_context - 1:n_total - 1]
+            predicted = logprobs[row, n_context - 1 : n_total - 1]
             token_logprobs = predicted.gather(-1, targets[:, None])[:, 0]
             out.append((float(token_logprobs.sum()), bool((predicted.argmax(-1) == targets).all())))
         return out

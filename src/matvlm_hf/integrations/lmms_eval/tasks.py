@@ -25,8 +25,15 @@ TEMPLATES = Path(__file__).parent / "task_templates"
 # POPE, MME, GQA, VQAv2, TextVQA; "\nAnswer with the option's letter from the given choices directly." for
 # ScienceQA-IMG and MMBench); lmms-eval's MMMU and MM-Vet prompts differ from LLaVA's (see PROMPT_NOTES).
 PAPER_TASKS: dict[str, str] = {
-    "MME": "mme", "MMMU": "mmmu_val", "POPE": "pope", "MM-Vet": "mmvet", "TextVQA": "textvqa_val",
-    "MMBench": "mmbench_en_dev", "SQA-IMG": "scienceqa_img", "GQA": "gqa", "VQAv2": "vqav2_val",
+    "MME": "mme",
+    "MMMU": "mmmu_val",
+    "POPE": "pope",
+    "MM-Vet": "mmvet",
+    "TextVQA": "textvqa_val",
+    "MMBench": "mmbench_en_dev",
+    "SQA-IMG": "scienceqa_img",
+    "GQA": "gqa",
+    "VQAv2": "vqav2_val",
 }
 PAPER_SUFFIXES: dict[str, str] = {
     "pope": "\nAnswer the question using a single word or phrase.",
@@ -43,17 +50,32 @@ PROMPT_NOTES = {
     "vqav2_val": "the paper reports VQAv2 test-dev (server-scored); vqav2_val is the locally scored split",
 }
 # Headline metric of each task in the results table (lmms-eval metric name; the first one found otherwise).
-HEADLINE = {"pope": "pope_f1_score", "mme": "mme_perception_score", SYNTHETIC_TASK: "accuracy",
-            "textvqa_val": "exact_match", "vqav2_val": "exact_match", "gqa": "exact_match",
-            "scienceqa_img": "exact_match", "mmbench_en_dev": "gpt_eval_score", "mmmu_val": "mmmu_acc",
-            "mmvet": "gpt_eval_score"}
+HEADLINE = {
+    "pope": "pope_f1_score",
+    "mme": "mme_perception_score",
+    SYNTHETIC_TASK: "accuracy",
+    "textvqa_val": "exact_match",
+    "vqav2_val": "exact_match",
+    "gqa": "exact_match",
+    "scienceqa_img": "exact_match",
+    "mmbench_en_dev": "gpt_eval_score",
+    "mmmu_val": "mmmu_acc",
+    "mmvet": "gpt_eval_score",
+}
 
 
 # Where the paper's tasks live inside lmms-eval's tasks folder (saves indexing its ~300 task folders).
-_KNOWN_YAML = {"mme": "mme/mme.yaml", "mmmu_val": "mmmu/mmmu_val.yaml", "pope": "pope/pope.yaml",
-               "mmvet": "mmvet/mmvet.yaml", "textvqa_val": "textvqa/textvqa_val.yaml",
-               "mmbench_en_dev": "mmbench/mmbench_en_dev.yaml", "scienceqa_img": "scienceqa/scienceqa_img.yaml",
-               "gqa": "gqa/gqa.yaml", "vqav2_val": "vqav2/vqav2_val.yaml"}
+_KNOWN_YAML = {
+    "mme": "mme/mme.yaml",
+    "mmmu_val": "mmmu/mmmu_val.yaml",
+    "pope": "pope/pope.yaml",
+    "mmvet": "mmvet/mmvet.yaml",
+    "textvqa_val": "textvqa/textvqa_val.yaml",
+    "mmbench_en_dev": "mmbench/mmbench_en_dev.yaml",
+    "scienceqa_img": "scienceqa/scienceqa_img.yaml",
+    "gqa": "gqa/gqa.yaml",
+    "vqav2_val": "vqav2/vqav2_val.yaml",
+}
 
 
 def upstream_yaml(task: str) -> Path:
@@ -68,8 +90,10 @@ def upstream_yaml(task: str) -> Path:
     if entry is None:
         raise ValueError(f"lmms-eval has no task {task!r} (list them with `lmms-eval tasks list`)")
     if entry.get("type") != "task" or not isinstance(entry.get("yaml_path"), str):
-        raise ValueError(f"{task!r} is an lmms-eval {entry.get('type')}, not a single task: run it with lmms-eval "
-                         "itself, or name its tasks")
+        raise ValueError(
+            f"{task!r} is an lmms-eval {entry.get('type')}, not a single task: run it with lmms-eval "
+            "itself, or name its tasks"
+        )
     return Path(entry["yaml_path"])
 
 
@@ -103,8 +127,11 @@ def write_task_dir(out: str | Path, tasks: list[str], data: dict[str, str | Path
         else:
             source = upstream_yaml(task)
         config = _raw_config(source)
-        wrapper: dict[str, Any] = {"include": str(source.resolve()), "task": task,
-                                   "output_type": config.get("output_type", "generate_until")}
+        wrapper: dict[str, Any] = {
+            "include": str(source.resolve()),
+            "task": task,
+            "output_type": config.get("output_type", "generate_until"),
+        }
         if task in data:
             wrapper["dataset_path"] = str(data[task].resolve())
             kwargs = {k: v for k, v in (config.get("dataset_kwargs") or {}).items() if k != "token"}
@@ -139,9 +166,9 @@ def synthetic_to_parquet(llava_dir: str | Path, out: str | Path, split: str = "t
         columns["answer"].append(turns[1]["value"])
         columns["question_type"].append(record.get("question_type", "unknown"))
         columns["image"].append({"bytes": image.read_bytes(), "path": record["image"]})
-    features = datasets.Features({name: datasets.Value("string") for name in columns if name != "image"}
-                                 | {"image": datasets.Image()})
+    features = datasets.Features(
+        {name: datasets.Value("string") for name in columns if name != "image"} | {"image": datasets.Image()}
+    )
     out.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(columns, features=features).to_parquet(str(out / f"{split}.parquet"))
     return out
-

@@ -40,14 +40,26 @@ class PhiAttention(nn.Module):
         tp = get_tensor_model_parallel_world_size()
         if heads % tp:
             raise ValueError(f"tensor_parallel_size {tp} must divide the attention heads ({heads}).")
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, heads, bias=True,
-                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
-        self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, bias=True, quant_config=quant_config,
-                                       prefix=f"{prefix}.dense")
-        self.rotary_emb = get_rope(self.head_dim, max_position=config.max_position_embeddings,
-                                   rope_parameters=config.rope_parameters, is_neox_style=True)
-        self.attn = Attention(heads // tp, self.head_dim, self.head_dim**-0.5, cache_config=cache_config,
-                              quant_config=quant_config, prefix=f"{prefix}.attn")
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, heads, bias=True, quant_config=quant_config, prefix=f"{prefix}.qkv_proj"
+        )
+        self.dense = RowParallelLinear(
+            config.hidden_size, config.hidden_size, bias=True, quant_config=quant_config, prefix=f"{prefix}.dense"
+        )
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            max_position=config.max_position_embeddings,
+            rope_parameters=config.rope_parameters,
+            is_neox_style=True,
+        )
+        self.attn = Attention(
+            heads // tp,
+            self.head_dim,
+            self.head_dim**-0.5,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn",
+        )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
@@ -60,10 +72,12 @@ class PhiAttention(nn.Module):
 class PhiMLP(nn.Module):
     def __init__(self, config, quant_config, prefix: str):
         super().__init__()
-        self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size, quant_config=quant_config,
-                                        prefix=f"{prefix}.fc1")
-        self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size, quant_config=quant_config,
-                                     prefix=f"{prefix}.fc2")
+        self.fc1 = ColumnParallelLinear(
+            config.hidden_size, config.intermediate_size, quant_config=quant_config, prefix=f"{prefix}.fc1"
+        )
+        self.fc2 = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.fc2"
+        )
         self.act = get_act_fn(config.hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -100,8 +114,9 @@ def _layer_factory(config: MaTVLMConfig, vllm_config: VllmConfig) -> Callable[[s
         index = int(prefix.rsplit(".", 1)[1])
         attn_prefix = f"{prefix}.self_attn"
         if tc.model_type == "phi":
-            self_attn = mixer(attn_prefix) if index in mamba else PhiAttention(tc, cache_config, quant_config,
-                                                                               attn_prefix)
+            self_attn = (
+                mixer(attn_prefix) if index in mamba else PhiAttention(tc, cache_config, quant_config, attn_prefix)
+            )
             return PhiDecoderLayer(tc, self_attn, quant_config, prefix)
 
         def attention(**kwargs) -> nn.Module:
@@ -124,11 +139,12 @@ class MaTVLMTextModel(nn.Module):
         config: MaTVLMConfig = vllm_config.model_config.hf_config
         tc = config.text_config
         self.is_phi = tc.model_type == "phi"
-        self.embed_tokens = VocabParallelEmbedding(tc.vocab_size, tc.hidden_size,
-                                                   quant_config=vllm_config.quant_config,
-                                                   prefix=f"{prefix}.embed_tokens")
-        _, _, self.layers = make_layers(tc.num_hidden_layers, _layer_factory(config, vllm_config),
-                                        prefix=f"{prefix}.layers")
+        self.embed_tokens = VocabParallelEmbedding(
+            tc.vocab_size, tc.hidden_size, quant_config=vllm_config.quant_config, prefix=f"{prefix}.embed_tokens"
+        )
+        _, _, self.layers = make_layers(
+            tc.num_hidden_layers, _layer_factory(config, vllm_config), prefix=f"{prefix}.layers"
+        )
         if self.is_phi:
             self.final_layernorm = nn.LayerNorm(tc.hidden_size, eps=tc.layer_norm_eps)
         else:
@@ -137,8 +153,9 @@ class MaTVLMTextModel(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
         for layer in self.layers:
@@ -155,8 +172,13 @@ class MaTVLMLanguageModel(nn.Module):
         super().__init__()
         tc = vllm_config.model_config.hf_config.text_config
         self.model = MaTVLMTextModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(tc.vocab_size, tc.hidden_size, bias=tc.model_type == "phi",
-                                      quant_config=vllm_config.quant_config, prefix=maybe_prefix(prefix, "lm_head"))
+        self.lm_head = ParallelLMHead(
+            tc.vocab_size,
+            tc.hidden_size,
+            bias=tc.model_type == "phi",
+            quant_config=vllm_config.quant_config,
+            prefix=maybe_prefix(prefix, "lm_head"),
+        )
         if tc.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(tc.vocab_size)
@@ -164,8 +186,9 @@ class MaTVLMLanguageModel(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

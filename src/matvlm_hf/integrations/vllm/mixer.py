@@ -45,37 +45,72 @@ def mamba_state_shape(config: MaTVLMConfig, tp_size: int, num_spec: int = 0) -> 
 class MaTVLMMambaMixer(MambaMixer2):
     """vLLM Mamba-2 mixer with MaTVLM's layout; called like vLLM's attention modules: `(positions, hidden_states)`."""
 
-    def __init__(self, config: MaTVLMConfig, model_config: ModelConfig | None, cache_config: CacheConfig | None,
-                 quant_config: QuantizationConfig | None, prefix: str):
+    def __init__(
+        self,
+        config: MaTVLMConfig,
+        model_config: ModelConfig | None,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ):
         hidden = config.text_config.hidden_size
         d_inner, d_xb, nheads = config.mamba_d_inner, config.mamba_d_xb, config.mamba_nheads
         super().__init__(
-            hidden_size=hidden, ssm_state_size=config.mamba_d_state, conv_kernel_size=config.mamba_d_conv,
-            intermediate_size=d_inner, use_conv_bias=config.mamba_conv_bias, use_bias=config.mamba_proj_bias,
-            n_groups=config.mamba_ngroups, num_heads=nheads, head_dim=config.mamba_headdim,
-            rms_norm_eps=config.mamba_norm_eps, activation="silu", model_config=model_config,
-            cache_config=cache_config, quant_config=quant_config, prefix=prefix,
+            hidden_size=hidden,
+            ssm_state_size=config.mamba_d_state,
+            conv_kernel_size=config.mamba_d_conv,
+            intermediate_size=d_inner,
+            use_conv_bias=config.mamba_conv_bias,
+            use_bias=config.mamba_proj_bias,
+            n_groups=config.mamba_ngroups,
+            num_heads=nheads,
+            head_dim=config.mamba_headdim,
+            rms_norm_eps=config.mamba_norm_eps,
+            activation="silu",
+            model_config=model_config,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=prefix,
         )
         self.matvlm_config = config
         if config.mamba_out_proj_bias != config.mamba_proj_bias:
-            self.out_proj = RowParallelLinear(d_inner, hidden, bias=config.mamba_out_proj_bias, input_is_parallel=True,
-                                              quant_config=quant_config, prefix=f"{prefix}.out_proj")
+            self.out_proj = RowParallelLinear(
+                d_inner,
+                hidden,
+                bias=config.mamba_out_proj_bias,
+                input_is_parallel=True,
+                quant_config=quant_config,
+                prefix=f"{prefix}.out_proj",
+            )
         self.d_xb = d_xb
         if d_xb == d_inner:  # no GQA: exactly vLLM's layout
             return
         tp = self.tp_size
         if (d_xb // config.mamba_headdim) % tp:
-            raise ValueError(f"tensor_parallel_size {tp} must divide the key/value heads of the Mamba layers "
-                             f"({d_xb // config.mamba_headdim}).")
-        self.in_proj = MergedColumnParallelLinear(hidden, [d_inner, d_xb, d_xb, d_inner, nheads],
-                                                  bias=config.mamba_proj_bias, quant_config=quant_config,
-                                                  prefix=f"{prefix}.in_proj")
-        self.conv1d = MergedColumnParallelLinear(config.mamba_d_conv, [d_xb, d_xb, d_inner],
-                                                 bias=config.mamba_conv_bias, quant_config=None,
-                                                 prefix=f"{prefix}.conv1d")
+            raise ValueError(
+                f"tensor_parallel_size {tp} must divide the key/value heads of the Mamba layers "
+                f"({d_xb // config.mamba_headdim})."
+            )
+        self.in_proj = MergedColumnParallelLinear(
+            hidden,
+            [d_inner, d_xb, d_xb, d_inner, nheads],
+            bias=config.mamba_proj_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.in_proj",
+        )
+        self.conv1d = MergedColumnParallelLinear(
+            config.mamba_d_conv,
+            [d_xb, d_xb, d_inner],
+            bias=config.mamba_conv_bias,
+            quant_config=None,
+            prefix=f"{prefix}.conv1d",
+        )
         self.conv1d.weight.data = self.conv1d.weight.data.unsqueeze(1)
-        self.register_buffer("conv_weights", self.conv1d.weight.view(self.conv1d.weight.size(0),
-                                                                     self.conv1d.weight.size(2)), persistent=False)
+        self.register_buffer(
+            "conv_weights",
+            self.conv1d.weight.view(self.conv1d.weight.size(0), self.conv1d.weight.size(2)),
+            persistent=False,
+        )
         self.conv_dim = 2 * d_xb + d_inner
         self.tped_conv_size = divide(self.conv_dim, tp)
         repeat = d_inner // d_xb
@@ -91,8 +126,9 @@ class MaTVLMMambaMixer(MambaMixer2):
 
         self.split_hidden_states_B_C_fn = split_and_repeat
 
-    def forward(self, positions: torch.Tensor | None = None, hidden_states: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor | None = None, hidden_states: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
         return super().forward(hidden_states)
 
     def get_state_shape(self) -> tuple[tuple[int, ...], ...]:

@@ -54,20 +54,33 @@ class MaTVLMDummyInputsBuilder(BaseDummyInputsBuilder[MaTVLMProcessingInfo]):
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
         size = self.info.get_hf_config().vision_config.image_size
-        return {"image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0),
-                                                overrides=(mm_options or {}).get("image"))}
+        return {
+            "image": self._get_dummy_images(
+                width=size, height=size, num_images=mm_counts.get("image", 0), overrides=(mm_options or {}).get("image")
+            )
+        }
 
 
 class MaTVLMMultiModalProcessor(BaseMultiModalProcessor[MaTVLMProcessingInfo]):
-    def _get_mm_fields_config(self, hf_inputs: BatchFeature,
-                              hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
         return {"pixel_values": MultiModalFieldConfig.batched("image")}
 
-    def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
-                            out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
         config = self.info.get_hf_config()
-        return [PromptReplacement(modality="image", target=IMAGE_PLACEHOLDER,
-                                  replacement=[config.image_token_id] * config.num_image_tokens)]
+        return [
+            PromptReplacement(
+                modality="image",
+                target=IMAGE_PLACEHOLDER,
+                replacement=[config.image_token_id] * config.num_image_tokens,
+            )
+        ]
 
     def _apply_prompt_updates(self, token_ids: list[int], mm_prompt_updates):
         """Re-tokenise the prompt the TinyLLaVA way (see the module docstring) and locate the image blocks."""
@@ -75,12 +88,18 @@ class MaTVLMMultiModalProcessor(BaseMultiModalProcessor[MaTVLMProcessingInfo]):
         tokenizer = processor.tokenizer
         prefix = tokenizer.encode("", add_special_tokens=True)  # what the tokenizer adds in front (a BOS) if any
         has_prefix = bool(prefix) and token_ids[: len(prefix)] == prefix
-        text = tokenizer.decode(token_ids[len(prefix):] if has_prefix else token_ids, skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
+        text = tokenizer.decode(
+            token_ids[len(prefix) :] if has_prefix else token_ids,
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
         n_images = len(mm_prompt_updates.get("image", []))
         if text.count(IMAGE_PLACEHOLDER) != n_images:
-            raise ValueError(f"The prompt has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) but "
-                             f"{n_images} image(s) were given: give exactly one image per placeholder.")
-        ids, _ = encode_with_image_placeholders(text, tokenizer, processor.image_token_id, processor.num_image_tokens,
-                                                add_special_tokens=has_prefix)
+            raise ValueError(
+                f"The prompt has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) but "
+                f"{n_images} image(s) were given: give exactly one image per placeholder."
+            )
+        ids, _ = encode_with_image_placeholders(
+            text, tokenizer, processor.image_token_id, processor.num_image_tokens, add_special_tokens=has_prefix
+        )
         return ids, self._find_mm_placeholders(ids, mm_prompt_updates)

@@ -1,0 +1,1 @@
+"""The synthetic world: data, teacher from scratch, quickstart, study, benchmarks and reports."""

@@ -1,0 +1,298 @@
+"""Distillation step time, tokens/s, peak memory and the largest micro-batch, through the real training path.
+
+    matvlm bench-distill --workdir runs/distill-bench --out docs/benchmarks/distillation.json
+    matvlm bench-distill --size tiny --workdir /tmp/db --out /tmp/db.json   # CPU smoke scale
+
+1. checkpoints  a TinyLLaVA-Phi-2-SigLIP checkpoint of the published sizes with random weights (`fabricate`),
+                converted twice (`conversion`): the teacher (no Mamba layer) and the student (`--ratio`);
+2. data         LLaVA-format conversations about synthetic images (`synthetic_vqa`) long enough that every sample
+                is cut to exactly `--max-length` tokens (image tokens included) by the data set's truncation;
+3. runs         `train_cli.build_trainer` (what `matvlm distill` runs: bf16, gradient checkpointing, the paper's
+                losses and trainable set) for `--steps` optimizer steps at micro-batch `--batch-size`, no gradient
+                accumulation, timing each step (CUDA-synchronised; the Mamba conv runs its differentiable path while
+                training: `conv_training_path` in the results); then, on CUDA, the largest micro-batch that
+                trains without running out of memory (doubling, then bisection; a few steps per try).
+
+Models are loaded once and reused by every run. Results go to `--out` (JSON) and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import TrainerCallback
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (the device synchronised at both ends)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    @staticmethod
+    def _sync() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        self.times.append(time.perf_counter() - self._start)
+        print(f"    step {state.global_step}/{state.max_steps}: {self.times[-1]:.3f} s", flush=True)
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int = 512) -> tuple[int, int | None]:
+    """(largest n with fits(n), smallest n found not to fit or None): doubling from `start` (which must fit),
+    then bisection; assumes fits is monotone."""
+    good, bad = start, None
+    n = start * 2
+    while n <= limit:
+        if not fits(n):
+            bad = n
+            break
+        good, n = n, n * 2
+    if bad is None:
+        return good, None
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good, bad
+
+
+def prepare(work: Path, size: str, ratio: float, max_length: int, n_samples: int, seed: int = 0) -> dict[str, Path]:
+    """Fabricated TinyLLaVA -> teacher (ratio 0) and student (`ratio`) MaTVLM checkpoints, and a data set whose
+    samples all exceed `max_length` tokens; reuses what is already in `work`."""
+    import torch
+
+    from ..convert.conversion import convert_tinyllava_to_matvlm
+    from ..convert.fabricate import write_tinyllava_checkpoint
+    from .synthetic_vqa import generate_samples
+
+    source, teacher, student = work / "tinyllava", work / "teacher", work / f"student-{ratio:g}"
+    dtype = torch.bfloat16 if size == "full" else torch.float32
+    if not (source / "config.json").exists():
+        write_tinyllava_checkpoint(source, lm_type="phi", size=size, dtype=dtype, seed=seed)
+    for folder, r in ((teacher, 0.0), (student, ratio)):
+        if not (folder / "config.json").exists():
+            convert_tinyllava_to_matvlm(source, folder, mamba_ratio=r, seed=seed, overwrite=True, progress=False)
+    data = work / f"data-{max_length}.json"
+    images = work / "images"
+    if not data.exists():
+        from ..configuration_matvlm import MaTVLMConfig
+        from ..processing_matvlm import MaTVLMProcessor
+
+        image_size = MaTVLMConfig.from_pretrained(student).vision_config.image_size
+        tokenizer = MaTVLMProcessor.from_pretrained(student).tokenizer
+        images.mkdir(parents=True, exist_ok=True)
+        qa = generate_samples(200, image_size=image_size, seed=seed, split="filler", render=False)
+        records = []
+        for i, sample in enumerate(generate_samples(n_samples, image_size=image_size, seed=seed, split="bench")):
+            sample.image.save(images / f"{sample.image_id}.png")
+            turns = [{"from": "human", "value": f"<image>\n{sample.question}"}, {"from": "gpt", "value": sample.answer}]
+            # text tokens counted turn by turn (the chat template only adds more), image tokens ignored: an overshoot
+            n_tokens, j = 0, i
+            while n_tokens < max_length:
+                filler = qa[j % len(qa)]
+                turns += [{"from": "human", "value": filler.question}, {"from": "gpt", "value": filler.answer}]
+                n_tokens += len(tokenizer(f"{filler.question} {filler.answer}")["input_ids"])
+                j += 7
+            records.append({"id": sample.id, "image": f"{sample.image_id}.png", "conversations": turns})
+        data.write_text(json.dumps(records) + "\n")
+    return {"teacher": teacher, "student": student, "data": data, "images": images}
+
+
+def run_batch(cfg: dict[str, Any], models, batch_size: int, steps: int) -> dict[str, Any]:
+    """`steps` optimizer steps at micro-batch `batch_size`; step times, tokens/s, peak memory (or {"oom": True})."""
+    import torch
+
+    from ..training.trainer_factory import build_trainer
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    print(f"micro-batch {batch_size}, {steps} steps", flush=True)
+    timer = StepTimer()
+    trainer = None
+    try:
+        trainer = build_trainer(
+            {**cfg, "per_device_batch_size": batch_size, "global_batch_size": batch_size, "max_steps": steps},
+            models=models,
+        )
+        trainer.add_callback(timer)
+        trainer.train()
+        result: dict[str, Any] = {"batch_size": batch_size, "oom": False}
+    except torch.OutOfMemoryError:
+        result = {"batch_size": batch_size, "oom": True}
+    finally:
+        del trainer
+        for p in models[0].parameters():
+            p.grad = None
+        gc.collect()
+    if cuda:
+        result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        torch.cuda.empty_cache()
+    if not result["oom"]:
+        measured = timer.times[1:] or timer.times  # the first step of a shape allocates and autotunes the kernels
+        step = statistics.median(measured)
+        tokens = batch_size * cfg["max_length"]
+        result.update(
+            steps=len(timer.times),
+            step_time_s=round(step, 4),
+            step_times_s=[round(t, 4) for t in timer.times],
+            tokens_per_step=tokens,
+            tokens_per_s=round(tokens / step, 1),
+            samples_per_s=round(batch_size / step, 2),
+        )
+    print(json.dumps({k: v for k, v in result.items() if k != "step_times_s"}), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="matvlm bench-distill",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--workdir", required=True, help="folder for checkpoints and data, reused when present; required"
+    )
+    parser.add_argument("--out", required=True, help="results JSON file; required")
+    parser.add_argument(
+        "--size",
+        choices=("full", "tiny"),
+        default="full",
+        help="model sizes: full (TinyLLaVA-3.1B, GPU) | tiny (CPU smoke run) (default: full)",
+    )
+    parser.add_argument(
+        "--ratio",
+        type=float,
+        default=0.25,
+        help="fraction of the student's decoder layers that are Mamba-2 (default: 0.25)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=1428,
+        help="tokens per sample, image tokens included (default: 1428, the authors')",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="samples per forward pass of the timed run (default: 1)"
+    )
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the timed run (default: 30)")
+    parser.add_argument(
+        "--search-steps", type=int, default=2, help="optimizer steps per try of the largest-batch search (default: 2)"
+    )
+    parser.add_argument("--no-search", action="store_true", help="skip the largest-micro-batch search (default: off)")
+    parser.add_argument(
+        "--train-mode",
+        default="mamba+connector",
+        help="what trains: mamba+connector | mamba | mamba+mlp+connector | all (default: mamba+connector)",
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .. import MaTVLMForConditionalGeneration, mamba2_ops
+    from ..commands.distill import parse_config
+
+    from ..safe_output import claim_workdir
+
+    hf_logging.set_verbosity_error()
+    work = claim_workdir(args.workdir)
+    t0 = time.perf_counter()
+    paths = prepare(work, args.size, args.ratio, args.max_length, n_samples=64)
+    prepare_s = time.perf_counter() - t0
+    print(f"checkpoints and data ready in {prepare_s:.0f} s: {work}", flush=True)
+    cfg = parse_config(
+        [
+            "--student",
+            str(paths["student"]),
+            "--teacher",
+            str(paths["teacher"]),
+            "--data",
+            str(paths["data"]),
+            "--images",
+            str(paths["images"]),
+            "--output",
+            str(work / "run"),
+            "--max-length",
+            str(args.max_length),
+            "--logging-steps",
+            "10",
+            "--save-steps",
+            "0",
+            "--num-workers",
+            "2",
+            "--train-mode",
+            args.train_mode,
+            "--report-to",
+            "none",
+        ]
+    )
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    student = MaTVLMForConditionalGeneration.from_pretrained(paths["student"], dtype=torch.float32).to(device)
+    teacher = MaTVLMForConditionalGeneration.from_pretrained(
+        paths["teacher"], dtype=torch.bfloat16 if bf16 else torch.float32
+    ).to(device)
+    models = (student, teacher)
+    print(f"models loaded ({time.perf_counter() - t0:.0f} s)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    timed = run_batch(cfg, models, args.batch_size, args.steps)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "size": args.size,
+        "student_mamba_layers": list(student.config.mamba_layers),
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "max_length": args.max_length,
+        "bf16": bf16,
+        "gradient_checkpointing": cfg["gradient_checkpointing"],
+        "train_mode": args.train_mode,
+        "prepare_seconds": round(prepare_s, 1),
+        # the Mamba conv under autograd (issue 21: the forward-only Triton conv is not used while training)
+        "conv_training_path": "causal_conv1d" if mamba2_ops.HAS_CAUSAL_CONV1D else "pytorch",
+        "timed_run": timed,
+        "search": [],
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if cuda and not args.no_search and not timed["oom"]:
+        tries: dict[int, dict[str, Any]] = {args.batch_size: timed}
+
+        def fits(n: int) -> bool:
+            tries[n] = run_batch(cfg, models, n, args.search_steps)
+            result["search"].append(tries[n])
+            out.write_text(json.dumps(result, indent=1) + "\n")  # partial results survive an interruption
+            return not tries[n]["oom"]
+
+        largest, first_oom = largest_fitting(fits, args.batch_size)
+        result.update(
+            largest_micro_batch=largest, first_oom_micro_batch=first_oom, largest_micro_batch_run=tries[largest]
+        )
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out} ({time.perf_counter() - t0:.0f} s in all)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

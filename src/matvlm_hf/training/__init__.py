@@ -1,0 +1,1 @@
+"""The distillation library: recipe, trainer and losses, LLaVA data."""
