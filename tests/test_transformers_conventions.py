@@ -353,3 +353,21 @@ def test_tied_head_is_sharded_with_the_embedding():
     """A tied head is the embedding's parameter: the tensor-parallel plan shards both (Llava's `lm_head` entry)."""
     model = tiny_model("phi", HYBRID)
     assert model.tp_plan.get("lm_head") == "colwise_gather_output"
+
+
+def test_load_state_dict_takes_the_checkpoint_layout(tmp_path):
+    """Trainer's resume_from_checkpoint loads a checkpoint file's keys with load_state_dict(strict=False): the on-disk
+    layout must land in the model, not be dropped."""
+    from safetensors.torch import load_file
+
+    model = tiny_model("phi", HYBRID, seed=0)
+    model.save_pretrained(tmp_path)
+    on_disk = load_file(str(tmp_path / "model.safetensors"))
+    other = tiny_model("phi", HYBRID, seed=1)
+    result = other.load_state_dict(on_disk, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    base = MaTVLMModel(model.config)
+    result = base.load_state_dict({k: v for k, v in on_disk.items() if not k.startswith("language_model.lm_head")})
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(base.language_model.embed_tokens.weight, model.language_model.embed_tokens.weight)

@@ -54,6 +54,15 @@ register_checkpoint_conversion_mapping(
 )
 
 
+def module_key(key: str) -> str:
+    """The `MaTVLMForConditionalGeneration` state-dict name of an on-disk key (the inverse of `checkpoint_key`); other
+    keys are returned unchanged."""
+    for disk, module in CHECKPOINT_KEY_PREFIXES.items():
+        if key.startswith(disk + "."):
+            return module + key[len(disk) :]
+    return key
+
+
 def checkpoint_key(name: str) -> str:
     """The on-disk key of a `MaTVLMForConditionalGeneration` state-dict entry (e.g. "model.language_model.layers.0..."
     -> "language_model.model.layers.0...")."""
@@ -183,6 +192,21 @@ class MaTVLMPreTrainedModel(PreTrainedModel):
                 "layers whose weights are Mamba mixers), or re-create the checkpoint with `matvlm convert`."
             )
         return (model, info) if want_info else model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, also taking the checkpoint layout: keys as `save_pretrained` writes them
+        (`language_model.model.*`, `language_model.lm_head.*`, ...) are renamed to module names first. Trainer's
+        `resume_from_checkpoint` hands a checkpoint file's keys straight to this method (strict=False), so without the
+        renaming a resumed run would silently keep its initial weights."""
+        headless = not isinstance(self, GenerationMixin)
+        renamed = {}
+        for key, value in state_dict.items():
+            if headless and key.startswith("language_model.model."):  # MaTVLMModel: the LM is headless here
+                key = "language_model." + key[len("language_model.model.") :]
+            elif not headless:
+                key = module_key(key)
+            renamed[key] = value
+        return super().load_state_dict(renamed, strict=strict, assign=assign)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
