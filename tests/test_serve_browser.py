@@ -173,10 +173,14 @@ class Page:
     """The served page in one browser: one session."""
 
     def __init__(self, driver):
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.support.ui import WebDriverWait
 
         self.driver = driver
-        self.wait = lambda seconds=ANSWER_S: WebDriverWait(driver, seconds, poll_frequency=0.1)
+        # a condition may read an element the page has just re-rendered: poll again instead of failing
+        self.wait = lambda seconds=ANSWER_S: WebDriverWait(
+            driver, seconds, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+        )
         self.wait(120).until(lambda d: d.find_elements("css selector", "#ask textarea"))
 
     def texts(self, key: str, role: str) -> list[str]:
