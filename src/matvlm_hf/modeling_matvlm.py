@@ -303,15 +303,28 @@ class MaTVLMModel(MaTVLMPreTrainedModel):
     def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """(b, l) ids -> (b, l, hidden) token embeddings with the image features scattered into the image-token
         positions. ValueError when placeholders and images disagree."""
-        inputs_embeds = self.get_input_embeddings()(input_ids)
+        return self._merge_image_features(input_ids, self.get_input_embeddings()(input_ids), pixel_values)[0]
+
+    def _merge_image_features(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        **vision_kwargs,
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling | None]:
+        """inputs_embeds with the projected image features scattered into the image-token positions, and the vision
+        output (None without pixel_values). Image tokens without pixel_values raise ValueError, checked on prompts
+        (more than one token): a decode step's token is never the image id (generation suppresses it), and skipping
+        the check there keeps the step free of host synchronisation."""
         if pixel_values is None:
-            n_tokens = int((input_ids == self.config.image_token_id).sum())
-            if n_tokens:
-                raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given.")
-            return inputs_embeds
-        features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            if input_ids is not None and input_ids.shape[1] > 1:
+                if n_tokens := int((input_ids == self.config.image_token_id).sum()):
+                    raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given.")
+            return inputs_embeds, None
+        image_outputs = self.get_image_features(pixel_values, return_dict=True, **vision_kwargs)
+        features = image_outputs.pooler_output
         mask = self.get_placeholder_mask(input_ids, inputs_embeds, features)
-        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype)), image_outputs
 
     def language_model_masks(
         self,
@@ -356,18 +369,12 @@ class MaTVLMModel(MaTVLMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         cache = cache if cache is not None else _deprecated_cache_name(past_key_values)
-        image_features = image_outputs = None
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values, return_dict=True, **_vision_kwargs(kwargs))
-            image_features = image_outputs.pooler_output
-            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
-        elif input_ids is not None and input_ids.shape[1] > 1:  # a prompt (a decode step's token is never the image
-            # id: generation suppresses it; skipping the check there keeps the step free of host synchronisation)
-            if n_tokens := int((input_ids == self.config.image_token_id).sum()):
-                raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given.")
+        inputs_embeds, image_outputs = self._merge_image_features(
+            input_ids, inputs_embeds, pixel_values, **_vision_kwargs(kwargs)
+        )
+        image_features = image_outputs.pooler_output if image_outputs is not None else None
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)

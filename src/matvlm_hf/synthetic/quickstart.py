@@ -27,18 +27,16 @@ command-line flags. Everything is seeded (`--seed`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
-
 import argparse
 import json
 import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 # ----------------------------------------------------------------------------------------------------------------
 # Knobs
