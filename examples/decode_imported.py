@@ -1,6 +1,6 @@
 """GPU check of `matvlm import` at full size: an authors'-layout MaTVLM checkpoint (TinyLLaVA-Phi-2-SigLIP-3.1B,
 25 %, the shape of hustvl/MaTVLM_0_25_Mamba2, random weights written by streaming) is imported and decodes through
-`generate(fast_decode=True)`; its tokens/s beside a `matvlm convert --preset paper` hybrid and the default preset's.
+`generate(fast_decode=True)`; its tokens/s beside a `matvlm convert --preset paper` hybrid (and the default preset's with --with-default).
 
     python examples/decode_imported.py --workdir /tmp/imported --out results/   # GPU, ~6 GB of disk per checkpoint
 
@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText
 
-from matvlm_hf.authors_checkpoint import import_authors_checkpoint
-from matvlm_hf.conversion import convert_tinyllava_to_matvlm
-from matvlm_hf.fabricate import write_tinyllava_checkpoint
-from matvlm_hf.fabricate_authors import write_authors_checkpoint
-from matvlm_hf.paper_preset import paper_mamba_layers
+from matvlm_hf.convert.authors_checkpoint import import_authors_checkpoint
+from matvlm_hf.convert.conversion import convert_tinyllava_to_matvlm
+from matvlm_hf.convert.fabricate import write_tinyllava_checkpoint
+from matvlm_hf.convert.fabricate_authors import write_authors_checkpoint
+from matvlm_hf.convert.paper_preset import paper_mamba_layers
 
 PROMPT_TOKENS, NEW_TOKENS, CHECK_TOKENS = 64, 256, 32
 
@@ -68,6 +68,9 @@ def main() -> None:
         default="bfloat16",
         help="the authors evaluate in float16; the project's benchmarks use bfloat16",
     )
+    parser.add_argument(
+        "--with-default", action="store_true", help="also the default preset's conversion (a fourth checkpoint)"
+    )
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     w = args.workdir
@@ -79,7 +82,12 @@ def main() -> None:
     paper = convert_tinyllava_to_matvlm(
         teacher, w / "paper-25", mamba_ratio=0.25, preset="paper", overwrite=True, progress=False
     )
-    default = convert_tinyllava_to_matvlm(teacher, w / "matvlm-25", mamba_ratio=0.25, overwrite=True, progress=False)
+    models = [("imported (authors' layout)", imported), ("convert --preset paper", paper)]
+    if args.with_default:
+        default = convert_tinyllava_to_matvlm(
+            teacher, w / "matvlm-25", mamba_ratio=0.25, overwrite=True, progress=False
+        )
+        models.append(("convert (default preset)", default))
     print(f"checkpoints written in {time.perf_counter() - t0:.0f} s")
     results = {
         "device": torch.cuda.get_device_name(),
@@ -88,11 +96,7 @@ def main() -> None:
         "prompt": f"1 image + {PROMPT_TOKENS} text tokens",
         "models": {},
     }
-    for name, path in (
-        ("imported (authors' layout)", imported),
-        ("convert --preset paper", paper),
-        ("convert (default preset)", default),
-    ):
+    for name, path in models:
         results["models"][name] = measure(path, dtype)
         print(name, results["models"][name])
     if args.out:
