@@ -1,6 +1,7 @@
 """GPU check of `matvlm import` at full size: an authors'-layout MaTVLM checkpoint (TinyLLaVA-Phi-2-SigLIP-3.1B,
 25 %, the shape of hustvl/MaTVLM_0_25_Mamba2, random weights written by streaming) is imported and decodes through
-`generate(fast_decode=True)`; its tokens/s beside a `matvlm convert --preset paper` hybrid (and the default preset's with --with-default).
+`generate(fast_decode=True)`; its tokens/s beside a `matvlm convert --preset paper` hybrid (and the default
+preset's with --with-default).
 
     python examples/decode_imported.py --workdir /tmp/imported --out results/   # GPU, ~6 GB of disk per checkpoint
 
