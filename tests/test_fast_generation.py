@@ -42,7 +42,7 @@ def test_generation_config_switch_and_cache_reuse(pixel_values):
     for _ in range(2):  # the second call reuses the static decoder (same bucket)
         out = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=20, do_sample=False)
         assert torch.equal(out, expected)
-    assert len(model._static_decoders) == 1
+    assert model.fast_decoders.decoder is not None
 
 
 def test_eos_stops_and_pads_like_generate(pixel_values):
@@ -119,3 +119,25 @@ def test_generate_fast_decode_with_small_prefill_chunks(pixel_values):
     ids = image_prompt(model.config)
     kw = dict(input_ids=ids, pixel_values=pixel_values, max_new_tokens=20, do_sample=False)
     assert torch.equal(model.generate(**kw, fast_decode=True, prefill_chunk_size=7), model.generate(**kw))
+
+
+def test_prefill_chunk_length_splits_a_token_budget_over_the_batch():
+    from matvlm_hf.fast_generation import PREFILL_TOKEN_BUDGET, prefill_chunk_length
+
+    assert prefill_chunk_length(1) == PREFILL_TOKEN_BUDGET
+    assert prefill_chunk_length(16, 8192) == 512  # batch 16 x 8K context: 16 chunks of 8192 tokens in all
+    assert prefill_chunk_length(3, 8192) == 2688  # 2730 rounded down to a multiple of 64
+    assert prefill_chunk_length(3, 100) == 33 and prefill_chunk_length(500, 100) == 1
+    assert prefill_chunk_length(16, 8192, per_sequence=7) == 7  # generation config prefill_chunk_size wins
+
+
+def test_generate_fast_decode_with_a_small_prefill_token_budget():
+    model = tiny_model("phi", (0, 2, 5))
+    ids, mask = left_padded(model.config, (3, 14))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=12, do_sample=False)
+    expected = model.generate(**kw)
+    # 10 tokens per chunk in all: 5 per sequence, so the image block and the padding span chunk boundaries
+    assert torch.equal(model.generate(**kw, fast_decode=True, prefill_token_budget=10), expected)
+    model.fast_decoders.clear()
+    assert model.fast_decoders.decoder is None

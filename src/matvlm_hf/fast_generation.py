@@ -9,6 +9,12 @@ step runs without a graph, which is how the CPU tests check it against `generate
 
 Supports greedy and sampling (temperature, top-k, top-p), EOS stopping, left-padded batches and images. Beam search
 and other generate() features go through the regular path.
+
+Public interface: `fast_generate` (what `generate(fast_decode=True)` calls); `DecoderPool`, the model's owned
+`model.fast_decoders` (at most one decoder at a time, `clear()` frees its cache); `StaticDecoder` with `prefill`,
+`decode` and `position_at` (benchmarks: move a prefilled decoder to a context length without computing it);
+`prefill_chunk_length` (how a prompt is cut: a token budget summed over the batch, like serving engines' max batched
+tokens).
 """
 
 from __future__ import annotations
@@ -21,7 +27,22 @@ from transformers import StaticCache
 from .mamba2_mixer import CACHE_ARG
 
 BUCKET = 256  # cache lengths are rounded up to a multiple of this, so nearby lengths reuse one graph
-PREFILL_CHUNK = 4096  # default prompt chunk: bounds prefill activations, so the cache dominates peak memory
+# Prompt tokens per prefill chunk, summed over the batch (serving engines' "max batched tokens"). At TinyLLaVA-3.1B
+# sizes one token's prefill activations are ~0.1 MB (the MLP's 10240-wide bf16 intermediates, the attention mask's row
+# over the cache): 8192 tokens ~ 1 GiB, below the KV cache of any batch x context worth chunking (batch 16 x 8K =
+# 43 GiB), where a per-sequence chunk of 4096 had put 65K tokens in one chunk and run out of memory.
+PREFILL_TOKEN_BUDGET = 8192
+
+
+def prefill_chunk_length(
+    batch_size: int, token_budget: int = PREFILL_TOKEN_BUDGET, per_sequence: int | None = None
+) -> int:
+    """Tokens of each sequence per prefill chunk: `per_sequence` when given (generation config `prefill_chunk_size`),
+    else `token_budget` split over the batch, rounded down to a multiple of 64 when at least 64 (never below 1)."""
+    if per_sequence:
+        return int(per_sequence)
+    length = max(1, token_budget // batch_size)
+    return length - length % 64 if length >= 64 else length
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,20 @@ class StaticDecoder:
         self.tokens.copy_(choose_tokens(logits.float(), self.params, self.suppress)[:, None])
         self.positions.add_(1)
 
+    def position_at(self, context: int) -> None:
+        """Moves a prefilled decoder to `context` cached tokens without computing them: the attention layers' fill
+        pointer, the mask and the positions jump there (the Mamba states keep the prefill's values). For benchmarks:
+        a decode step's cost does not depend on the cached values, so large batches at long contexts need no
+        prefill; `tests/test_gpu_kernels.py` checks the step time so measured against `generate()` end to end.
+        ValueError when `context` leaves no room for a step."""
+        if not 0 < context < self.max_length:
+            raise ValueError(f"context {context} must lie in (0, {self.max_length}) for this decoder")
+        for layer in self.cache.layers:
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length.fill_(context)
+        self.mask[..., :context] = 0.0
+        self.positions.fill_(context)
+
     def prefill(
         self,
         input_ids: torch.LongTensor,
@@ -100,14 +135,15 @@ class StaticDecoder:
         pixel_values: torch.Tensor | None,
         chunk_size: int | None = None,
     ) -> torch.Tensor:
-        """Runs the prompt into the static cache, `chunk_size` tokens at a time (bounding activation memory; the
-        Mamba states carry across chunks); returns the first generated tokens (b,)."""
+        """Runs the prompt (b, length) into the static cache, `chunk_size` tokens of each sequence at a time (bounding
+        activation memory; the Mamba states carry across chunks; unset = `prefill_chunk_length(b)`); returns the first
+        generated tokens (b,)."""
         self.cache.reset()
         self.mask.fill_(torch.finfo(self.mask.dtype).min)
         length = input_ids.shape[1]
         self.mask[:, 0, 0, :length].masked_fill_(attention_mask.bool(), 0.0)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        chunk_size = chunk_size or length
+        chunk_size = chunk_size or prefill_chunk_length(input_ids.shape[0])
         with torch.no_grad():
             embeds = self.model.embed_inputs(input_ids, pixel_values)  # images scattered before chunking
             for start in range(0, length, chunk_size):
@@ -151,6 +187,27 @@ class StaticDecoder:
         return out
 
 
+class DecoderPool:
+    """The fast-decoding state a model owns (`model.fast_decoders`): at most one `StaticDecoder` at a time, since one
+    holds a full-length KV cache. A request of another (batch size, cache-length bucket, sampling, compile) replaces
+    it; `clear()` frees its memory (benchmarks call it between points; users when they need the memory back)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.decoder: StaticDecoder | None = None
+
+    def get(self, model, batch_size: int, total_length: int, params: SamplingParams, compile: bool) -> StaticDecoder:
+        """The decoder for `batch_size` sequences of up to `total_length` tokens (prompt + new), built on first use."""
+        key = (batch_size, -(-total_length // BUCKET) * BUCKET, params, compile)
+        if key != self.key:
+            self.clear()  # free the old cache before allocating the new one
+            self.decoder, self.key = StaticDecoder(model, batch_size, total_length, params, compile=compile), key
+        return self.decoder
+
+    def clear(self) -> None:
+        self.key, self.decoder = None, None
+
+
 def fast_generate(
     model,
     input_ids: torch.LongTensor,
@@ -161,20 +218,18 @@ def fast_generate(
     params: SamplingParams,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
-    prefill_chunk_size: int | None = PREFILL_CHUNK,
+    prefill_chunk_size: int | None = None,
+    prefill_token_budget: int = PREFILL_TOKEN_BUDGET,
     compile: bool = False,
 ) -> torch.LongTensor:
-    """Prompt + up to max_new_tokens new tokens (b, prompt + new), like `generate()`; after EOS, pad_token_id."""
+    """Prompt + up to max_new_tokens new tokens (b, prompt + new), like `generate()`; after EOS, pad_token_id.
+    The prompt is prefilled in chunks of `prefill_chunk_length(b, prefill_token_budget, prefill_chunk_size)` tokens
+    per sequence. The decoder is kept in `model.fast_decoders` for the next call of the same shape."""
     b, prompt_length = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     total = prompt_length + max_new_tokens
-    decoders = model.__dict__.setdefault("_static_decoders", {})
-    key = (b, -(-total // BUCKET) * BUCKET, params, compile)
-    if key not in decoders:
-        decoders.clear()  # one at a time: a decoder holds a full-length KV cache
-        decoders[key] = StaticDecoder(model, b, total, params, compile=compile)
-    decoder = decoders[key]
+    decoder = model.fast_decoders.get(model, b, total, params, compile)
     eos = (
         None
         if eos_token_id is None
@@ -182,7 +237,8 @@ def fast_generate(
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device
         )
     )
-    chunks = [decoder.prefill(input_ids, attention_mask, pixel_values, prefill_chunk_size)[:, None]]
+    chunk = prefill_chunk_length(b, prefill_token_budget, prefill_chunk_size)
+    chunks = [decoder.prefill(input_ids, attention_mask, pixel_values, chunk)[:, None]]
     remaining = max_new_tokens - 1
     while remaining > 0:  # chunks of steps between checks, so finished batches stop early without a sync per step
         chunks.append(decoder.decode(min(remaining, 64)))

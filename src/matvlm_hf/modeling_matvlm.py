@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutpu
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_matvlm import MaTVLMConfig
-from .fast_generation import PREFILL_CHUNK, SamplingParams, fast_generate
+from .fast_generation import PREFILL_TOKEN_BUDGET, DecoderPool, SamplingParams, fast_generate
 from .mamba2_mixer import CACHE_ARG, MaTVLMMamba2Mixer
 
 #: language models whose forward takes a per-layer-type mask dict (they index it with `config.layer_types`)
@@ -424,6 +424,7 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
         self.model = MaTVLMModel(config)
         tc = config.text_config
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=tc.model_type == "phi")
+        self.fast_decoders = DecoderPool()  # generate(fast_decode=True)'s static cache and CUDA graph, kept for reuse
         self.post_init()
 
     # -- the module tree, as Llava exposes it --
@@ -542,11 +543,19 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             model_kwargs["pixel_values"] = pixel_values
         return input_ids, model_kwargs
 
-    def generate(self, *args, fast_decode: bool | None = None, fast_decode_compile: bool | None = None, **kwargs):
+    def generate(
+        self,
+        *args,
+        fast_decode: bool | None = None,
+        fast_decode_compile: bool | None = None,
+        prefill_token_budget: int | None = None,
+        **kwargs,
+    ):
         """transformers' `generate`, or with `fast_decode=True` (argument or generation config attribute) the static
         hybrid cache + one CUDA graph per decode step (greedy and sampling; see fast_generation.py). Generation config
-        attribute `prefill_chunk_size` (default 4096) and `fast_decode_compile` (argument or attribute:
-        torch.compile the step before capturing it) tune it. The image token id is always suppressed."""
+        attributes (or arguments) tune it: `prefill_token_budget` (prompt tokens per prefill chunk summed over the
+        batch, default `PREFILL_TOKEN_BUDGET`), `prefill_chunk_size` (a fixed per-sequence chunk instead),
+        `fast_decode_compile` (torch.compile the step before capturing it). The image token id is always suppressed."""
         prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         limit = self.config.text_config.max_position_embeddings
         if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 and prompt.shape[1] > limit:
@@ -596,7 +605,10 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             params=params,
             eos_token_id=eos,
             pad_token_id=pad,
-            prefill_chunk_size=config.prefill_chunk_size or PREFILL_CHUNK,
+            prefill_chunk_size=getattr(config, "prefill_chunk_size", None),
+            prefill_token_budget=prefill_token_budget
+            or getattr(config, "prefill_token_budget", None)
+            or PREFILL_TOKEN_BUDGET,
             compile=bool(
                 fast_decode_compile
                 if fast_decode_compile is not None

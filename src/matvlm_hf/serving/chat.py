@@ -29,7 +29,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from ..fast_generation import BUCKET, PREFILL_CHUNK, SamplingParams, StaticDecoder
+from ..fast_generation import BUCKET, PREFILL_TOKEN_BUDGET, SamplingParams, StaticDecoder, prefill_chunk_length
 from ..processing_matvlm import load_image
 
 FAST_CHUNK = 8  # decode steps per CUDA-graph batch on the fast path (the streaming granularity there)
@@ -267,7 +267,12 @@ class ChatModel:
         eos = self.model.generation_config.eos_token_id
         eos = set([eos] if isinstance(eos, int) else (eos or []))
         streamer.put(input_ids.cpu())  # the prompt (skipped by the streamer)
-        chunk = getattr(self.model.generation_config, "prefill_chunk_size", None) or PREFILL_CHUNK
+        config = self.model.generation_config
+        chunk = prefill_chunk_length(
+            1,
+            getattr(config, "prefill_token_budget", None) or PREFILL_TOKEN_BUDGET,
+            getattr(config, "prefill_chunk_size", None),
+        )
         tokens = decoder.prefill(input_ids, inputs["attention_mask"], inputs.get("pixel_values"), chunk)[:, None]
         made = 0
         while True:

@@ -1,15 +1,16 @@
 """`matvlm bench`: decode speed, prefill time, peak memory and largest batch, teacher vs hybrids, one run.
 
 Teacher and hybrids (12.5 / 25 / 50 % Mamba) are built at the TinyLLaVA-Phi-2-SigLIP-3.1B sizes with random weights
-(speed and memory do not depend on the values) and measured on the same decode path: the static hybrid cache with
-one CUDA graph per step (`generate(fast_decode=True)`). The teacher is also measured on transformers' eager
-`generate` (dynamic cache), for reference. The paper does not say how its speed-up was timed: MaTVLM ships no speed
-script, and MambaInLlama's (which it builds on) times the hybrid with CUDA graphs against the teacher on HF `generate`
-with flash-attention-2, in float16.
+(speed and memory do not depend on the values) and measured on the same path, the public `generate(fast_decode=True)`
+(the static hybrid cache, one CUDA graph per step), end to end: a real prefill of the context, then the decode. A
+decode step's time is the difference of two generations of the same prompt, 1 and 1 + `steps` new tokens, over
+`steps`; the first call of a shape (graph capture, compilation) is timed apart. Every decode point carries its % of
+the memory-bandwidth roofline (the bytes one step must read / the GPU's HBM bandwidth). Beside it, transformers' own
+static-cache generate (auto-compiled) and its eager generate, for reference. A point that does not fit is reported
+with the arithmetic (cache + weights vs the GPU's memory).
 
-Decode points: the cache is filled to the context length without computing it (one short real prefill initialises
-every state, then the attention layers' fill pointer and mask jump to the context length): a decode step's cost does
-not depend on the cached values, and large batches at 16K need no hour of prefill. Prefill is timed separately.
+The paper does not say how its speed-up was timed: MaTVLM ships no speed script, and MambaInLlama's (which it builds
+on) times the hybrid with CUDA graphs against the teacher on HF `generate` with flash-attention-2, in float16.
 
     python examples/benchmark_generation.py --out docs/benchmarks      # GPU, full size (about 8 minutes on an H100)
     matvlm bench --size tiny --out /tmp/bench                           # CPU smoke mode (the test suite runs it)
@@ -30,24 +31,23 @@ from transformers import PhiConfig, SiglipVisionConfig, StoppingCriteria, Stoppi
 
 from ..configuration_matvlm import MaTVLMConfig, mamba_layer_indices
 from ..convert.fabricate import FULL_PHI, FULL_VISION, TINY_LM, TINY_VISION
-from ..fast_generation import PREFILL_CHUNK, SamplingParams, StaticDecoder
+from ..fast_generation import SamplingParams, StaticDecoder
 from ..modeling_matvlm import MaTVLMForConditionalGeneration
 
 # --- knobs -------------------------------------------------------------------------------------------------------
 MODELS = {"teacher": 0.0, "hybrid-12.5": 0.125, "hybrid-25": 0.25, "hybrid-50": 0.5}
 SIZES = {  # contexts, batches, prefill lengths, memory totals, decode steps timed, eager contexts
     "full": dict(
-        contexts=[256, 1024, 4096, 8192, 16384],
-        batches=[1, 16, 64],
-        prefill=[1024, 4096, 8192, 16384, 32768],
-        memory=[1024, 4096, 8192, 16384, 32768],
-        steps=64,
-        eager=[(1, 1024), (16, 1024), (1, 8192)],
+        contexts=[1024, 4096, 8192, 16384],
+        batches=[1, 16],
+        prefill=[4096, 16384, 32768],
+        memory=[16384, 32768],
+        steps=128,
+        eager=[(1, 1024)],
         compiled=[(1, 1024), (16, 8192)],
         static=[(1, 1024), (16, 1024)],
         max_batch_context=16384,
         max_batch_cap=512,
-        hbm_bytes_per_s=3.35e12,
     ),
     "tiny": dict(
         contexts=[32, 128],
@@ -60,9 +60,17 @@ SIZES = {  # contexts, batches, prefill lengths, memory totals, decode steps tim
         static=[(1, 32)],
         max_batch_context=128,
         max_batch_cap=8,
-        hbm_bytes_per_s=None,
     ),
 }
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # spec bandwidth by GPU name (SXM parts)
+
+
+def hbm_bytes_per_s(device: str) -> float | None:
+    """The spec HBM bandwidth (bytes/s) of the current CUDA GPU when `HBM_BYTES_PER_S` knows it, else None."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), None)
 
 
 def build_model(ratio: float, size: str, device: str, dtype: torch.dtype) -> MaTVLMForConditionalGeneration:
@@ -105,28 +113,69 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decoder_at_context(model, batch: int, context: int, steps: int, compile: bool = False) -> StaticDecoder:
-    """A static decoder whose cache holds `context` tokens (values not computed; see the module docstring)."""
-    decoder = StaticDecoder(model, batch, context + steps + 16, SamplingParams(), compile=compile)
+def decoder_at_context(model, batch: int, context: int, steps: int) -> StaticDecoder:
+    """A static decoder whose cache holds `context` tokens, not computed (`StaticDecoder.position_at`): capacity
+    probing for `largest_batch` only; every reported time goes through `generate()`."""
+    decoder = StaticDecoder(model, batch, context + steps + 16, SamplingParams())
     ids = torch.randint(0, 1000, (batch, 16), device=model.device)
     decoder.prefill(ids, torch.ones_like(ids), None)
-    for layer in decoder.cache.layers:
-        if hasattr(layer, "cumulative_length"):
-            layer.cumulative_length.fill_(context)
-    decoder.mask[..., :context] = 0.0
-    decoder.positions.fill_(context)
+    decoder.position_at(context)
     return decoder
 
 
-def time_decode(model, batch: int, context: int, steps: int, device: str, compile: bool = False) -> dict:
-    decoder = decoder_at_context(model, batch, context, steps + 8, compile)
-    decoder.decode(8)  # captures the graph (CUDA) and warms up
+def _generate_seconds(model, ids: torch.Tensor, new_tokens: int, device: str, compile: bool) -> float:
+    """Wall time of one `generate(fast_decode=True)` call, greedy, EOS off (exactly `new_tokens` new tokens)."""
     sync(device)
     start = time.perf_counter()
-    decoder.decode(steps)
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            fast_decode=True,
+            fast_decode_compile=compile,
+        )
     sync(device)
-    ms = (time.perf_counter() - start) / steps * 1e3
-    return {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms}
+    return time.perf_counter() - start
+
+
+def time_decode(model, batch: int, context: int, steps: int, device: str, compile: bool = False) -> dict:
+    """One decode point through `generate(fast_decode=True)` end to end, `batch` prompts of `context` tokens: the
+    first call (graph capture, compilation: `first_call_s`), then prefill-only and prefill + `steps` calls (best of
+    two when small); the step time is their difference / `steps`. Both lengths share one cache bucket when `context`
+    is a multiple of 256 and `steps` < 255 (the same graph). Raises torch.OutOfMemoryError when it does not fit."""
+    ids = torch.randint(0, 1000, (batch, context), device=model.device)
+    first = _generate_seconds(model, ids, 1 + steps, device, compile)
+    repeats = 2 if batch * context <= 65536 else 1
+    prefill = min(_generate_seconds(model, ids, 1, device, compile) for _ in range(repeats))
+    full = min(_generate_seconds(model, ids, 1 + steps, device, compile) for _ in range(repeats))
+    ms = (full - prefill) / steps * 1e3
+    return {
+        "ms_per_step": ms,
+        "tokens_per_s": batch * 1e3 / ms,
+        "prefill_ms": prefill * 1e3,
+        "first_call_s": first,
+    }
+
+
+def with_roofline(point: dict | str, model, batch: int, context: int, hbm: float | None) -> dict | str:
+    """Adds `roofline_ms` and `pct_of_roofline` (roofline / measured step, %) to a timed point."""
+    if isinstance(point, dict) and "ms_per_step" in point and hbm:
+        point["roofline_ms"] = roofline_ms(model, batch, context, hbm)
+        point["pct_of_roofline"] = 100 * point["roofline_ms"] / point["ms_per_step"]
+    return point
+
+
+def does_not_fit(model, batch: int, total: int, device: str) -> dict:
+    """Why a point ran out of memory, in numbers: its static cache + the weights vs the GPU's memory."""
+    cfg, tc = model.config, model.config.text_config
+    n_attn = tc.num_hidden_layers - len(cfg.mamba_layers)
+    kv_gib = n_attn * 2 * tc.hidden_size * model.dtype.itemsize * total * batch / 2**30
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else None
+    return {"error": "OOM", "kv_cache_gib": kv_gib, "weights_gib": weights_gib, "gpu_gib": gpu_gib}
 
 
 class StepTimer(StoppingCriteria):
@@ -166,72 +215,119 @@ def time_generate(model, batch: int, context: int, steps: int, device: str, **ge
 
 
 def time_prefill(model, length: int, device: str) -> float:
-    """One unchunked prefill of `length` tokens at batch 1 (after a warm-up of the same length: Triton autotuning)."""
-    decoder = StaticDecoder(model, 1, length + 1, SamplingParams())
+    """Prefill of `length` tokens at batch 1 as `generate(fast_decode=True, max_new_tokens=1)` runs it (chunked by the
+    token budget), ms, after a warm-up of the same length (Triton autotuning)."""
     ids = torch.randint(0, 1000, (1, length), device=model.device)
-    decoder.prefill(ids, torch.ones_like(ids), None)
-    sync(device)
-    start = time.perf_counter()
-    decoder.prefill(ids, torch.ones_like(ids), None)
-    sync(device)
-    return (time.perf_counter() - start) * 1e3
+    _generate_seconds(model, ids, 1, device, False)
+    return _generate_seconds(model, ids, 1, device, False) * 1e3
 
 
 def peak_memory(model, total: int, device: str) -> float | None:
-    """Peak GPU memory (GiB) of prefilling total-128 tokens (in chunks, as generate(fast_decode=True) does) and
-    decoding 128 at batch 1."""
+    """Peak GPU memory (GiB) of `generate(fast_decode=True)` at batch 1: a prompt of total-128 tokens, 128 new."""
     if device != "cuda":
         return None
     torch.cuda.reset_peak_memory_stats()
-    decoder = StaticDecoder(model, 1, total, SamplingParams())
-    ids = torch.randint(0, 1000, (1, total - 128), device=model.device)
-    decoder.prefill(ids, torch.ones_like(ids), None, PREFILL_CHUNK)
-    decoder.decode(127)
-    sync(device)
+    _generate_seconds(model, torch.randint(0, 1000, (1, total - 128), device=model.device), 128, device, False)
     return torch.cuda.max_memory_allocated() / 2**30
 
 
 def largest_batch(model, context: int, steps: int, device: str, cap: int) -> dict:
-    """Doubling then bisection on the batch (up to `cap`) that fits a `context`-token cache, and its throughput."""
+    """The largest batch (up to `cap`) that `generate(fast_decode=True)` serves at a `context`-token prompt, and its
+    throughput there, end to end. Capacity is probed cheaply first (a cache positioned at the context, doubling then
+    bisection), then confirmed end to end, one batch lower at a time while the real prefill does not fit."""
 
-    def fits(batch: int) -> dict | None:
+    def fits(batch: int) -> bool:
         release(model)
         try:
-            return time_decode(model, batch, context, steps, device)
+            decoder_at_context(model, batch, context, steps).decode(2)
+            return True
         except torch.OutOfMemoryError:
-            return None
+            return False
         finally:
             release(model)
 
-    lo, hi, best = 0, 1, None
-    while hi <= cap and (r := fits(hi)) is not None:
-        lo, best, hi = hi, r, hi * 2
-    if hi > cap:
-        return {"batch": lo, "capped": True, **best}
+    lo, hi = 0, 1
+    while hi <= cap and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, cap + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if (r := fits(mid)) is not None:
-            lo, best = mid, r
-        else:
-            hi = mid
-    return {"batch": lo, **(best or {})}
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    for batch in range(lo, 0, -1):
+        release(model)
+        try:
+            return {
+                "batch": batch,
+                "capped": lo == cap,
+                "probed": lo,
+                **time_decode(model, batch, context, steps, device),
+            }
+        except torch.OutOfMemoryError:
+            continue
+    return {"batch": 0, "probed": lo}
 
 
 def release(model) -> None:
-    model.__dict__.pop("_static_decoders", None)
+    """Frees the model's fast-decoding cache and the allocator's unused blocks."""
+    model.fast_decoders.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def guarded(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except torch.OutOfMemoryError:
-        return "OOM"
-
-
 PARTS = ("decode", "eager", "static", "compiled", "prefill", "memory", "max_batch")
+
+
+def model_jobs(name: str, knobs: dict, parts: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """The (kind, batch, tokens) points one model is measured at; eager/static/compiled for teacher and hybrid-50."""
+    jobs = [("decode", b, c) for b in knobs["batches"] for c in knobs["contexts"]]
+    jobs += [("prefill", 1, n) for n in knobs["prefill"]] + [("memory", 1, n) for n in knobs["memory"]]
+    if name in ("teacher", "hybrid-50"):
+        jobs += [("eager", b, c) for b, c in knobs["eager"]] + [("compiled", b, c) for b, c in knobs["compiled"]]
+        jobs += [("static", b, c) for b, c in knobs["static"]]
+    return [job for job in jobs if job[0] in parts]
+
+
+def measure_point(model, kind: str, batch: int, n: int, knobs: dict, device: str, hbm: float | None):
+    """One benchmark point (see `model_jobs`): a dict of timings (with its % of roofline), a number (prefill ms, peak
+    GiB) or, when it runs out of GPU memory, `does_not_fit`'s arithmetic."""
+    steps = knobs["steps"]
+    calls = {
+        "decode": lambda: time_decode(model, batch, n, steps, device),
+        "compiled": lambda: time_decode(model, batch, n, steps, device, compile=True),
+        "eager": lambda: time_generate(model, batch, n, min(steps, 32), device),
+        # transformers' own static-cache path (auto-compiled on CUDA), beside fast_decode
+        "static": lambda: time_generate(model, batch, n, steps, device, cache_implementation="static"),
+        "prefill": lambda: time_prefill(model, n, device),
+        "memory": lambda: peak_memory(model, n, device),
+    }
+    try:
+        point = calls[kind]()
+    except torch.OutOfMemoryError:
+        release(model)
+        return does_not_fit(model, batch, n, device)
+    return point if kind in ("prefill", "memory") else with_roofline(point, model, batch, n, hbm)
+
+
+def new_results(size: str, device: str, dtype: torch.dtype, knobs: dict, out: Path, append: bool) -> dict:
+    """The results skeleton (device, versions, knobs), or the earlier run's with `append` (same device and size)."""
+    results = {
+        "size": size,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "hbm_bytes_per_s": hbm_bytes_per_s(device),
+        "knobs": knobs,
+        "models": {},
+    }
+    if append and (out / "benchmark.json").exists():  # add models to an earlier run on the same device
+        earlier = json.loads((out / "benchmark.json").read_text())
+        if earlier["device"] != results["device"] or earlier["size"] != size:
+            raise ValueError(
+                f"--append: {out / 'benchmark.json'} was measured on {earlier['device']} ({earlier['size']})"
+            )
+        results["models"] = earlier["models"]
+    return results
 
 
 def run(
@@ -243,65 +339,29 @@ def run(
     parts: tuple[str, ...] = PARTS,
     **knob_overrides: list[int],
 ) -> dict:
+    """Measures every model at every point of `parts`; writes OUT/benchmark.json after each model (so a timeout keeps
+    what was measured) and the plots at the end. Returns the results."""
     knobs = {**SIZES[size], **knob_overrides}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    results = {
-        "size": size,
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "dtype": str(dtype),
-        "knobs": knobs,
-        "models": {},
-    }
-    if append and (out / "benchmark.json").exists():  # add models to an earlier run on the same device
-        earlier = json.loads((out / "benchmark.json").read_text())
-        if earlier["device"] != results["device"] or earlier["size"] != size:
-            raise ValueError(
-                f"--append: {out / 'benchmark.json'} was measured on {earlier['device']} ({earlier['size']})"
-            )
-        results["models"] = earlier["models"]
+    results = new_results(size, device, dtype, knobs, out, append)
+    hbm = results["hbm_bytes_per_s"]
     out.mkdir(parents=True, exist_ok=True)
+    fields = {"decode": "decode", "compiled": "compiled", "eager": "eager", "static": "static"}
+    fields.update(prefill="prefill_ms", memory="peak_gib")
     for name, ratio in models.items():
         model = build_model(ratio, size, device, dtype)
         r = results["models"].setdefault(name, {})
         r.update({"ratio": ratio, "mamba_layers": model.config.mamba_layers, "lm_weight_bytes": lm_bytes(model)})
-        for field in ("decode", "eager", "static", "compiled", "prefill_ms", "peak_gib"):
+        for field in fields.values():
             r.setdefault(field, {})
-        jobs = [("decode", b, c) for b in knobs["batches"] for c in knobs["contexts"]]
-        jobs += [("prefill", 1, n) for n in knobs["prefill"]] + [("memory", 1, n) for n in knobs["memory"]]
-        if name in ("teacher", "hybrid-50"):
-            jobs += [("eager", b, c) for b, c in knobs["eager"]] + [("compiled", b, c) for b, c in knobs["compiled"]]
-            jobs += [("static", b, c) for b, c in knobs["static"]]
-        jobs = [job for job in jobs if job[0] in parts]
-        for kind, batch, n in tqdm(jobs, desc=name, unit="point"):
+        for kind, batch, n in tqdm(model_jobs(name, knobs, parts), desc=name, unit="point"):
             release(model)
-            key = f"{batch}x{n}"
-            if kind == "decode":
-                point = guarded(time_decode, model, batch, n, knobs["steps"], device)
-                if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
-                    point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
-                r["decode"][key] = point
-            elif kind == "compiled":
-                point = r["compiled"][key] = guarded(time_decode, model, batch, n, knobs["steps"], device, True)
-                if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
-                    point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
-            elif kind == "eager":
-                r["eager"][key] = guarded(time_generate, model, batch, n, min(knobs["steps"], 32), device)
-            elif kind == "static":  # transformers' own static-cache path (auto-compiled on CUDA), beside fast_decode
-                point = r["static"][key] = guarded(
-                    time_generate, model, batch, n, knobs["steps"], device, cache_implementation="static"
-                )
-                if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
-                    point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
-            elif kind == "prefill":
-                r["prefill_ms"][str(n)] = guarded(time_prefill, model, n, device)
-            else:
-                r["peak_gib"][str(n)] = guarded(peak_memory, model, n, device)
+            key = str(n) if kind in ("prefill", "memory") else f"{batch}x{n}"
+            r[fields[kind]][key] = measure_point(model, kind, batch, n, knobs, device, hbm)
         release(model)
         if "max_batch" in parts:
-            r["largest_batch"] = largest_batch(
-                model, knobs["max_batch_context"], knobs["steps"] // 2, device, knobs["max_batch_cap"]
-            )
+            point = largest_batch(model, knobs["max_batch_context"], knobs["steps"], device, knobs["max_batch_cap"])
+            r["largest_batch"] = with_roofline(point, model, point["batch"], knobs["max_batch_context"], hbm)
         del model
         release_all()
         (out / "benchmark.json").write_text(json.dumps(results, indent=2))  # partial results survive a timeout
@@ -334,7 +394,7 @@ def plot(results: dict, out: Path) -> list[Path]:
             pts = [
                 (int(k.split("x")[1]), v["tokens_per_s"])
                 for k, v in r["decode"].items()
-                if k.startswith(f"{batch}x") and isinstance(v, dict)
+                if k.startswith(f"{batch}x") and "tokens_per_s" in v
             ]
             if not pts:
                 continue
@@ -342,7 +402,7 @@ def plot(results: dict, out: Path) -> list[Path]:
             comp = [
                 (int(k.split("x")[1]), v["tokens_per_s"])
                 for k, v in r.get("compiled", {}).items()
-                if k.startswith(f"{batch}x") and isinstance(v, dict)
+                if k.startswith(f"{batch}x") and "tokens_per_s" in v
             ]
             if comp:
                 ax.scatter(
@@ -357,7 +417,7 @@ def plot(results: dict, out: Path) -> list[Path]:
         eager = [
             (int(k.split("x")[1]), v["tokens_per_s"])
             for k, v in models.get("teacher", {}).get("eager", {}).items()
-            if k.startswith(f"{batch}x") and isinstance(v, dict)
+            if k.startswith(f"{batch}x") and "tokens_per_s" in v
         ]
         if eager:
             ax.plot(*zip(*sorted(eager)), marker="x", linestyle="--", color="gray", label="teacher (HF eager)")
