@@ -339,7 +339,7 @@ def run(
     parts: tuple[str, ...] = PARTS,
     **knob_overrides: list[int],
 ) -> dict:
-    """Measures every model at every point of `parts`; writes OUT/benchmark.json after each model (so a timeout keeps
+    """Measures every model at every point of `parts`; writes OUT/benchmark.json after each point (so a timeout keeps
     what was measured) and the plots at the end. Returns the results."""
     knobs = {**SIZES[size], **knob_overrides}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -358,13 +358,14 @@ def run(
             release(model)
             key = str(n) if kind in ("prefill", "memory") else f"{batch}x{n}"
             r[fields[kind]][key] = measure_point(model, kind, batch, n, knobs, device, hbm)
+            (out / "benchmark.json").write_text(json.dumps(results, indent=2))  # partial results survive a timeout
         release(model)
         if "max_batch" in parts:
             point = largest_batch(model, knobs["max_batch_context"], knobs["steps"], device, knobs["max_batch_cap"])
             r["largest_batch"] = with_roofline(point, model, point["batch"], knobs["max_batch_context"], hbm)
         del model
         release_all()
-        (out / "benchmark.json").write_text(json.dumps(results, indent=2))  # partial results survive a timeout
+        (out / "benchmark.json").write_text(json.dumps(results, indent=2))
     plot(results, out)
     return results
 
