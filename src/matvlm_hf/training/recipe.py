@@ -24,7 +24,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .distillation import DistillationArguments
 
 
 def _knob(default: Any, help: str) -> Any:
@@ -126,7 +129,7 @@ class DistillationRecipe:
         import torch
 
         if str(self.bf16).lower() == "auto":
-            on_cuda = device == "cuda" if device else torch.cuda.is_available()
+            on_cuda = device in (None, "cuda") and torch.cuda.is_available()
             return on_cuda and torch.cuda.is_bf16_supported()
         return str(self.bf16).lower() in ("1", "true", "yes", "on")
 
@@ -177,7 +180,7 @@ class DistillationRecipe:
             **bookkeeping,
         )
 
-    def distillation_arguments(self):
+    def distillation_arguments(self) -> DistillationArguments:
         """The loss knobs as the trainer's `DistillationArguments` (ValueError for a weight, position set, layer
         loss, temperature, teacher dtype or decay ratio it does not accept)."""
         from .distillation import DistillationArguments
