@@ -29,7 +29,6 @@ except ImportError:
     triton = None
 
 HAS_MAMBA_SSM = _chunk_scan_kernel is not None
-HAS_CAUSAL_CONV1D = _conv_kernel is not None
 
 # Which kernels have a backward. mamba_chunk_scan_combined, rmsnorm_fn and causal_conv1d_fn are autograd Functions
 # (their gradients are tested against the reference in tests/test_gpu_gradients.py); selective_state_update,
@@ -167,12 +166,18 @@ def ssd_step(state, x, dt, A, B, C, D, use_kernel: bool = True) -> torch.Tensor:
     return ssd_step_reference(state, x, dt, A, B, C, D)
 
 
+def uses_conv_kernel(device: torch.device, use_kernel: bool = True) -> bool:
+    """Whether `causal_conv1d` (the conv path under autograd, i.e. while training) runs causal_conv1d's kernel for
+    inputs on `device`: installed, on CUDA and `use_kernel` (the config's use_mamba_kernels); else the reference."""
+    return use_kernel and _conv_kernel is not None and device.type == "cuda"
+
+
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True
 ) -> torch.Tensor:
     """Depthwise causal conv + SiLU over x (b, c, l) with weight (c, k); zero left context. causal_conv1d's
-    autograd Function on CUDA when installed (differentiable), else the reference."""
-    if use_kernel and _conv_kernel is not None and x.is_cuda:
+    autograd Function on CUDA when installed (differentiable; `uses_conv_kernel`), else the reference."""
+    if uses_conv_kernel(x.device, use_kernel):
         return _conv_kernel(x, weight, bias, activation="silu")
     k = weight.shape[-1]
     return F.silu(F.conv1d(x, weight[:, None], bias, padding=k - 1, groups=x.shape[1])[..., : x.shape[-1]])

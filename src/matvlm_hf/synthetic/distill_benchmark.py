@@ -7,11 +7,12 @@
                 converted twice (`conversion`): the teacher (no Mamba layer) and the student (`--ratio`);
 2. data         LLaVA-format conversations about synthetic images (`synthetic_vqa`) long enough that every sample
                 is cut to exactly `--max-length` tokens (image tokens included) by the data set's truncation;
-3. runs         `train_cli.build_trainer` (what `matvlm distill` runs: bf16, gradient checkpointing, the paper's
-                losses and trainable set) for `--steps` optimizer steps at micro-batch `--batch-size`, no gradient
-                accumulation, timing each step (CUDA-synchronised; the Mamba conv runs its differentiable path while
-                training: `conv_training_path` in the results); then, on CUDA, the largest micro-batch that
-                trains without running out of memory (doubling, then bisection; a few steps per try).
+3. runs         `training/trainer_factory.make_trainer` with `matvlm distill`'s default `DistillationRecipe` (bf16
+                and gradient checkpointing on CUDA, the paper's losses and trainable set; `training/measure`'s
+                `StepTimer`) for `--steps` optimizer steps at micro-batch `--batch-size`, no gradient accumulation,
+                timing each step (CUDA-synchronised; the Mamba conv runs its differentiable path while training:
+                `conv_training_path` in the results); then, on CUDA, the largest micro-batch that trains without
+                running out of memory (`largest_fitting`: doubling, then bisection; a few steps per try).
 
 Models are loaded once and reused by every run. Results go to `--out` (JSON) and stdout.
 """
@@ -19,56 +20,17 @@ Models are loaded once and reused by every run. Results go to `--out` (JSON) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from transformers import TrainerCallback
-
-
-class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step (the device synchronised at both ends)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    @staticmethod
-    def _sync() -> None:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.times.append(time.perf_counter() - self._start)
-        print(f"    step {state.global_step}/{state.max_steps}: {self.times[-1]:.3f} s", flush=True)
-
-
-def largest_fitting(fits: Callable[[int], bool], start: int, limit: int = 512) -> tuple[int, int | None]:
-    """(largest n with fits(n), smallest n found not to fit or None): doubling from `start` (which must fit),
-    then bisection; assumes fits is monotone."""
-    good, bad = start, None
-    n = start * 2
-    while n <= limit:
-        if not fits(n):
-            bad = n
-            break
-        good, n = n, n * 2
-    if bad is None:
-        return good, None
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if fits(mid) else (good, mid)
-    return good, bad
+from ..training.measure import StepTimer, largest_fitting
+from ..training.recipe import DistillationRecipe
 
 
 def prepare(work: Path, size: str, ratio: float, max_length: int, n_samples: int, seed: int = 0) -> dict[str, Path]:
@@ -113,34 +75,88 @@ def prepare(work: Path, size: str, ratio: float, max_length: int, n_samples: int
     return {"teacher": teacher, "student": student, "data": data, "images": images}
 
 
-def run_batch(cfg: dict[str, Any], models, batch_size: int, steps: int) -> dict[str, Any]:
-    """`steps` optimizer steps at micro-batch `batch_size`; step times, tokens/s, peak memory (or {"oom": True})."""
+@dataclass
+class Bench:
+    """What every run shares: the recipe (micro-batch and steps are set per run), the loaded models on their
+    device, the processor, the data set and the run folder."""
+
+    recipe: DistillationRecipe
+    student: Any
+    teacher: Any
+    processor: Any
+    dataset: Any
+    output: Path
+
+
+def load_bench(args: argparse.Namespace, work: Path, paths: dict[str, Path]) -> Bench:
+    """`matvlm distill`'s default recipe at `--max-length` and `--train-mode` with 2 loader workers, fitted to this
+    machine at micro-batch `--batch-size`; the student (float32) and teacher (bfloat16 with bf16) on the GPU when
+    there is one; the benchmark data cut to `--max-length` tokens."""
     import torch
 
-    from ..training.trainer_factory import build_trainer
+    from .. import MaTVLMForConditionalGeneration
+    from ..processing_matvlm import MaTVLMProcessor
+    from ..training.data import LLaVADataset
+
+    recipe = DistillationRecipe(max_length=args.max_length, train_mode=args.train_mode, num_workers=2)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student = MaTVLMForConditionalGeneration.from_pretrained(paths["student"], dtype=torch.float32).to(device)
+    teacher_dtype = torch.bfloat16 if recipe.use_bf16() else torch.float32
+    teacher = MaTVLMForConditionalGeneration.from_pretrained(paths["teacher"], dtype=teacher_dtype).to(device)
+    recipe = dataclasses.replace(recipe, per_device_batch_size=args.batch_size, global_batch_size=args.batch_size)
+    recipe = recipe.fit(student, teacher)
+    processor = MaTVLMProcessor.from_pretrained(paths["student"])
+    dataset = LLaVADataset(paths["data"], paths["images"], processor, max_length=recipe.max_length)
+    return Bench(recipe, student, teacher, processor, dataset, work / "run")
+
+
+def _train(bench: Bench, batch_size: int, steps: int, timer: StepTimer) -> None:
+    """`steps` optimizer steps at micro-batch `batch_size` (no accumulation) through the trainer factory, no
+    checkpoint written; the student's gradients are dropped afterwards."""
+    from ..training.trainer_factory import make_trainer
+
+    recipe = dataclasses.replace(
+        bench.recipe, per_device_batch_size=batch_size, global_batch_size=batch_size, max_steps=steps
+    )
+    trainer = None
+    try:
+        trainer = make_trainer(
+            recipe,
+            bench.student,
+            bench.teacher,
+            bench.dataset,
+            bench.processor,
+            bench.output,
+            callbacks=[timer],
+            logging_steps=10,
+            logging_first_step=True,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=False,
+        )
+        trainer.train()
+    finally:
+        del trainer
+        for p in bench.student.parameters():
+            p.grad = None
+        gc.collect()
+
+
+def run_batch(bench: Bench, batch_size: int, steps: int) -> dict[str, Any]:
+    """`steps` optimizer steps at micro-batch `batch_size`; step times, tokens/s, peak memory (or {"oom": True})."""
+    import torch
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     print(f"micro-batch {batch_size}, {steps} steps", flush=True)
-    timer = StepTimer()
-    trainer = None
+    timer = StepTimer(echo=True)
     try:
-        trainer = build_trainer(
-            {**cfg, "per_device_batch_size": batch_size, "global_batch_size": batch_size, "max_steps": steps},
-            models=models,
-        )
-        trainer.add_callback(timer)
-        trainer.train()
+        _train(bench, batch_size, steps, timer)
         result: dict[str, Any] = {"batch_size": batch_size, "oom": False}
     except torch.OutOfMemoryError:
         result = {"batch_size": batch_size, "oom": True}
-    finally:
-        del trainer
-        for p in models[0].parameters():
-            p.grad = None
-        gc.collect()
     if cuda:
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
@@ -148,7 +164,7 @@ def run_batch(cfg: dict[str, Any], models, batch_size: int, steps: int) -> dict[
     if not result["oom"]:
         measured = timer.times[1:] or timer.times  # the first step of a shape allocates and autotunes the kernels
         step = statistics.median(measured)
-        tokens = batch_size * cfg["max_length"]
+        tokens = batch_size * bench.recipe.max_length
         result.update(
             steps=len(timer.times),
             step_time_s=round(step, 4),
@@ -161,7 +177,7 @@ def run_batch(cfg: dict[str, Any], models, batch_size: int, steps: int) -> dict[
     return result
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="matvlm bench-distill",
         description=__doc__.split("\n\n")[0],
@@ -203,13 +219,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="mamba+connector",
         help="what trains: mamba+connector | mamba | mamba+mlp+connector | all (default: mamba+connector)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def describe_bench(bench: Bench, args: argparse.Namespace, prepare_s: float) -> dict[str, Any]:
+    """The results' header: device, versions, model sizes, the recipe's machine choices, the conv path."""
+    import torch
+
+    from .. import mamba2_ops
+
+    student, cuda = bench.student, torch.cuda.is_available()
+    conv_kernel = mamba2_ops.uses_conv_kernel(student.device, student.config.use_mamba_kernels)
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "size": args.size,
+        "student_mamba_layers": list(student.config.mamba_layers),
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "max_length": args.max_length,
+        "bf16": bench.recipe.use_bf16(),
+        "gradient_checkpointing": bench.recipe.gradient_checkpointing,
+        "train_mode": args.train_mode,
+        "prepare_seconds": round(prepare_s, 1),
+        # the Mamba conv under autograd (issue 21: the forward-only Triton conv is not used while training)
+        "conv_training_path": "causal_conv1d" if conv_kernel else "pytorch",
+    }
+
+
+def search_largest(bench: Bench, args: argparse.Namespace, result: dict[str, Any], out: Path) -> None:
+    """The largest micro-batch that trains (`largest_fitting` from the timed run's `--batch-size`, `--search-steps`
+    per try) into `result`; every try is appended to result["search"] and written to `out` as it ends."""
+    tries: dict[int, dict[str, Any]] = {args.batch_size: result["timed_run"]}
+
+    def fits(n: int) -> bool:
+        tries[n] = run_batch(bench, n, args.search_steps)
+        result["search"].append(tries[n])
+        out.write_text(json.dumps(result, indent=1) + "\n")  # partial results survive an interruption
+        return not tries[n]["oom"]
+
+    largest, first_oom = largest_fitting(fits, args.batch_size)
+    result.update(largest_micro_batch=largest, first_oom_micro_batch=first_oom, largest_micro_batch_run=tries[largest])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
 
     import torch
     from transformers.utils import logging as hf_logging
-
-    from .. import MaTVLMForConditionalGeneration, mamba2_ops
-    from ..commands.distill import parse_config
 
     from ..safe_output import claim_workdir
 
@@ -219,76 +276,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     paths = prepare(work, args.size, args.ratio, args.max_length, n_samples=64)
     prepare_s = time.perf_counter() - t0
     print(f"checkpoints and data ready in {prepare_s:.0f} s: {work}", flush=True)
-    cfg = parse_config(
-        [
-            "--student",
-            str(paths["student"]),
-            "--teacher",
-            str(paths["teacher"]),
-            "--data",
-            str(paths["data"]),
-            "--images",
-            str(paths["images"]),
-            "--output",
-            str(work / "run"),
-            "--max-length",
-            str(args.max_length),
-            "--logging-steps",
-            "10",
-            "--save-steps",
-            "0",
-            "--num-workers",
-            "2",
-            "--train-mode",
-            args.train_mode,
-            "--report-to",
-            "none",
-        ]
-    )
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    student = MaTVLMForConditionalGeneration.from_pretrained(paths["student"], dtype=torch.float32).to(device)
-    teacher = MaTVLMForConditionalGeneration.from_pretrained(
-        paths["teacher"], dtype=torch.bfloat16 if bf16 else torch.float32
-    ).to(device)
-    models = (student, teacher)
-    print(f"models loaded ({time.perf_counter() - t0:.0f} s)", flush=True)
+    bench = load_bench(args, work, paths)
+    print(f"models loaded ({time.perf_counter() - t0:.0f} s); {bench.recipe.describe()}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    timed = run_batch(cfg, models, args.batch_size, args.steps)
-    result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "torch": torch.__version__,
-        "size": args.size,
-        "student_mamba_layers": list(student.config.mamba_layers),
-        "student_parameters": sum(p.numel() for p in student.parameters()),
-        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
-        "max_length": args.max_length,
-        "bf16": bf16,
-        "gradient_checkpointing": cfg["gradient_checkpointing"],
-        "train_mode": args.train_mode,
-        "prepare_seconds": round(prepare_s, 1),
-        # the Mamba conv under autograd (issue 21: the forward-only Triton conv is not used while training)
-        "conv_training_path": "causal_conv1d" if mamba2_ops.HAS_CAUSAL_CONV1D else "pytorch",
-        "timed_run": timed,
-        "search": [],
-    }
+    timed = run_batch(bench, args.batch_size, args.steps)
+    result = {**describe_bench(bench, args, prepare_s), "timed_run": timed, "search": []}
     out.write_text(json.dumps(result, indent=1) + "\n")
-    if cuda and not args.no_search and not timed["oom"]:
-        tries: dict[int, dict[str, Any]] = {args.batch_size: timed}
-
-        def fits(n: int) -> bool:
-            tries[n] = run_batch(cfg, models, n, args.search_steps)
-            result["search"].append(tries[n])
-            out.write_text(json.dumps(result, indent=1) + "\n")  # partial results survive an interruption
-            return not tries[n]["oom"]
-
-        largest, first_oom = largest_fitting(fits, args.batch_size)
-        result.update(
-            largest_micro_batch=largest, first_oom_micro_batch=first_oom, largest_micro_batch_run=tries[largest]
-        )
+    if torch.cuda.is_available() and not args.no_search and not timed["oom"]:
+        search_largest(bench, args, result, out)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out} ({time.perf_counter() - t0:.0f} s in all)")
     return result

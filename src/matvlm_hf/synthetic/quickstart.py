@@ -199,13 +199,11 @@ def build_teacher(knobs: dict[str, Any], image_size: int, seed: int):
     return model, tokenizer, processor
 
 
-def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[str, Any], seed: int) -> list[dict]:
-    """Stage 0, the stand-in for SigLIP's own pretraining: the vision tower alone learns to classify each grid
-    cell's object (shape, colour, size, or nothing) from the feature layer the connector reads, with the labels
-    parsed from the training captions; the classification heads are dropped afterwards. Returns the loss log."""
-    import torch
-    from transformers import get_cosine_schedule_with_warmup
-
+def cell_attribute_labels(records: list[dict], items: list[dict]) -> tuple[list, list, dict[str, tuple[str, ...]]]:
+    """What the vision pretraining learns, from the training captions: (pixel_values of each image that has a
+    caption turn and pixels, its labels: per grid cell (4, in POSITIONS order) the [shape, colour, size] indices
+    into `vocab`, vocab: {"shape", "color", "size"} -> names, "nothing" first for an empty cell).
+    ValueError when no record has a caption turn (knob captions=False)."""
     from .synthetic_vqa import COLORS, POSITIONS, SHAPES, SIZES, parse_description
 
     vocab = {"shape": ("nothing",) + SHAPES, "color": ("nothing",) + tuple(COLORS), "size": ("nothing",) + SIZES}
@@ -231,38 +229,40 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
         labels.append(row)
     if not labels:
         raise ValueError("vision pretraining needs caption turns in the training records (knob captions=True)")
-    device = next(model.parameters()).device
-    pixels, labels = torch.cat(pixels).to(device), torch.tensor(labels, device=device)  # (n, 3, H, W), (n, 4, 3)
-    vc, tower = model.config.vision_config, model.vision_tower
+    return pixels, labels, vocab
+
+
+def cell_features(model):
+    """A function (b, 3, H, W) pixels -> (b, 4 cells, d): the vision tower's features at the layer the connector
+    reads, averaged over each 2 x 2 grid cell's patch tokens."""
+    import torch
+
+    vc, tower, device = model.config.vision_config, model.vision_tower, next(model.parameters()).device
     side = vc.image_size // vc.patch_size
     cell_of_token = [(r * 2 // side) * 2 + (c * 2 // side) for r in range(side) for c in range(side)]
     cell_tokens = [torch.tensor([t for t, c in enumerate(cell_of_token) if c == k], device=device) for k in range(4)]
 
     def per_cell(px: torch.Tensor) -> torch.Tensor:
-        """(b, 3, H, W) -> (b, 4 cells, d): the connector's input features, averaged over each cell's tokens."""
         feats = tower(pixel_values=px, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
         return torch.stack([feats[:, t].mean(1) for t in cell_tokens], 1)
 
-    heads = torch.nn.ModuleList(torch.nn.Linear(vc.hidden_size, len(v)) for v in vocab.values()).to(device)
-    optimizer = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=knobs["vision_pretrain_lr"])
-    steps = knobs["vision_pretrain_steps"]
-    schedule = get_cosine_schedule_with_warmup(optimizer, min(knobs["teacher_warmup"], steps // 2), steps)
-    gen = torch.Generator().manual_seed(seed)
-    tower.train()
-    losses = []
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(labels), (knobs["teacher_batch_size"],), generator=gen).to(device)
-        pooled = per_cell(pixels[idx])
-        loss = sum(
-            torch.nn.functional.cross_entropy(head(pooled).flatten(0, 1), labels[idx][..., j].flatten())
-            for j, head in enumerate(heads)
-        )
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    log = [{"step": i + 1, "loss": v} for i, v in enumerate(torch.stack(losses).tolist())] if losses else []
+    return per_cell
+
+
+def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[str, Any], seed: int) -> list[dict]:
+    """Stage 0, the stand-in for SigLIP's own pretraining: the vision tower alone learns to classify each grid
+    cell's object (shape, colour, size, or nothing) from the feature layer the connector reads, with the labels
+    parsed from the training captions (`cell_attribute_labels`); the classification heads are dropped afterwards.
+    Returns the loss log (its last entry with the heads' per-cell accuracy)."""
+    import torch
+
+    pixels, labels, vocab = cell_attribute_labels(records, items)
+    device = next(model.parameters()).device
+    pixels, labels = torch.cat(pixels).to(device), torch.tensor(labels, device=device)  # (n, 3, H, W), (n, 4, 3)
+    per_cell, tower = cell_features(model), model.vision_tower
+    hidden = model.config.vision_config.hidden_size
+    heads = torch.nn.ModuleList(torch.nn.Linear(hidden, len(v)) for v in vocab.values()).to(device)
+    log = _train_cell_heads(tower, heads, per_cell, pixels, labels, knobs, seed)
     tower.eval()
     with torch.no_grad():  # per-cell accuracy of each head on (up to) 1000 training images: how much the tower knows
         pooled = per_cell(pixels[:1000])
@@ -278,6 +278,33 @@ def pretrain_vision(model, records: list[dict], items: list[dict], knobs: dict[s
         )
         log[-1]["accuracy"] = accuracy
     return log
+
+
+def _train_cell_heads(tower, heads, per_cell, pixels, labels, knobs: dict[str, Any], seed: int) -> list[dict]:
+    """`vision_pretrain_steps` AdamW steps (cosine schedule after `teacher_warmup`) of tower + heads on the summed
+    per-cell cross-entropies, random batches of `teacher_batch_size` images; returns [{"step", "loss"}]."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=knobs["vision_pretrain_lr"])
+    steps = knobs["vision_pretrain_steps"]
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(knobs["teacher_warmup"], steps // 2), steps)
+    gen = torch.Generator().manual_seed(seed)
+    tower.train()
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(labels), (knobs["teacher_batch_size"],), generator=gen).to(labels.device)
+        pooled = per_cell(pixels[idx])
+        loss = sum(
+            torch.nn.functional.cross_entropy(head(pooled).flatten(0, 1), labels[idx][..., j].flatten())
+            for j, head in enumerate(heads)
+        )
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return [{"step": i + 1, "loss": v} for i, v in enumerate(torch.stack(losses).tolist())] if losses else []
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -414,6 +441,39 @@ def load_matvlm(path: Path, knobs: dict[str, Any]):
 # Distillation
 
 
+def distill_recipe(knobs: dict[str, Any], seed: int, weights: tuple[float, float, float] = (1.0, 1.0, 0.0)):
+    """The quickstart's `DistillationRecipe`: the loss weights `weights` (alpha: L_layer, beta: L_prob, gamma: L_ce;
+    the paper's by default) and the paper's optimiser, on the knobs' shorter schedule (`distill_steps` steps of
+    `distill_batch_size` samples, no accumulation, lr `distill_lr`, `distill_warmup_ratio`, grad norm
+    `distill_max_grad_norm`); bf16 on CUDA, no checkpointing, no loader workers (the items are in memory), and
+    transformers' default AdamW implementation (fused from torch 2.8), which the quickstart has always used."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from ..training.recipe import DistillationRecipe
+
+    alpha, beta, gamma = weights
+    batch = knobs["distill_batch_size"]
+    return DistillationRecipe(
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        train_mode=knobs["train_mode"],
+        learning_rate=knobs["distill_lr"],
+        optimizer=next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim"),
+        warmup_ratio=knobs["distill_warmup_ratio"],
+        global_batch_size=batch,
+        per_device_batch_size=batch,
+        max_steps=knobs["distill_steps"],
+        max_grad_norm=knobs["distill_max_grad_norm"],
+        bf16="true" if resolve_device(knobs["device"]).type == "cuda" else "false",
+        gradient_checkpointing=False,
+        num_workers=0,
+        seed=seed,
+    )
+
+
 def distill(
     student,
     teacher,
@@ -424,19 +484,43 @@ def distill(
     seed: int,
     weights: tuple[float, float, float] = (1.0, 1.0, 0.0),
 ) -> list[dict]:
-    """MaTVLMDistillationTrainer on the training items with loss weights (alpha: L_layer, beta: L_prob, gamma: L_ce;
-    the paper's by default); saves the student to `out`; returns the logged losses (all three terms, every step)."""
-    from transformers import TrainerCallback, TrainingArguments
+    """The trainer factory's `MaTVLMDistillationTrainer` with `distill_recipe(knobs, seed, weights)` on the
+    training items, on `knobs["device"]`; saves the student to `out` (the trainer's folder: `out`'s sibling
+    distill-run); returns the logged losses (all three terms, every step)."""
     from transformers.trainer_callback import PrinterCallback
 
-    from ..training.data import LLaVACollator
-    from ..training.distillation import DistillationArguments, MaTVLMDistillationTrainer, set_trainable
+    from ..training.trainer_factory import make_trainer
 
-    steps = knobs["distill_steps"]
-    device = resolve_device(knobs["device"])
-    set_trainable(student, knobs["train_mode"])
+    recipe = distill_recipe(knobs, seed, weights)
     student.train()
     log: list[dict] = []
+    trainer = make_trainer(
+        recipe,
+        student,
+        teacher,
+        items,
+        processor,
+        out.parent / "distill-run",
+        device=resolve_device(knobs["device"]).type,
+        callbacks=[_distill_progress(log, recipe.max_steps)],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer.remove_callback(PrinterCallback)  # the progress callback prints instead
+    trainer.train()
+    trainer.save_model(str(out))
+    student.generation_config.save_pretrained(out)
+    student.eval()
+    return log
+
+
+def _distill_progress(log: list[dict], steps: int):
+    """A TrainerCallback appending every logged step's losses and learning rate to `log`, and printing a progress
+    line (losses, elapsed and estimated remaining time) every ~10 % of the `steps`."""
+    from transformers import TrainerCallback
+
     print_every = max(1, steps // 10)
     start = time.perf_counter()
 
@@ -459,44 +543,7 @@ def distill(
                     f"({_fmt_time(elapsed)}, ~{_fmt_time(left)} left)"
                 )
 
-    args = TrainingArguments(
-        output_dir=str(out.parent / "distill-run"),
-        per_device_train_batch_size=knobs["distill_batch_size"],
-        learning_rate=knobs["distill_lr"],
-        weight_decay=0.01,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        lr_scheduler_type="warmup_stable_decay",
-        lr_scheduler_kwargs={"decay_type": "cosine"},
-        warmup_steps=knobs["distill_warmup_ratio"],
-        max_grad_norm=knobs["distill_max_grad_norm"],
-        max_steps=steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=device.type == "cpu",
-        bf16=device.type == "cuda",
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        seed=seed,
-    )
-    trainer = MaTVLMDistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        distill_args=DistillationArguments(*weights),
-        args=args,
-        train_dataset=items,
-        data_collator=LLaVACollator(processor.tokenizer.pad_token_id),
-        processing_class=processor,
-        callbacks=[Progress()],
-    )
-    trainer.remove_callback(PrinterCallback)  # Progress prints instead
-    trainer.train()
-    trainer.save_model(str(out))
-    student.generation_config.save_pretrained(out)
-    student.eval()
-    return log
+    return Progress()
 
 
 # ----------------------------------------------------------------------------------------------------------------

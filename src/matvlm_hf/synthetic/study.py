@@ -142,14 +142,45 @@ def variant_stage(
 ) -> dict[str, Any]:
     """Convert the trained teacher (`ratio`, `placement`, `init`; or exactly `layers`), score it, distil it with the
     `loss` terms on, score it again -> work/variants/NAME.json (accuracies, loss log, timings)."""
-    import torch
+    out = work / "variants" / name
+    teacher_dir, hybrid_dir = convert_variant(work, out, ratio, placement, init, seed, layers)
+    run = distil_and_score(work, knobs, teacher_dir, hybrid_dir, out / "distilled", LOSSES[loss], seed)
+    if layers:
+        ratio, placement = len(layers) / run["num_layers"], "given"
+    result = {
+        "name": name,
+        "ratio": ratio,
+        "placement": placement,
+        "init": init,
+        "loss": loss,
+        "weights": LOSSES[loss],
+        "mamba_layers": run["mamba_layers"],
+        "train_mode": knobs["train_mode"],
+        "undistilled": run["before"],
+        "distilled": run["after"],
+        "distill_steps": knobs["distill_steps"],
+        "distill_batch_size": knobs["distill_batch_size"],
+        "distill_lr": knobs["distill_lr"],
+        "distill_seconds": round(run["distill_s"], 1),
+        "eval_seconds": round(run["eval_s"], 1),
+        "log": run["log"],
+    }
+    (work / "variants" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    qs._say(
+        f"{name}: Mamba layers {result['mamba_layers']}, accuracy {run['before']['accuracy']:.3f} -> "
+        f"{run['after']['accuracy']:.3f} after {knobs['distill_steps']} steps ({qs._fmt_time(run['distill_s'])})"
+    )
+    return result
 
+
+def convert_variant(
+    work: Path, out: Path, ratio: float, placement: str, init: str, seed: int, layers: list[int] | None = None
+) -> tuple[Path, Path]:
+    """(the shared MaTVLM teacher, the hybrid converted from the trained teacher into out/undistilled with the
+    project's converter: `ratio`, `placement`, `init`, or exactly the Mamba `layers`)."""
     from ..convert.conversion import convert_tinyllava_to_matvlm
-    from ..training.data import LLaVADataset
-    from ..processing_matvlm import MaTVLMProcessor
 
     source, teacher_dir = work / "teacher-tinyllava", teacher_matvlm(work, seed)
-    out = work / "variants" / name
     hybrid_dir = convert_tinyllava_to_matvlm(
         source,
         out / "undistilled",
@@ -161,50 +192,53 @@ def variant_stage(
         overwrite=True,
         progress=False,
     )
+    return teacher_dir, hybrid_dir
+
+
+def distil_and_score(
+    work: Path,
+    knobs: dict[str, Any],
+    teacher_dir: Path,
+    hybrid_dir: Path,
+    out: Path,
+    weights: tuple[float, float, float],
+    seed: int,
+) -> dict[str, Any]:
+    """Greedy held-out accuracy of the hybrid, its distillation from the teacher (`quickstart.distill` with the loss
+    `weights`, the student saved to `out`) on the study's training conversations, the distilled hybrid's accuracy:
+    {"before", "after", "log", "mamba_layers", "num_layers", "distill_s", "eval_s" (seconds of both scorings)}."""
+    import torch
+
+    from ..processing_matvlm import MaTVLMProcessor
+    from ..training.data import LLaVADataset
+    from .synthetic_vqa import as_conversations
+
     teacher, hybrid = qs.load_matvlm(teacher_dir, knobs), qs.load_matvlm(hybrid_dir, knobs)
     processor = MaTVLMProcessor.from_pretrained(hybrid_dir)
     data = json.loads((work / "data" / "train.json").read_text())
     test = json.loads((work / "data" / "test.json").read_text())
-    from .synthetic_vqa import as_conversations
-
     image_dir = work / "data" / "images"
     ev = dict(batch_size=knobs["eval_batch_size"], max_new_tokens=knobs["max_new_tokens"])
     t0 = time.perf_counter()
     _, before = qs.evaluate(hybrid, processor, test, image_dir, **ev)
     items = qs.materialize(LLaVADataset(as_conversations(data, seed=seed), image_dir, processor))
     t1 = time.perf_counter()
-    log = qs.distill(hybrid, teacher, processor, items, out / "distilled", knobs, seed, weights=LOSSES[loss])
+    log = qs.distill(hybrid, teacher, processor, items, out, knobs, seed, weights=weights)
     distill_s = time.perf_counter() - t1
-    _, after = qs.evaluate(qs.load_matvlm(out / "distilled", knobs), processor, test, image_dir, **ev)
-    if layers:
-        ratio, placement = len(layers) / hybrid.config.text_config.num_hidden_layers, "given"
-    result = {
-        "name": name,
-        "ratio": ratio,
-        "placement": placement,
-        "init": init,
-        "loss": loss,
-        "weights": LOSSES[loss],
-        "mamba_layers": list(hybrid.config.mamba_layers),
-        "train_mode": knobs["train_mode"],
-        "undistilled": before,
-        "distilled": after,
-        "distill_steps": knobs["distill_steps"],
-        "distill_batch_size": knobs["distill_batch_size"],
-        "distill_lr": knobs["distill_lr"],
-        "distill_seconds": round(distill_s, 1),
-        "eval_seconds": round(time.perf_counter() - t0 - distill_s, 1),
+    _, after = qs.evaluate(qs.load_matvlm(out, knobs), processor, test, image_dir, **ev)
+    run = {
+        "before": before,
+        "after": after,
         "log": log,
+        "mamba_layers": list(hybrid.config.mamba_layers),
+        "num_layers": hybrid.config.text_config.num_hidden_layers,
+        "distill_s": distill_s,
+        "eval_s": time.perf_counter() - t0 - distill_s,
     }
-    (work / "variants" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    qs._say(
-        f"{name}: Mamba layers {result['mamba_layers']}, accuracy {before['accuracy']:.3f} -> "
-        f"{after['accuracy']:.3f} after {knobs['distill_steps']} steps ({qs._fmt_time(distill_s)})"
-    )
     del teacher, hybrid
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return result
+    return run
 
 
 # name -> (ratio, placement, init, loss): the ratios, then one factor at a time around the paper's 25 % recipe

@@ -217,19 +217,16 @@ class LLaVACollator:
     the model scatters the features into the image tokens in the same order); no key when no sample has one.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if pad_token_id is None:
             raise ValueError("LLaVACollator needs a pad_token_id")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         length = max(len(it["input_ids"]) for it in items)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         b = len(items)
         input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -500,19 +500,8 @@ class MaTVLMDistillationTrainer(Trainer):
             )
             student_logits = outputs.logits
 
-            # L_layer: the student's decoder layer i on the teacher's input to layer i, against the teacher's output
-            l_layer = torch.zeros((), device=student_logits.device)
             with graph_if(da.alpha):
-                for i in self.mamba_layers:
-                    teacher_in, teacher_out_i = captured[i]
-                    student_out_i = apply_decoder_layer(student.decoder_layers[i], teacher_in, attention_mask)
-                    l_layer = l_layer + layer_loss(
-                        student_out_i,
-                        teacher_out_i,
-                        kind=da.layer_loss,
-                        attention_mask=attention_mask,
-                        normalizer=norm.get("samples" if da.layer_loss == "frobenius" else "positions"),
-                    )
+                l_layer = self._layer_alignment_loss(student, captured, attention_mask, norm, student_logits.device)
             with graph_if(da.beta):
                 l_prob = kl_loss(
                     student_logits,
@@ -532,6 +521,26 @@ class MaTVLMDistillationTrainer(Trainer):
 
         loss = da.alpha * l_layer + da.beta * l_prob + da.gamma * l_ce
         return {"loss": loss, "l_layer": l_layer, "l_prob": l_prob, "l_ce": l_ce, "outputs": outputs}
+
+    def _layer_alignment_loss(
+        self, student: nn.Module, captured: dict, attention_mask: torch.Tensor, norm: dict[str, Any], device
+    ) -> torch.Tensor:
+        """L_layer: for every Mamba layer i, the student's decoder layer i applied to the teacher's input to layer i
+        (`captured[i]` = (input, output) of the teacher's layer i), against the teacher's output; summed over the
+        layers (a 0-d float32 tensor on `device`; 0 without Mamba layers)."""
+        da = self.distill_args
+        l_layer = torch.zeros((), device=device)
+        for i in self.mamba_layers:
+            teacher_in, teacher_out_i = captured[i]
+            student_out_i = apply_decoder_layer(student.decoder_layers[i], teacher_in, attention_mask)
+            l_layer = l_layer + layer_loss(
+                student_out_i,
+                teacher_out_i,
+                kind=da.layer_loss,
+                attention_mask=attention_mask,
+                normalizer=norm.get("samples" if da.layer_loss == "frobenius" else "positions"),
+            )
+        return l_layer
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -563,9 +572,6 @@ class MaTVLMDistillationTrainer(Trainer):
             logs.update({prefix + k: round(float(v), 6) for k, v in zip(keys, means.tolist())})
             self._metrics[mode].clear()
         super().log(logs, start_time)
-
-    def distillation_config(self) -> dict[str, Any]:
-        return asdict(self.distill_args)
 
 
 __all__ = [

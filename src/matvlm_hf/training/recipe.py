@@ -3,6 +3,7 @@
     recipe = PRESETS["paper"]                          # the authors' released recipe, exactly
     recipe = DistillationRecipe().fit(student, teacher)  # the default: fitted to this machine and these models
     args = recipe.training_arguments("runs/m25")       # transformers.TrainingArguments
+    loss = recipe.distillation_arguments()             # the loss terms' DistillationArguments
 
 The paper's recipe (hustvl/MaTVLM's released configs) is the preset "paper": per-device batch 1 with 64 accumulation
 micro-steps, gradient checkpointing, 2 loader workers; it was made for 3B models on 4 x 24 GB GPUs. The default
@@ -23,7 +24,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .distillation import DistillationArguments
 
 
 def _knob(default: Any, help: str) -> Any:
@@ -52,6 +56,11 @@ class DistillationRecipe:
     weight_decay: float = _knob(0.01, "AdamW weight decay (none on biases, norms, A_log, dt_bias, D)")
     adam_beta1: float = _knob(0.9, "AdamW beta1")
     adam_beta2: float = _knob(0.95, "AdamW beta2")
+    optimizer: str = _knob(
+        "adamw_torch",
+        "AdamW implementation (a transformers optim name): adamw_torch | adamw_torch_fused (one fused kernel, "
+        "the same update up to rounding)",
+    )
     lr_scheduler: str = _knob("warmup_stable_decay", "learning-rate schedule (a transformers scheduler name)")
     warmup_ratio: float = _knob(0.1, "warm-up, as a fraction of all optimizer steps")
     decay_ratio: float = _knob(
@@ -114,11 +123,14 @@ class DistillationRecipe:
             )
         return self.global_batch_size // per_step
 
-    def use_bf16(self) -> bool:
+    def use_bf16(self, device: str | None = None) -> bool:
+        """Whether training runs in bfloat16 mixed precision on `device` ("cuda" / "cpu"; default: CUDA when
+        available): bf16 "auto" means where CUDA supports it."""
         import torch
 
         if str(self.bf16).lower() == "auto":
-            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            on_cuda = device in (None, "cuda") and torch.cuda.is_available()
+            return on_cuda and torch.cuda.is_bf16_supported()
         return str(self.bf16).lower() in ("1", "true", "yes", "on")
 
     def describe(self, world_size: int = 1) -> str:
@@ -130,9 +142,10 @@ class DistillationRecipe:
             f"worker(s); bf16 {'on' if self.use_bf16() else 'off'}"
         )
 
-    def training_arguments(self, output_dir: str, world_size: int = 1, **bookkeeping: Any):
-        """`transformers.TrainingArguments` of this (fitted) recipe; `bookkeeping` adds logging / saving / reporting
-        arguments (logging_steps, save_steps, report_to, deepspeed, ...)."""
+    def training_arguments(self, output_dir: str, world_size: int = 1, device: str | None = None, **bookkeeping: Any):
+        """`transformers.TrainingArguments` of this (fitted) recipe on `device` ("cuda" / "cpu"; default: CUDA when
+        available); `bookkeeping` adds logging / saving / reporting arguments (logging_steps, save_steps, report_to,
+        deepspeed, ...). ValueError when a knob `fit` sets is still unset. The only place the project builds them."""
         import torch
         from transformers import TrainingArguments
 
@@ -141,6 +154,7 @@ class DistillationRecipe:
         # transformers >= 5.2x renamed gradient_checkpointing (the old name warns)
         names = {f.name for f in dataclasses.fields(TrainingArguments)}
         ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        on_cpu = device == "cpu" if device else not torch.cuda.is_available()
         return TrainingArguments(
             output_dir=output_dir,
             per_device_train_batch_size=self.per_device_batch_size,
@@ -149,21 +163,37 @@ class DistillationRecipe:
             weight_decay=self.weight_decay,
             adam_beta1=self.adam_beta1,
             adam_beta2=self.adam_beta2,
-            optim="adamw_torch",
+            optim=self.optimizer,
             lr_scheduler_type=self.lr_scheduler,
             lr_scheduler_kwargs={"decay_type": "cosine"} if self.lr_scheduler == "warmup_stable_decay" else {},
             warmup_steps=self.warmup_ratio,  # a float < 1 is a fraction of the steps
             max_grad_norm=self.max_grad_norm,
             num_train_epochs=self.num_epochs,
             max_steps=self.max_steps,
-            bf16=self.use_bf16(),
+            bf16=self.use_bf16(device),
             **{ckpt: self.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}},
             seed=self.seed,
             dataloader_num_workers=self.num_workers,
             remove_unused_columns=False,
             ddp_find_unused_parameters=False,
-            use_cpu=not torch.cuda.is_available(),  # also what makes a CPU multi-process run (gloo) distributed
+            use_cpu=on_cpu,  # also what makes a CPU multi-process run (gloo) distributed
             **bookkeeping,
+        )
+
+    def distillation_arguments(self) -> DistillationArguments:
+        """The loss knobs as the trainer's `DistillationArguments` (ValueError for a weight, position set, layer
+        loss, temperature, teacher dtype or decay ratio it does not accept)."""
+        from .distillation import DistillationArguments
+
+        return DistillationArguments(
+            alpha=self.alpha,
+            beta=self.beta,
+            gamma=self.gamma,
+            temperature=self.temperature,
+            kl_positions=self.kl_positions,
+            layer_loss=self.layer_loss,
+            teacher_dtype=self.teacher_dtype,
+            decay_ratio=self.decay_ratio,
         )
 
 

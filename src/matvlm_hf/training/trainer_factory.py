@@ -1,7 +1,9 @@
-"""The trainer factory: one `MaTVLMDistillationTrainer` from the knobs of `matvlm distill` (`commands/distill.py`).
+"""The trainer factory: the one place a `MaTVLMDistillationTrainer` is built, from a `DistillationRecipe`.
 
-`build_trainer` is what `matvlm distill` runs and what the distillation benchmark measures; `check_supervision`
-is the data check it prints before training.
+`make_trainer` (recipe + loaded models + data -> trainer) is what every driver uses: `matvlm distill` through
+`build_trainer` (the command's knobs -> recipe, models, processor and data read from disk, fitted to the machine),
+the quickstart and the study (`synthetic/quickstart.distill`) and the distillation benchmark
+(`synthetic/distill_benchmark`). `check_supervision` is the data check `build_trainer` prints before training.
 """
 
 from __future__ import annotations
@@ -19,22 +21,55 @@ RECIPE_KEYS = tuple(f.name for f in recipe_fields())
 UNSET_MEANS_FITTED = ("per_device_batch_size", "gradient_checkpointing", "num_workers")
 
 
-def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, run_dir: Path | None = None):
-    """The `MaTVLMDistillationTrainer` that `main` runs for the knobs `cfg` (from `parse_config`).
+def make_trainer(
+    recipe: DistillationRecipe,
+    student,
+    teacher,
+    train_dataset,
+    processor,
+    output_dir: str | Path,
+    *,
+    world_size: int = 1,
+    device: str | None = None,
+    callbacks: list | None = None,
+    **bookkeeping: Any,
+):
+    """A `MaTVLMDistillationTrainer` of the (fitted) `recipe`: the student's trainable parameters set to
+    `recipe.train_mode`, `recipe.training_arguments(output_dir, world_size, device, **bookkeeping)` and the loss of
+    `recipe.distillation_arguments()`, batches padded on the right with the processor's pad token.
+
+    student, teacher: loaded MaTVLM models (any device; the trainer moves them). train_dataset: `LLaVADataset` items
+    (a data set or a list). device: "cuda" / "cpu" (default: CUDA when available). callbacks: extra
+    `TrainerCallback`s. ValueError from the recipe when a knob `fit` sets is unset or the batch does not divide.
+    """
+    from .data import LLaVACollator
+    from .distillation import MaTVLMDistillationTrainer, set_trainable
+
+    set_trainable(student, recipe.train_mode)
+    return MaTVLMDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        distill_args=recipe.distillation_arguments(),
+        args=recipe.training_arguments(str(output_dir), world_size, device, **bookkeeping),
+        train_dataset=train_dataset,
+        data_collator=LLaVACollator(processor.tokenizer.pad_token_id, padding_side="right"),
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+
+
+def build_trainer(cfg: dict[str, Any], run_dir: Path | None = None):
+    """The `MaTVLMDistillationTrainer` that `matvlm distill` runs for the knobs `cfg` (from `parse_config`).
 
     The training knobs become one `DistillationRecipe`, fitted to this machine and these models where the preset
-    leaves them unset, and printed once. models: an already loaded (student, teacher) pair to use instead of reading
-    cfg["student"] / cfg["teacher"] (benchmarks that try several batch sizes); the student's trainable parameters
-    are set here either way. run_dir: where checkpoints go (default: cfg["output"]; `main` passes the folder built
-    beside an output it replaces).
+    leaves them unset, and printed once (with `distill_config.json` written to the run folder). run_dir: where
+    checkpoints go (default: cfg["output"]; `main` passes the folder built beside an output it replaces).
+    SystemExit for a global batch that the processes or the per-device batch do not divide, and for a student,
+    teacher and processor that disagree on the image tokens.
     """
-    import torch
     from transformers import set_seed
 
-    from ..modeling_matvlm import MaTVLMForConditionalGeneration
-    from ..processing_matvlm import MaTVLMProcessor
-    from .data import LLaVACollator, LLaVADataset
-    from .distillation import DistillationArguments, MaTVLMDistillationTrainer, set_trainable
+    from .distillation import set_trainable
 
     set_seed(cfg["seed"])
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -43,18 +78,42 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
         raise SystemExit(
             f"error: --global-batch-size {recipe.global_batch_size} is not a multiple of {world_size} processes"
         )
-    bf16 = recipe.use_bf16()
     output = Path(run_dir or cfg["output"])
+    student, teacher = load_student_and_teacher(cfg, recipe.use_bf16())
+    processor = load_processor(cfg, student)
+    fitted = [k for k in UNSET_MEANS_FITTED if getattr(recipe, k) is None]
+    set_trainable(student, recipe.train_mode)  # before fit: it counts the trainable parameters' optimiser states
+    recipe = recipe.fit(student, teacher, world_size=world_size)
+    try:
+        recipe.gradient_accumulation(world_size)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+    dataset = load_dataset(cfg, processor, recipe.max_length)
+    trainer = make_trainer(
+        recipe, student, teacher, dataset, processor, output, world_size=world_size, **bookkeeping_arguments(cfg)
+    )
+    if trainer.is_world_process_zero():
+        for line in describe_run(cfg, recipe, student, fitted, len(dataset), world_size):
+            print(line)
+        output.mkdir(parents=True, exist_ok=True)
+        record = {**cfg, **dataclasses.asdict(recipe)}
+        (output / "distill_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return trainer
 
-    # -- models and processor ----------------------------------------------------------------------------------
-    if models is None:
-        student = MaTVLMForConditionalGeneration.from_pretrained(cfg["student"], dtype=torch.float32)
-        teacher_dtype = {"auto": torch.bfloat16 if bf16 else torch.float32}.get(cfg["teacher_dtype"]) or getattr(
-            torch, cfg["teacher_dtype"]
-        )
-        teacher = MaTVLMForConditionalGeneration.from_pretrained(cfg["teacher"], dtype=teacher_dtype)
-    else:
-        student, teacher = models
+
+def load_student_and_teacher(cfg: dict[str, Any], bf16: bool):
+    """(student in float32, teacher in cfg["teacher_dtype"]: "auto" = bfloat16 when `bf16`, else float32), read
+    from cfg["student"] / cfg["teacher"]. SystemExit when their image token ids differ; prints a note when the
+    teacher has Mamba layers."""
+    import torch
+
+    from ..modeling_matvlm import MaTVLMForConditionalGeneration
+
+    student = MaTVLMForConditionalGeneration.from_pretrained(cfg["student"], dtype=torch.float32)
+    teacher_dtype = {"auto": torch.bfloat16 if bf16 else torch.float32}.get(cfg["teacher_dtype"]) or getattr(
+        torch, cfg["teacher_dtype"]
+    )
+    teacher = MaTVLMForConditionalGeneration.from_pretrained(cfg["teacher"], dtype=teacher_dtype)
     if student.config.image_token_id != teacher.config.image_token_id:
         raise SystemExit(
             f"error: student and teacher use different image token ids "
@@ -62,6 +121,14 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
         )
     if teacher.config.mamba_layers:
         print(f"note: the teacher has Mamba layers {teacher.config.mamba_layers} (progressive distillation?)")
+    return student, teacher
+
+
+def load_processor(cfg: dict[str, Any], student):
+    """The processor of cfg["processor"] (default: the student's folder); SystemExit when the image tokens it
+    writes are not the ones the student expects."""
+    from ..processing_matvlm import MaTVLMProcessor
+
     processor = MaTVLMProcessor.from_pretrained(cfg["processor"] or cfg["student"])
     if (processor.image_token_id, processor.num_image_tokens) != (
         student.config.image_token_id,
@@ -72,33 +139,30 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
             f"per image, the student expects {student.config.num_image_tokens} x id "
             f"{student.config.image_token_id}"
         )
-    trainable = set_trainable(student, cfg["train_mode"])
-    fitted = [k for k in UNSET_MEANS_FITTED if getattr(recipe, k) is None]
-    recipe = recipe.fit(student, teacher, world_size=world_size)
-    try:
-        recipe.gradient_accumulation(world_size)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+    return processor
 
-    # -- data ----------------------------------------------------------------------------------------------------
+
+def load_dataset(cfg: dict[str, Any], processor, max_length: int):
+    """`LLaVADataset` of cfg["data"] / cfg["images"] cut to `max_length` tokens (the first cfg["max_samples"] when
+    set); prints `check_supervision`'s notes (UserError when no sample has an answer token)."""
+    import torch
+
+    from .data import LLaVADataset
+
     dataset = LLaVADataset(
-        cfg["data"],
-        cfg["images"],
-        processor,
-        max_length=recipe.max_length,
-        image_aspect_ratio=cfg["image_aspect_ratio"],
+        cfg["data"], cfg["images"], processor, max_length=max_length, image_aspect_ratio=cfg["image_aspect_ratio"]
     )
     if cfg["max_samples"] is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(cfg["max_samples"], len(dataset))))
-    if models is None:
-        for line in check_supervision(dataset, cfg["data"]):
-            print(line)
-    collator = LLaVACollator(processor.tokenizer.pad_token_id, padding_side="right")
+    for line in check_supervision(dataset, cfg["data"]):
+        print(line)
+    return dataset
 
-    # -- trainer -------------------------------------------------------------------------------------------------
-    args = recipe.training_arguments(
-        str(output),
-        world_size,
+
+def bookkeeping_arguments(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The `TrainingArguments` of `matvlm distill` that are not the recipe: logging, checkpoints, reporting,
+    DeepSpeed."""
+    return dict(
         logging_steps=cfg["logging_steps"],
         logging_first_step=True,
         save_strategy="steps" if cfg["save_steps"] > 0 else "no",
@@ -108,40 +172,26 @@ def build_trainer(cfg: dict[str, Any], models: tuple[Any, Any] | None = None, ru
         deepspeed=cfg["deepspeed"],
         disable_tqdm=False,
     )
-    distill_args = DistillationArguments(
-        alpha=recipe.alpha,
-        beta=recipe.beta,
-        gamma=recipe.gamma,
-        temperature=recipe.temperature,
-        kl_positions=recipe.kl_positions,
-        layer_loss=recipe.layer_loss,
-        teacher_dtype=recipe.teacher_dtype,
-        decay_ratio=recipe.decay_ratio,
-    )
-    trainer = MaTVLMDistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        distill_args=distill_args,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collator,
-        processing_class=processor,
-    )
-    if trainer.is_world_process_zero():
-        n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in student.parameters())
-        device = "CUDA" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-        print(f"student: {cfg['student']} (Mamba layers {student.config.mamba_layers}); teacher: {cfg['teacher']}")
-        print(f"trainable ({recipe.train_mode}): {n_train:,} of {n_all:,} parameters in {len(trainable)} tensors")
-        print(
-            f"recipe '{cfg['preset']}' on {device}"
-            + (f" (fitted: {', '.join(k.replace('_', ' ') for k in fitted)})" if fitted else "")
-            + f": {len(dataset)} samples; {recipe.describe(world_size)}"
-        )
-        output.mkdir(parents=True, exist_ok=True)
-        record = {**cfg, **dataclasses.asdict(recipe)}
-        (output / "distill_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return trainer
+
+
+def describe_run(
+    cfg: dict[str, Any], recipe: DistillationRecipe, student, fitted: list[str], n_samples: int, world_size: int
+) -> list[str]:
+    """The lines `matvlm distill` prints before training: the models, the trainable parameters, the recipe (with
+    the knobs `fit` chose, `fitted`) and the batch arithmetic."""
+    import torch
+
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in student.parameters())
+    n_tensors = sum(1 for p in student.parameters() if p.requires_grad)
+    device = "CUDA" if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return [
+        f"student: {cfg['student']} (Mamba layers {student.config.mamba_layers}); teacher: {cfg['teacher']}",
+        f"trainable ({recipe.train_mode}): {n_train:,} of {n_all:,} parameters in {n_tensors} tensors",
+        f"recipe '{cfg['preset']}' on {device}"
+        + (f" (fitted: {', '.join(k.replace('_', ' ') for k in fitted)})" if fitted else "")
+        + f": {n_samples} samples; {recipe.describe(world_size)}",
+    ]
 
 
 def check_supervision(dataset, data_name: str, scan_limit: int = 20000) -> list[str]:
