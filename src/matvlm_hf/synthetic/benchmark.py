@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PhiConfig, SiglipVisionConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import PhiConfig, SiglipVisionConfig, StoppingCriteriaList
 
 from ..configuration_matvlm import MaTVLMConfig, mamba_layer_indices
 from ..convert.fabricate import FULL_PHI, FULL_VISION, TINY_LM, TINY_VISION
 from ..fast_generation import SamplingParams, StaticDecoder
 from ..modeling_matvlm import MaTVLMForConditionalGeneration
+from ..training.measure import StepTimer, largest_fitting
 
 # --- knobs -------------------------------------------------------------------------------------------------------
 MODELS = {"teacher": 0.0, "hybrid-12.5": 0.125, "hybrid-25": 0.25, "hybrid-50": 0.5}
@@ -178,18 +179,6 @@ def does_not_fit(model, batch: int, total: int, device: str) -> dict:
     return {"error": "OOM", "kv_cache_gib": kv_gib, "weights_gib": weights_gib, "gpu_gib": gpu_gib}
 
 
-class StepTimer(StoppingCriteria):
-    """Stamps the time at the end of every generate() step (never stops generation)."""
-
-    def __init__(self, device: str):
-        self.device, self.stamps = device, []
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        sync(self.device)
-        self.stamps.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
 def time_generate(model, batch: int, context: int, steps: int, device: str, **generate_kwargs) -> dict:
     """transformers' generate() end to end (a real prefill of `context` tokens, then `steps` decode steps): median
     step time after the first (prefill) step. No kwargs: the dynamic cache, eager. `cache_implementation="static"`:
@@ -208,9 +197,9 @@ def time_generate(model, batch: int, context: int, steps: int, device: str, **ge
     with torch.no_grad():
         if generate_kwargs:  # warm-up: compilation and CUDA-graph capture of the static-cache path
             model.generate(**kw)
-        timer = StepTimer(device)
+        timer = StepTimer()
         model.generate(**kw, stopping_criteria=StoppingCriteriaList([timer]))
-    ms = statistics.median(b - a for a, b in zip(timer.stamps[:-1], timer.stamps[1:])) * 1e3
+    ms = statistics.median(timer.times) * 1e3
     return {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms}
 
 
@@ -246,19 +235,15 @@ def largest_batch(model, context: int, steps: int, device: str, cap: int) -> dic
         finally:
             release(model)
 
-    lo, hi = 0, 1
-    while hi <= cap and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, cap + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    if not fits(1):
+        return {"batch": 0, "probed": 0}
+    lo, first_too_big = largest_fitting(fits, 1, cap)
     for batch in range(lo, 0, -1):
         release(model)
         try:
             return {
                 "batch": batch,
-                "capped": lo == cap,
+                "capped": first_too_big is None,
                 "probed": lo,
                 **time_decode(model, batch, context, steps, device),
             }
