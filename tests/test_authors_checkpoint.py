@@ -89,6 +89,19 @@ def test_imported_tensors_are_the_sources_renamed(tmp_path):
     assert "hustvl/MaTVLM" in (out / "README.md").read_text() and str(src) in (out / "README.md").read_text()
 
 
+def test_import_never_asks_to_run_the_folders_remote_code(tmp_path, capfd, monkeypatch):
+    """The authors' config.json names TinyLLaVA's remote code (auto_map): reading the tokenizer must not go through
+    AutoConfig, which asks "Do you wish to run the custom code?" (and waits for an answer in a terminal)."""
+    src = write_authors_checkpoint(tmp_path / "authors", ssm_layers=[0, 2])
+    assert "auto_map" in json.loads((src / "config.json").read_text())
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("import asked a question: " + " ".join(map(str, a))))
+    out = import_authors_checkpoint(src, tmp_path / "imported", progress=False)
+    printed = capfd.readouterr()
+    assert "custom code" not in printed.out + printed.err
+    assert "to instantiate a model of type" not in printed.out + printed.err
+    assert (out / "tokenizer_config.json").exists()
+
+
 @pytest.mark.parametrize("ratio,preset", [(0.25, "paper"), (0.5, "paper"), (0.25, "matvlm")])
 def test_convert_export_import_is_bit_identical(ratio, preset, tinyllava, tmp_path):
     """--preset paper gives their bias-free mixer (is_bias false); the default preset's biased one is their is_bias."""

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from ..configuration_matvlm import MaTVLMConfig
@@ -45,6 +45,7 @@ from .conversion import (
     ConversionError,
     _ShardWriter,
     _source_dtype,
+    _without_config_type_warning,
     iter_tensors,
     matvlm_config_from_tinyllava,
     read_tinyllava_config,
@@ -362,14 +363,16 @@ def _write_imported_metadata(config: MaTVLMConfig, source: Path, folder: Path, n
     custom_object_save(shell, folder, config=config)
     config.architectures = [type(shell).__name__]
     config.save_pretrained(folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+    try:  # never AutoTokenizer on the folder itself: its config.json auto_map would ask to run remote code
+        with _without_config_type_warning():
+            processor = processor_from_tinyllava(source, config.image_token_id, config.num_image_tokens)
     except Exception as err:
         raise ConversionError(
             f"Could not load the tokenizer files of {source} ({err}); copy TinyLLaVA's tokenizer "
             "files (tokenizer_config.json, vocab.json, merges.txt, ...) into it."
         ) from err
-    processor_from_tinyllava(source, config.image_token_id, config.num_image_tokens).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    tokenizer = processor.tokenizer
     eos = tokenizer.eos_token_id
     GenerationConfig(
         eos_token_id=eos,
