@@ -179,6 +179,8 @@ def test_distill_defaults_fit_a_cpu_and_keep_the_global_batch(journey):
     assert out.count("recipe 'auto' on CPU") == 1  # printed once
     assert f"per-device batch {used['per_device_batch_size']} x " in out and "gradient checkpointing off" in out
     assert (d / "run" / "model.safetensors").is_file()
+    state = json.loads((d / "run" / "trainer_state.json").read_text())  # the run's log beside the student
+    assert state["global_step"] >= 1 and any("loss" in entry for entry in state["log_history"])
     assert not marker.exists()
     assert "generated" in logs["generate"].stdout
 

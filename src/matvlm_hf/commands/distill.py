@@ -269,6 +269,7 @@ def _train_and_save(cfg: dict[str, Any], run_dir: Path, resume: Any) -> None:
     student = trainer.model
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(run_dir))  # save_pretrained (safetensors) + processor, main process only
+    trainer.save_state()  # trainer_state.json: the run's log history (losses, peak memory) beside the student
     if trainer.is_world_process_zero():
         if getattr(student, "generation_config", None) is not None:
             student.generation_config.save_pretrained(run_dir)

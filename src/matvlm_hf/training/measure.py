@@ -54,6 +54,15 @@ class StepTimer(TrainerCallback, StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class PeakMemory(TrainerCallback):
+    """Adds `peak_gib` (torch.cuda.max_memory_allocated of this process since it started, GiB) to every log entry of a
+    run on CUDA, so trainer_state.json's log_history holds the memory beside the losses; nothing on a CPU."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            logs["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+
 def largest_fitting(fits: Callable[[int], bool], start: int, limit: int = 512) -> tuple[int, int | None]:
     """(largest n <= `limit` with fits(n), smallest n found not to fit or None when every try up to `limit` fit):
     doubling from `start` (which must fit; it is not tried), then bisection. Assumes fits is monotone (a batch
