@@ -32,3 +32,20 @@ def test_roofline_counts_weights_kv_and_states():
     assert abs(t - 4 * 2 * 64 * 4 * 1000 / 1e9 * 1e3) < 1e-9
     h = roofline_ms(hybrid, 1, 1000, 1e9) - roofline_ms(hybrid, 1, 0, 1e9)
     assert abs(h - t / 2) < 1e-9
+
+
+def test_decode_step_profile_counts_the_steps_ops(tmp_path):
+    """examples/profile_decode_step.py on a CPU (tiny sizes): per-step op counts and times, the matmuls among them."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "profile_decode_step.py"
+    spec = importlib.util.spec_from_file_location("profile_decode_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--size", "tiny", "--steps", "2", "--context", "32", "--modes", "eager", "--out", str(tmp_path)])
+    for name in ("teacher/eager", "hybrid-50/eager"):
+        stats = out[name]
+        assert stats["kernels_per_step"] > 4 * 4  # at least a few ops per layer of the 4-layer LM
+        assert 0 < stats["gemm_us_per_step"] < stats["us_per_step"]
+    assert json.loads((tmp_path / "profile_decode_step.json").read_text())["context"] == 32
