@@ -17,7 +17,6 @@ not depend on the cached values, and large batches at 16K need no hour of prefil
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -243,23 +242,21 @@ def run(
     parts: tuple[str, ...] = PARTS,
     **knob_overrides: list[int],
 ) -> dict:
+    """Every point of `parts` for each of `models` (name -> Mamba ratio) at `size` (SIZES) on `device`; results in
+    `out`/benchmark.json (written after each model: partial results survive a timeout) and the plots. `append`: add
+    the models to an earlier run of `out` (ValueError unless it ran on the same device and size). Returns the
+    results (per model: ms per step and tokens/s per "batchxcontext", prefill ms, peak GiB, largest batch)."""
     knobs = {**SIZES[size], **knob_overrides}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     results = {
         "size": size,
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": device_name,
         "torch": torch.__version__,
         "dtype": str(dtype),
         "knobs": knobs,
-        "models": {},
+        "models": _earlier_models(out, size, device_name) if append else {},
     }
-    if append and (out / "benchmark.json").exists():  # add models to an earlier run on the same device
-        earlier = json.loads((out / "benchmark.json").read_text())
-        if earlier["device"] != results["device"] or earlier["size"] != size:
-            raise ValueError(
-                f"--append: {out / 'benchmark.json'} was measured on {earlier['device']} ({earlier['size']})"
-            )
-        results["models"] = earlier["models"]
     out.mkdir(parents=True, exist_ok=True)
     for name, ratio in models.items():
         model = build_model(ratio, size, device, dtype)
@@ -267,36 +264,9 @@ def run(
         r.update({"ratio": ratio, "mamba_layers": model.config.mamba_layers, "lm_weight_bytes": lm_bytes(model)})
         for field in ("decode", "eager", "static", "compiled", "prefill_ms", "peak_gib"):
             r.setdefault(field, {})
-        jobs = [("decode", b, c) for b in knobs["batches"] for c in knobs["contexts"]]
-        jobs += [("prefill", 1, n) for n in knobs["prefill"]] + [("memory", 1, n) for n in knobs["memory"]]
-        if name in ("teacher", "hybrid-50"):
-            jobs += [("eager", b, c) for b, c in knobs["eager"]] + [("compiled", b, c) for b, c in knobs["compiled"]]
-            jobs += [("static", b, c) for b, c in knobs["static"]]
-        jobs = [job for job in jobs if job[0] in parts]
-        for kind, batch, n in tqdm(jobs, desc=name, unit="point"):
+        for kind, batch, n in tqdm(_jobs(name, knobs, parts), desc=name, unit="point"):
             release(model)
-            key = f"{batch}x{n}"
-            if kind == "decode":
-                point = guarded(time_decode, model, batch, n, knobs["steps"], device)
-                if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
-                    point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
-                r["decode"][key] = point
-            elif kind == "compiled":
-                point = r["compiled"][key] = guarded(time_decode, model, batch, n, knobs["steps"], device, True)
-                if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
-                    point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
-            elif kind == "eager":
-                r["eager"][key] = guarded(time_generate, model, batch, n, min(knobs["steps"], 32), device)
-            elif kind == "static":  # transformers' own static-cache path (auto-compiled on CUDA), beside fast_decode
-                point = r["static"][key] = guarded(
-                    time_generate, model, batch, n, knobs["steps"], device, cache_implementation="static"
-                )
-                if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
-                    point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
-            elif kind == "prefill":
-                r["prefill_ms"][str(n)] = guarded(time_prefill, model, n, device)
-            else:
-                r["peak_gib"][str(n)] = guarded(peak_memory, model, n, device)
+            _measure(model, r, kind, batch, n, knobs, device)
         release(model)
         if "max_batch" in parts:
             r["largest_batch"] = largest_batch(
@@ -309,10 +279,60 @@ def run(
     return results
 
 
+def _earlier_models(out: Path, size: str, device_name: str) -> dict:
+    """The models of an earlier run in `out` (none without one); ValueError if it ran on another device or size."""
+    if not (out / "benchmark.json").exists():
+        return {}
+    earlier = json.loads((out / "benchmark.json").read_text())
+    if earlier["device"] != device_name or earlier["size"] != size:
+        raise ValueError(f"--append: {out / 'benchmark.json'} was measured on {earlier['device']} ({earlier['size']})")
+    return earlier["models"]
+
+
+def _jobs(name: str, knobs: dict, parts: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """(kind, batch, tokens) of every point measured for model `name`: the eager, compiled and static-cache
+    references only for the teacher and hybrid-50."""
+    jobs = [("decode", b, c) for b in knobs["batches"] for c in knobs["contexts"]]
+    jobs += [("prefill", 1, n) for n in knobs["prefill"]] + [("memory", 1, n) for n in knobs["memory"]]
+    if name in ("teacher", "hybrid-50"):
+        jobs += [("eager", b, c) for b, c in knobs["eager"]] + [("compiled", b, c) for b, c in knobs["compiled"]]
+        jobs += [("static", b, c) for b, c in knobs["static"]]
+    return [job for job in jobs if job[0] in parts]
+
+
+def _measure(model, r: dict, kind: str, batch: int, n: int, knobs: dict, device: str) -> None:
+    """One point into the model's results `r` ("OOM" where it runs out of memory); the decode points (fast_decode,
+    compiled, transformers' static cache) with their roofline when knobs["hbm_bytes_per_s"] is set."""
+    key, steps = f"{batch}x{n}", knobs["steps"]
+    if kind == "prefill":
+        r["prefill_ms"][str(n)] = guarded(time_prefill, model, n, device)
+    elif kind == "memory":
+        r["peak_gib"][str(n)] = guarded(peak_memory, model, n, device)
+    elif kind == "eager":
+        r["eager"][key] = guarded(time_generate, model, batch, n, min(steps, 32), device)
+    else:
+        if kind == "static":  # transformers' own static-cache path (auto-compiled on CUDA), beside fast_decode
+            point = guarded(time_generate, model, batch, n, steps, device, cache_implementation="static")
+        else:
+            point = guarded(time_decode, model, batch, n, steps, device, kind == "compiled")
+        if isinstance(point, dict) and knobs["hbm_bytes_per_s"]:
+            point["roofline_ms"] = roofline_ms(model, batch, n, knobs["hbm_bytes_per_s"])
+        r[kind][key] = point
+
+
 def release_all() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _decode_points(runs: dict, batch: int) -> list[tuple[int, float]]:
+    """(context, tokens/s) of the measured (not OOM) points of `runs` ("batchxcontext" -> point) at `batch`."""
+    return sorted(
+        (int(k.split("x")[1]), v["tokens_per_s"])
+        for k, v in runs.items()
+        if k.startswith(f"{batch}x") and isinstance(v, dict)
+    )
 
 
 def plot(results: dict, out: Path) -> list[Path]:
@@ -321,32 +341,32 @@ def plot(results: dict, out: Path) -> list[Path]:
 
     require("matplotlib", "matvlm bench's plots")
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    paths = [out / "decode_throughput.png", out / "memory_prefill.png"]
+    _plot_decode(results, paths[0])
+    _plot_memory_prefill(results["models"], paths[1])
+    return paths
 
-    models = results["models"]
-    batches = results["knobs"]["batches"]
+
+def _plot_decode(results: dict, path: Path) -> None:
+    """One panel per batch: decode tokens/s vs context of every model (graph; graph + compile as stars), the
+    teacher on HF eager generate dashed."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    models, batches, contexts = results["models"], results["knobs"]["batches"], results["knobs"]["contexts"]
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         for name, r in models.items():
-            pts = [
-                (int(k.split("x")[1]), v["tokens_per_s"])
-                for k, v in r["decode"].items()
-                if k.startswith(f"{batch}x") and isinstance(v, dict)
-            ]
+            pts = _decode_points(r["decode"], batch)
             if not pts:
                 continue
-            (line,) = ax.plot(*zip(*sorted(pts)), marker="o", label=f"{name} (graph)")
-            comp = [
-                (int(k.split("x")[1]), v["tokens_per_s"])
-                for k, v in r.get("compiled", {}).items()
-                if k.startswith(f"{batch}x") and isinstance(v, dict)
-            ]
+            (line,) = ax.plot(*zip(*pts), marker="o", label=f"{name} (graph)")
+            comp = _decode_points(r.get("compiled", {}), batch)
             if comp:
                 ax.scatter(
-                    *zip(*sorted(comp)),
+                    *zip(*comp),
                     marker="*",
                     s=140,
                     color=line.get_color(),
@@ -354,13 +374,9 @@ def plot(results: dict, out: Path) -> list[Path]:
                     zorder=3,
                     label=f"{name} (graph + compile)",
                 )
-        eager = [
-            (int(k.split("x")[1]), v["tokens_per_s"])
-            for k, v in models.get("teacher", {}).get("eager", {}).items()
-            if k.startswith(f"{batch}x") and isinstance(v, dict)
-        ]
+        eager = _decode_points(models.get("teacher", {}).get("eager", {}), batch)
         if eager:
-            ax.plot(*zip(*sorted(eager)), marker="x", linestyle="--", color="gray", label="teacher (HF eager)")
+            ax.plot(*zip(*eager), marker="x", linestyle="--", color="gray", label="teacher (HF eager)")
         ax.set(
             xscale="log",
             yscale="log",
@@ -368,18 +384,19 @@ def plot(results: dict, out: Path) -> list[Path]:
             ylabel="decode tokens/s",
             title=f"batch {batch}",
         )
-        ax.set_xticks(
-            results["knobs"]["contexts"],
-            [f"{c // 1024}K" if c >= 1024 else str(c) for c in results["knobs"]["contexts"]],
-        )
+        ax.set_xticks(contexts, [f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Decode throughput, {results['device']}, {results['dtype']}")
     fig.tight_layout()
-    paths = [out / "decode_throughput.png"]
-    fig.savefig(paths[0], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_memory_prefill(models: dict, path: Path) -> None:
+    """Peak memory vs total tokens and prefill time vs prompt tokens, batch 1, every model."""
+    import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in models.items():
@@ -395,77 +412,15 @@ def plot(results: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / "memory_prefill.png")
-    fig.savefig(paths[1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="matvlm bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--size",
-        choices=list(SIZES),
-        default="full",
-        help="model sizes: full (TinyLLaVA-3.1B, GPU) | tiny (CPU smoke run) (default: full)",
-    )
-    parser.add_argument(
-        "--out", default="docs/benchmarks", help="folder for benchmark.json and the plots (default: docs/benchmarks)"
-    )
-    parser.add_argument(
-        "--models", default=",".join(MODELS), help=f"comma-separated models to time (default: all: {','.join(MODELS)})"
-    )
-    parser.add_argument(
-        "--plot-only", action="store_true", help="only redraw the plots from OUT/benchmark.json (default: off)"
-    )
-    parser.add_argument(
-        "--append",
-        action="store_true",
-        help="add to OUT/benchmark.json instead of replacing it; same device (default: off)",
-    )
-    parser.add_argument(
-        "--parts", default=",".join(PARTS), help=f"comma-separated measurements (default: all: {','.join(PARTS)})"
-    )
-    parser.add_argument(
-        "--batches", default=None, help="comma-separated batch sizes of the decode points (default: the size's list)"
-    )
-    parser.add_argument(
-        "--contexts",
-        default=None,
-        help="comma-separated context lengths of the decode points, tokens (default: the size's list)",
-    )
-    args = parser.parse_args(argv)
-    from ..extras import require
-    from ..safe_output import check_output
+    """`matvlm bench` (`commands/bench.py`, imported when called), kept here for `python -m` and old callers."""
+    from ..commands.bench import main as command
 
-    require("matplotlib", "matvlm bench's plots")
-
-    out = Path(args.out)
-    check_output(out, option="--out")
-    if args.plot_only:
-        results = json.loads((out / "benchmark.json").read_text())
-        plot(results, out)
-        return results
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.size == "full" and device != "cuda":
-        parser.error("--size full needs a CUDA GPU; use --size tiny on a CPU")
-    models = {m: MODELS[m] for m in args.models.split(",")}
-    knobs = {
-        name: [int(x) for x in value.split(",")]
-        for name, value in (("batches", args.batches), ("contexts", args.contexts))
-        if value
-    }
-    results = run(args.size, out, device, models, append=args.append, parts=tuple(args.parts.split(",")), **knobs)
-    print(
-        json.dumps(
-            {
-                name: {"largest_batch": r.get("largest_batch", {}).get("batch"), "compiled": r["compiled"]}
-                for name, r in results["models"].items()
-            },
-            indent=1,
-        )[:4000]
-    )
-    return results
+    return command(argv)
 
 
 if __name__ == "__main__":
