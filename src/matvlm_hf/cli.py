@@ -22,7 +22,7 @@ COMMANDS = {
         "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)",
     ),
     "bench-distill": (
-        "matvlm_hf.synthetic.distill_benchmark",
+        "matvlm_hf.commands.bench_distill",
         "distillation step time, memory, largest micro-batch (GPU)",
     ),
     "study": (
