@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import image_prompt, tiny_model  # noqa: E402
+from conftest import image_prompt, tiny_model  # tests/ is on sys.path: the script's folder, or pytest's
 
-from matvlm_hf.data import LLaVACollator  # noqa: E402
-from matvlm_hf.distillation import MaTVLMDistillationTrainer, set_trainable  # noqa: E402
+from matvlm_hf.data import LLaVACollator
+from matvlm_hf.distillation import MaTVLMDistillationTrainer, set_trainable
 
 MAMBA_LAYERS = (1, 3)
 # loss term -> (distillation arguments, train mode). The layer loss alone does not reach the connector, so its

@@ -1,22 +1,15 @@
 """TinyLLaVA "phi" template: text, jinja twin, tokenisation and label masking."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-if importlib.util.find_spec("matvlm_hf") is None:  # not installed: use the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from matvlm_hf.chat_template import (  # noqa: E402
+from matvlm_hf.chat_template import (
     IGNORE_INDEX,
     SYSTEM_PROMPT,
     format_conversation,
     tokenize_conversation,
 )
-from matvlm_hf.fabricate import write_tinyllava_checkpoint  # noqa: E402
-from matvlm_hf.processing_matvlm import processor_from_tinyllava  # noqa: E402
+from matvlm_hf.fabricate import write_tinyllava_checkpoint
+from matvlm_hf.processing_matvlm import processor_from_tinyllava
 
 IMG_ID, N_IMG = 1200, 15  # an unused embedding row of the tiny checkpoints; 4x4 patches - 1
 

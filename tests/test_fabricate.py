@@ -1,18 +1,13 @@
 """The fabricated TinyLLaVA checkpoints have the published layout and load into the reference."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-if importlib.util.find_spec("matvlm_hf") is None:  # not installed: use the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from matvlm_hf.fabricate import (  # noqa: E402
+from matvlm_hf.fabricate import (
     TINY_LM,
     TINY_NUM_KV_HEADS,
     TINY_VISION,
@@ -23,7 +18,7 @@ from matvlm_hf.fabricate import (  # noqa: E402
     parse_size,
     write_tinyllava_checkpoint,
 )
-from tinyllava_reference import load_tinyllava_reference, read_state_dict, reference_logits  # noqa: E402
+from tinyllava_reference import load_tinyllava_reference, read_state_dict, reference_logits
 
 LM_TYPES = ["phi", "llama", "qwen2"]
 N_IMG = (TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2 - 1

@@ -1,21 +1,15 @@
 """MaTVLMProcessor: placeholder expansion, padding, images, errors, save/load."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-if importlib.util.find_spec("matvlm_hf") is None:  # not installed: use the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from matvlm_hf.chat_template import format_conversation  # noqa: E402
-from matvlm_hf.fabricate import write_tinyllava_checkpoint  # noqa: E402
-from matvlm_hf.processing_matvlm import (  # noqa: E402
+from matvlm_hf.chat_template import format_conversation
+from matvlm_hf.fabricate import write_tinyllava_checkpoint
+from matvlm_hf.processing_matvlm import (
     MaTVLMProcessor,
     expand_to_square,
     num_image_tokens_for,

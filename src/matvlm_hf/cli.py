@@ -7,14 +7,14 @@ import sys
 
 COMMANDS = {
     "quickstart": (
-        "matvlm_hf.synthetic.quickstart",
+        "matvlm_hf.commands.quickstart",
         "from nothing on a CPU: data, teacher, 25 % hybrid, distillation, report",
     ),
-    "demo": ("matvlm_hf.synthetic.demo", "fabricate a tiny TinyLLaVA, convert it, compare teacher and hybrid"),
-    "convert": ("matvlm_hf.convert.conversion", "convert a TinyLLaVA checkpoint to a MaTVLM hybrid"),
-    "data": ("matvlm_hf.synthetic.synthetic_vqa", "write the synthetic visual-QA data set"),
+    "demo": ("matvlm_hf.commands.demo", "fabricate a tiny TinyLLaVA, convert it, compare teacher and hybrid"),
+    "convert": ("matvlm_hf.commands.convert", "convert a TinyLLaVA checkpoint to a MaTVLM hybrid"),
+    "data": ("matvlm_hf.commands.data", "write the synthetic visual-QA data set"),
     "bench": (
-        "matvlm_hf.synthetic.benchmark",
+        "matvlm_hf.commands.bench",
         "decode/prefill speed and memory, teacher vs hybrids (GPU; --size tiny on CPU)",
     ),
     "distill": (
@@ -22,11 +22,11 @@ COMMANDS = {
         "distil a hybrid from its teacher (Trainer; accelerate launch for many GPUs)",
     ),
     "bench-distill": (
-        "matvlm_hf.synthetic.distill_benchmark",
+        "matvlm_hf.commands.bench_distill",
         "distillation step time, memory, largest micro-batch (GPU)",
     ),
     "study": (
-        "matvlm_hf.synthetic.study",
+        "matvlm_hf.commands.study",
         "the synthetic-world study: ratios and loss/placement/init ablations, report",
     ),
     "import": (

@@ -238,7 +238,7 @@ def _swap(staging: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="matvlm eval",
         description=__doc__.split("\n\n")[0],
@@ -299,4 +299,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="replace a non-empty --out, built beside it and swapped in at the end (default: off)",
     )
-    return run(parser.parse_args(argv))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse `argv` and evaluate (`run`); returns the report written to results.json."""
+    return run(build_parser().parse_args(argv))

@@ -241,6 +241,8 @@ def _converted(folder: str, layers: list[int]) -> Callable[[Path, World], bool]:
 
 
 def cases() -> list[Case]:
+    """Every case of the matrix, in the report's order. One long function on purpose: it is a table (one `Case`
+    per entry, grouped by command under comments), read and extended as a list, not as logic."""
     conv = ("convert", "--input", "ckpts/tinyllava", "--mamba-ratio", "0.5")
     c = [
         # convert: outputs that would destroy something

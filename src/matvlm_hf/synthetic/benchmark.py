@@ -18,7 +18,6 @@ on) times the hybrid with CUDA graphs against the teacher on HF `generate` with 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -305,13 +304,8 @@ def new_results(size: str, device: str, dtype: torch.dtype, knobs: dict, out: Pa
         "knobs": knobs,
         "models": {},
     }
-    if append and (out / "benchmark.json").exists():  # add models to an earlier run on the same device
-        earlier = json.loads((out / "benchmark.json").read_text())
-        if earlier["device"] != results["device"] or earlier["size"] != size:
-            raise ValueError(
-                f"--append: {out / 'benchmark.json'} was measured on {earlier['device']} ({earlier['size']})"
-            )
-        results["models"] = earlier["models"]
+    if append:  # add models to an earlier run on the same device
+        results["models"] = _earlier_models(out, size, results["device"])
     return results
 
 
@@ -355,10 +349,29 @@ def run(
     return results
 
 
+def _earlier_models(out: Path, size: str, device_name: str) -> dict:
+    """The models of an earlier run in `out` (none without one); ValueError if it ran on another device or size."""
+    if not (out / "benchmark.json").exists():
+        return {}
+    earlier = json.loads((out / "benchmark.json").read_text())
+    if earlier["device"] != device_name or earlier["size"] != size:
+        raise ValueError(f"--append: {out / 'benchmark.json'} was measured on {earlier['device']} ({earlier['size']})")
+    return earlier["models"]
+
+
 def release_all() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _decode_points(runs: dict, batch: int) -> list[tuple[int, float]]:
+    """(context, tokens/s) of the measured (not OOM) points of `runs` ("batchxcontext" -> point) at `batch`."""
+    return sorted(
+        (int(k.split("x")[1]), v["tokens_per_s"])
+        for k, v in runs.items()
+        if k.startswith(f"{batch}x") and "tokens_per_s" in v
+    )
 
 
 def plot(results: dict, out: Path) -> list[Path]:
@@ -367,32 +380,32 @@ def plot(results: dict, out: Path) -> list[Path]:
 
     require("matplotlib", "matvlm bench's plots")
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    paths = [out / "decode_throughput.png", out / "memory_prefill.png"]
+    _plot_decode(results, paths[0])
+    _plot_memory_prefill(results["models"], paths[1])
+    return paths
 
-    models = results["models"]
-    batches = results["knobs"]["batches"]
+
+def _plot_decode(results: dict, path: Path) -> None:
+    """One panel per batch: decode tokens/s vs context of every model (graph; graph + compile as stars), the
+    teacher on HF eager generate dashed."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    models, batches, contexts = results["models"], results["knobs"]["batches"], results["knobs"]["contexts"]
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, batch in zip(axes[0], batches):
         for name, r in models.items():
-            pts = [
-                (int(k.split("x")[1]), v["tokens_per_s"])
-                for k, v in r["decode"].items()
-                if k.startswith(f"{batch}x") and "tokens_per_s" in v
-            ]
+            pts = _decode_points(r["decode"], batch)
             if not pts:
                 continue
-            (line,) = ax.plot(*zip(*sorted(pts)), marker="o", label=f"{name} (graph)")
-            comp = [
-                (int(k.split("x")[1]), v["tokens_per_s"])
-                for k, v in r.get("compiled", {}).items()
-                if k.startswith(f"{batch}x") and "tokens_per_s" in v
-            ]
+            (line,) = ax.plot(*zip(*pts), marker="o", label=f"{name} (graph)")
+            comp = _decode_points(r.get("compiled", {}), batch)
             if comp:
                 ax.scatter(
-                    *zip(*sorted(comp)),
+                    *zip(*comp),
                     marker="*",
                     s=140,
                     color=line.get_color(),
@@ -400,13 +413,9 @@ def plot(results: dict, out: Path) -> list[Path]:
                     zorder=3,
                     label=f"{name} (graph + compile)",
                 )
-        eager = [
-            (int(k.split("x")[1]), v["tokens_per_s"])
-            for k, v in models.get("teacher", {}).get("eager", {}).items()
-            if k.startswith(f"{batch}x") and "tokens_per_s" in v
-        ]
+        eager = _decode_points(models.get("teacher", {}).get("eager", {}), batch)
         if eager:
-            ax.plot(*zip(*sorted(eager)), marker="x", linestyle="--", color="gray", label="teacher (HF eager)")
+            ax.plot(*zip(*eager), marker="x", linestyle="--", color="gray", label="teacher (HF eager)")
         ax.set(
             xscale="log",
             yscale="log",
@@ -414,18 +423,19 @@ def plot(results: dict, out: Path) -> list[Path]:
             ylabel="decode tokens/s",
             title=f"batch {batch}",
         )
-        ax.set_xticks(
-            results["knobs"]["contexts"],
-            [f"{c // 1024}K" if c >= 1024 else str(c) for c in results["knobs"]["contexts"]],
-        )
+        ax.set_xticks(contexts, [f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Decode throughput, {results['device']}, {results['dtype']}")
     fig.tight_layout()
-    paths = [out / "decode_throughput.png"]
-    fig.savefig(paths[0], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_memory_prefill(models: dict, path: Path) -> None:
+    """Peak memory vs total tokens and prefill time vs prompt tokens, batch 1, every model."""
+    import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in models.items():
@@ -441,77 +451,15 @@ def plot(results: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / "memory_prefill.png")
-    fig.savefig(paths[1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="matvlm bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--size",
-        choices=list(SIZES),
-        default="full",
-        help="model sizes: full (TinyLLaVA-3.1B, GPU) | tiny (CPU smoke run) (default: full)",
-    )
-    parser.add_argument(
-        "--out", default="docs/benchmarks", help="folder for benchmark.json and the plots (default: docs/benchmarks)"
-    )
-    parser.add_argument(
-        "--models", default=",".join(MODELS), help=f"comma-separated models to time (default: all: {','.join(MODELS)})"
-    )
-    parser.add_argument(
-        "--plot-only", action="store_true", help="only redraw the plots from OUT/benchmark.json (default: off)"
-    )
-    parser.add_argument(
-        "--append",
-        action="store_true",
-        help="add to OUT/benchmark.json instead of replacing it; same device (default: off)",
-    )
-    parser.add_argument(
-        "--parts", default=",".join(PARTS), help=f"comma-separated measurements (default: all: {','.join(PARTS)})"
-    )
-    parser.add_argument(
-        "--batches", default=None, help="comma-separated batch sizes of the decode points (default: the size's list)"
-    )
-    parser.add_argument(
-        "--contexts",
-        default=None,
-        help="comma-separated context lengths of the decode points, tokens (default: the size's list)",
-    )
-    args = parser.parse_args(argv)
-    from ..extras import require
-    from ..safe_output import check_output
+    """`matvlm bench` (`commands/bench.py`, imported when called), kept here for `python -m` and old callers."""
+    from ..commands.bench import main as command
 
-    require("matplotlib", "matvlm bench's plots")
-
-    out = Path(args.out)
-    check_output(out, option="--out")
-    if args.plot_only:
-        results = json.loads((out / "benchmark.json").read_text())
-        plot(results, out)
-        return results
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.size == "full" and device != "cuda":
-        parser.error("--size full needs a CUDA GPU; use --size tiny on a CPU")
-    models = {m: MODELS[m] for m in args.models.split(",")}
-    knobs = {
-        name: [int(x) for x in value.split(",")]
-        for name, value in (("batches", args.batches), ("contexts", args.contexts))
-        if value
-    }
-    results = run(args.size, out, device, models, append=args.append, parts=tuple(args.parts.split(",")), **knobs)
-    print(
-        json.dumps(
-            {
-                name: {"largest_batch": r.get("largest_batch", {}).get("batch"), "compiled": r["compiled"]}
-                for name, r in results["models"].items()
-            },
-            indent=1,
-        )[:4000]
-    )
-    return results
+    return command(argv)
 
 
 if __name__ == "__main__":

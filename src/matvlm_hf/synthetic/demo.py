@@ -8,7 +8,6 @@ generate). Distillation (`matvlm distill`) is what makes a hybrid answer like it
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path
@@ -42,44 +41,39 @@ def decode_speed(model, processor, image, question: str, new_tokens: int) -> tup
     return answer, (new_tokens - 1) / max(elapsed, 1e-9)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="matvlm demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--teacher", default=None, help="TinyLLaVA checkpoint folder to convert (default: fabricate a tiny random one)"
-    )
-    parser.add_argument(
-        "--workdir", default="matvlm-demo", help="folder the checkpoints are written to (default: matvlm-demo)"
-    )
-    parser.add_argument(
-        "--mamba-ratio", type=float, default=0.25, help="fraction of decoder layers turned into Mamba-2 (default: 0.25)"
-    )
-    parser.add_argument(
-        "--new-tokens", type=int, default=32, help="tokens each model generates for the question (default: 32)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the fabricated weights (default: 0)")
-    args = parser.parse_args(argv)
-    work = claim_workdir(args.workdir, [("--teacher", args.teacher)])
-    teacher_src = Path(args.teacher) if args.teacher else work / "tinyllava-tiny"
-    if args.teacher is None and not (teacher_src / "config.json").exists():
+def run(
+    workdir: str | Path = "matvlm-demo",
+    *,
+    teacher: str | Path | None = None,
+    mamba_ratio: float = 0.25,
+    new_tokens: int = 32,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Convert `teacher` (default: a tiny random TinyLLaVA fabricated in `workdir`) to the teacher and a hybrid at
+    `mamba_ratio`, ask both one question about a generated image and print the answers and decode speeds; returns
+    name -> {"answer", "tokens_per_s", "mamba_layers"}. UnsafeOutputError for an unusable `workdir`."""
+    work = claim_workdir(workdir, [("--teacher", teacher)])
+    teacher_src = Path(teacher) if teacher else work / "tinyllava-tiny"
+    if teacher is None and not (teacher_src / "config.json").exists():
         print(f"fabricating a tiny random TinyLLaVA checkpoint in {teacher_src}")
-        write_tinyllava_checkpoint(teacher_src, seed=args.seed)
+        write_tinyllava_checkpoint(teacher_src, seed=seed)
     paths = {}
-    for name, ratio in (("teacher", 0.0), (f"hybrid-{args.mamba_ratio:g}", args.mamba_ratio)):
+    for name, ratio in (("teacher", 0.0), (f"hybrid-{mamba_ratio:g}", mamba_ratio)):
         paths[name] = convert_tinyllava_to_matvlm(teacher_src, work / name, mamba_ratio=ratio, overwrite=True)
         print(f"converted {name}: {paths[name]}")
 
-    scene = sample_scene(random.Random(args.seed))
+    scene = sample_scene(random.Random(seed))
     question, truth = next(
         qa
         for kind in ("count", "color", "shape", "size")
-        if (qa := make_question(scene, kind, random.Random(args.seed))) is not None
+        if (qa := make_question(scene, kind, random.Random(seed))) is not None
     )
     results = {}
     for name, path in paths.items():
         model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
         image = render_scene(scene, model.config.vision_config.image_size)
-        answer, speed = decode_speed(model, processor, image, question, args.new_tokens)
+        answer, speed = decode_speed(model, processor, image, question, new_tokens)
         results[name] = {"answer": answer, "tokens_per_s": speed, "mamba_layers": model.config.mamba_layers}
     print(f"\nQ: {question}  (true answer: {truth})")
     for name, r in results.items():
@@ -88,3 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     print("\nRandom weights answer gibberish; distil the hybrid from its teacher to make it answer like it.")
     return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`matvlm demo` (`commands/demo.py`, imported when called), kept here for old callers."""
+    from ..commands.demo import main as command
+
+    return command(argv)

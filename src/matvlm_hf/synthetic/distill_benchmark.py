@@ -177,51 +177,6 @@ def run_batch(bench: Bench, batch_size: int, steps: int) -> dict[str, Any]:
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="matvlm bench-distill",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    parser.add_argument(
-        "--workdir", required=True, help="folder for checkpoints and data, reused when present; required"
-    )
-    parser.add_argument("--out", required=True, help="results JSON file; required")
-    parser.add_argument(
-        "--size",
-        choices=("full", "tiny"),
-        default="full",
-        help="model sizes: full (TinyLLaVA-3.1B, GPU) | tiny (CPU smoke run) (default: full)",
-    )
-    parser.add_argument(
-        "--ratio",
-        type=float,
-        default=0.25,
-        help="fraction of the student's decoder layers that are Mamba-2 (default: 0.25)",
-    )
-    parser.add_argument(
-        "--max-length",
-        type=int,
-        default=1428,
-        help="tokens per sample, image tokens included (default: 1428, the authors')",
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=1, help="samples per forward pass of the timed run (default: 1)"
-    )
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the timed run (default: 30)")
-    parser.add_argument(
-        "--search-steps", type=int, default=2, help="optimizer steps per try of the largest-batch search (default: 2)"
-    )
-    parser.add_argument("--no-search", action="store_true", help="skip the largest-micro-batch search (default: off)")
-    parser.add_argument(
-        "--train-mode",
-        default="mamba+connector",
-        help="what trains: mamba+connector | mamba | mamba+mlp+connector | all (default: mamba+connector)",
-    )
-    return parser
-
-
 def describe_bench(bench: Bench, args: argparse.Namespace, prepare_s: float) -> dict[str, Any]:
     """The results' header: device, versions, model sizes, the recipe's machine choices, the conv path."""
     import torch
@@ -262,8 +217,9 @@ def search_largest(bench: Bench, args: argparse.Namespace, result: dict[str, Any
     result.update(largest_micro_batch=largest, first_oom_micro_batch=first_oom, largest_micro_batch_run=tries[largest])
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark for the options of `matvlm bench-distill` (`commands/bench_distill.py`): checkpoints and data,
+    the timed run, the search on CUDA; results written to args.out after each run, and returned."""
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -289,6 +245,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out} ({time.perf_counter() - t0:.0f} s in all)")
     return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`matvlm bench-distill` (`commands/bench_distill.py`, imported when called), kept here for `python -m` and old
+    callers."""
+    from ..commands.bench_distill import main as command
+
+    return command(argv)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ command-line flags. Everything is seeded (`--seed`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -622,21 +622,21 @@ def write_summary_png(path: Path, results: dict[str, Any], example_image) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    acc = results["accuracy"]
-    types = results["question_types"]
-    models = [
-        ("blind baseline", "baseline", "#bbbbbb"),
-        ("teacher", "teacher", "#1f77b4"),
-        ("hybrid, undistilled", "hybrid_undistilled", "#d62728"),
-        ("hybrid, distilled", "hybrid_distilled", "#2ca02c"),
-    ]
     fig = plt.figure(figsize=(16, 4.8))
     grid = fig.add_gridspec(1, 3, width_ratios=[0.8, 1.6, 1.2])
+    _example_panel(fig.add_subplot(grid[0]), results["example"], example_image)
+    _accuracy_panel(fig.add_subplot(grid[1]), results["accuracy"], results["question_types"])
+    _loss_panel(fig.add_subplot(grid[2]), results)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
-    ax = fig.add_subplot(grid[0])
-    ax.imshow(example_image, interpolation="nearest")
+
+def _example_panel(ax, ex: dict[str, Any], image) -> None:
+    """The example image, its question as the title and each model's answer below."""
+    ax.imshow(image, interpolation="nearest")
     ax.set_xticks([]), ax.set_yticks([])
-    ex = results["example"]
     ax.set_title(ex["question"], fontsize=9, wrap=True)
     ax.set_xlabel(
         f"true: {ex['answer']}\nteacher: {ex['teacher']}\nhybrid before: {ex['hybrid_undistilled']}\n"
@@ -644,7 +644,15 @@ def write_summary_png(path: Path, results: dict[str, Any], example_image) -> Pat
         fontsize=9,
     )
 
-    ax = fig.add_subplot(grid[1])
+
+def _accuracy_panel(ax, acc: dict[str, dict], types: list[str]) -> None:
+    """Bars of held-out accuracy, overall and per question type, for the baseline and the three models."""
+    models = [
+        ("blind baseline", "baseline", "#bbbbbb"),
+        ("teacher", "teacher", "#1f77b4"),
+        ("hybrid, undistilled", "hybrid_undistilled", "#d62728"),
+        ("hybrid, distilled", "hybrid_distilled", "#2ca02c"),
+    ]
     labels = ["overall"] + types
     width = 0.8 / len(models)
     for k, (name, key, colour) in enumerate(models):
@@ -658,7 +666,9 @@ def write_summary_png(path: Path, results: dict[str, Any], example_image) -> Pat
     ax.set_title(f"held-out accuracy ({acc['teacher']['total']} questions, greedy)")
     ax.legend(fontsize=8, loc="upper right", ncol=2)
 
-    ax = fig.add_subplot(grid[2])
+
+def _loss_panel(ax, results: dict[str, Any]) -> None:
+    """The distillation losses per step (log scale), and the teacher's training loss on a second x axis on top."""
     dlog = results["distill_log"]
     if dlog:
         steps = [e["step"] for e in dlog]
@@ -685,10 +695,6 @@ def write_summary_png(path: Path, results: dict[str, Any], example_image) -> Pat
         twin.set_xlabel("teacher training step", color="#1f77b4", fontsize=8)
         twin.tick_params(axis="x", colors="#1f77b4", labelsize=7)
         twin.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -723,67 +729,159 @@ def run(
             hf_logging.enable_progress_bar()
 
 
-def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    from transformers import set_seed
+class _Clock:
+    """The stage headers of a run (`[i/6] text  (t = time since the start)`) and the seconds each stage took."""
 
-    from ..convert.conversion import convert_tinyllava_to_matvlm, read_tinyllava_config, resolve_checkpoint
-    from ..training.data import LLaVADataset
-    from .demo import decode_speed
-    from ..safe_output import claim_workdir
-    from ..processing_matvlm import MaTVLMProcessor
-    from .synthetic_vqa import generate_samples
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self._stage_start = self.start
 
+    def begin(self, i: int, text: str) -> None:
+        _say(f"\n[{i}/{STAGES}] {text}  (t = {_fmt_time(time.perf_counter() - self.start)})")
+        self._stage_start = time.perf_counter()
+
+    def end(self, name: str) -> None:
+        self.timings[name] = time.perf_counter() - self._stage_start
+
+
+@dataclass
+class _Models:
+    """A run's converted checkpoints (teacher at ratio 0, undistilled hybrid) and the models loaded from them."""
+
+    teacher_dir: Path
+    hybrid_dir: Path
+    teacher: Any
+    hybrid: Any
+    processor: Any
+
+
+@dataclass
+class _Scores:
+    """Greedy predictions and scores per model key ("teacher", "hybrid_undistilled", "hybrid_distilled"; the blind
+    baseline is accuracy["baseline"]), and one freshly generated example with each model's answer to it."""
+
+    predictions: dict[str, dict[str, str]]
+    accuracy: dict[str, dict[str, Any]]
+    example: Any
+    answers: dict[str, str]
+
+
+def _knobs(fast: bool, overrides: dict[str, Any]) -> dict[str, Any]:
+    """KNOBS <- FAST (when `fast`) <- the overrides that are not None; ValueError for a key that is not a knob."""
     knobs = {**KNOBS, **(FAST if fast else {})}
     unknown = sorted(set(overrides) - set(KNOBS))
     if unknown:
         raise ValueError(f"unknown quickstart knob(s): {', '.join(unknown)}")
     knobs.update({k: v for k, v in overrides.items() if v is not None})
+    return knobs
+
+
+def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The six stages in order (each prints its header and progress); the results, also in summary.json/png."""
+    clock = _Clock()
+    from transformers import set_seed
+
+    from ..safe_output import claim_workdir
+
+    knobs = _knobs(fast, overrides)
     work = claim_workdir(workdir, [("--teacher", teacher)])
     set_seed(seed)
-    timings: dict[str, float] = {}
+    data, teacher_src, image_size = _data_stage(clock, work, knobs, teacher, seed)
+    teacher_log = _teacher_stage(clock, data, knobs, image_size, seed, teacher_src, given=teacher is not None)
+    models = _convert_stage(clock, work, knobs, teacher_src, seed)
+    scores = _evaluate_before_stage(clock, models, data, knobs, image_size, seed)
+    distilled_dir = work / "hybrid-distilled"
+    distill_log = _distill_stage(clock, models, data, knobs, seed, distilled_dir)
+    speed = _evaluate_after_stage(clock, work, models, data, knobs, scores, distilled_dir)
+    results: dict[str, Any] = {
+        "accuracy": scores.accuracy,
+        "decode_tokens_per_s": speed,
+        "question_types": sorted({r["question_type"] for r in data["test"]}),
+        "mamba_layers": list(models.hybrid.config.mamba_layers),
+        "example": {
+            "question": scores.example.question,
+            "answer": scores.example.answer,
+            "question_type": scores.example.question_type,
+            **scores.answers,
+        },
+        "teacher_log": teacher_log,
+        "distill_log": distill_log,
+        "predictions": scores.predictions,
+        "paths": {
+            "data": str(work / "data"),
+            "teacher_tinyllava": str(teacher_src),
+            "teacher": str(models.teacher_dir),
+            "hybrid_undistilled": str(models.hybrid_dir),
+            "hybrid_distilled": str(distilled_dir),
+            "example_png": str(work / "example.png"),
+            "summary_png": str(work / "summary.png"),
+            "summary_json": str(work / "summary.json"),
+        },
+        "knobs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in knobs.items()},
+        "seed": seed,
+        "teacher_given": teacher is not None,
+    }
+    write_summary_png(work / "summary.png", results, scores.example.image)
+    clock.timings["total"] = time.perf_counter() - clock.start
+    results["timings_s"] = {k: round(v, 2) for k, v in clock.timings.items()}
+    (work / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
+    n_layers = models.hybrid.config.text_config.num_hidden_layers
+    _say(summary_text(results, n_layers, work, clock.timings["total"]))
+    return results
 
-    def stage(i: int, text: str) -> float:
-        _say(f"\n[{i}/{STAGES}] {text}  (t = {_fmt_time(time.perf_counter() - t_start)})")
-        return time.perf_counter()
 
-    # 1. data -----------------------------------------------------------------------------------------------------
+def _data_stage(clock: _Clock, work: Path, knobs: dict[str, Any], teacher, seed: int) -> tuple[dict, Path, int]:
+    """Stage 1: the data set at the teacher's image size (the given teacher's, else knobs["image_size"]), with the
+    blind baseline's score in data["baseline"]. Returns (data, the TinyLLaVA teacher's folder, image size)."""
+    from ..convert.conversion import read_tinyllava_config, resolve_checkpoint
+
     if teacher is not None:
         teacher_src = resolve_checkpoint(teacher)
         image_size = int(read_tinyllava_config(teacher_src)["vision_config"]["image_size"])
     else:
         teacher_src, image_size = work / "teacher-tinyllava", knobs["image_size"]
-    t = stage(
+    clock.begin(
         1,
         f"data: {knobs['n_train']} training images ({'a caption + ' if knobs['captions'] else ''}"
         f"{knobs['questions_per_image']} questions each) + {knobs['n_test']} test questions on {image_size}px "
         f"images ({', '.join(knobs['question_types'])})",
     )
     data = make_data(work / "data", knobs, image_size, seed)
-    image_dir = data["paths"]["images"]
-    baseline = blind_baseline(data["train_questions"], data["test"])
+    data["baseline"] = blind_baseline(data["train_questions"], data["test"])
     _say(
         f"    {data['paths']['train']} / {data['paths']['test']}; blind baseline (most common answer per type): "
-        f"{_pct(baseline['accuracy']).strip()}"
+        f"{_pct(data['baseline']['accuracy']).strip()}"
     )
-    timings["data"] = time.perf_counter() - t
+    clock.end("data")
+    return data, teacher_src, image_size
 
-    # 2. teacher ----------------------------------------------------------------------------------------------------
-    teacher_log: list[dict] = []
-    if teacher is None:
-        t = stage(
-            2,
-            f"teacher: training a tiny TinyLLaVA-Phi from scratch ({knobs['teacher_steps']} steps of "
-            f"{knobs['teacher_batch_size']})",
-        )
-        model, _, _, teacher_log = train_new_teacher(data, knobs, image_size, seed, teacher_src)
-        del model
-        timings["teacher"] = time.perf_counter() - t
-    else:
+
+def _teacher_stage(
+    clock: _Clock, data: dict, knobs: dict[str, Any], image_size: int, seed: int, teacher_src: Path, given: bool
+) -> list[dict]:
+    """Stage 2: a teacher trained from scratch and saved in the TinyLLaVA layout at `teacher_src`, unless one was
+    `given`; returns its training log (empty when given)."""
+    if given:
         _say(f"\n[2/{STAGES}] teacher: {teacher_src} (given; not trained here)")
+        return []
+    clock.begin(
+        2,
+        f"teacher: training a tiny TinyLLaVA-Phi from scratch ({knobs['teacher_steps']} steps of "
+        f"{knobs['teacher_batch_size']})",
+    )
+    _, _, _, log = train_new_teacher(data, knobs, image_size, seed, teacher_src)
+    clock.end("teacher")
+    return log
 
-    # 3. convert ----------------------------------------------------------------------------------------------------
-    t = stage(3, f"convert: TinyLLaVA -> MaTVLM at ratio 0 (teacher) and {knobs['mamba_ratio']:g} (hybrid)")
+
+def _convert_stage(clock: _Clock, work: Path, knobs: dict[str, Any], teacher_src: Path, seed: int) -> _Models:
+    """Stage 3: the TinyLLaVA teacher converted at ratio 0 (the teacher) and at knobs["mamba_ratio"] (the
+    hybrid), both loaded (`load_matvlm`), with the hybrid's processor."""
+    from ..convert.conversion import convert_tinyllava_to_matvlm
+    from ..processing_matvlm import MaTVLMProcessor
+
+    clock.begin(3, f"convert: TinyLLaVA -> MaTVLM at ratio 0 (teacher) and {knobs['mamba_ratio']:g} (hybrid)")
     teacher_dir = convert_tinyllava_to_matvlm(
         teacher_src, work / "teacher-matvlm", mamba_ratio=0.0, seed=seed, overwrite=True, progress=False
     )
@@ -795,109 +893,101 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
         overwrite=True,
         progress=False,
     )
-
-    teacher_model, hybrid = load_matvlm(teacher_dir, knobs), load_matvlm(hybrid_dir, knobs)
+    teacher, hybrid = load_matvlm(teacher_dir, knobs), load_matvlm(hybrid_dir, knobs)
     processor = MaTVLMProcessor.from_pretrained(hybrid_dir)
-    mamba_layers = list(hybrid.config.mamba_layers)
     _say(
-        f"    {teacher_dir}\n    {hybrid_dir}: Mamba layers {mamba_layers} of "
+        f"    {teacher_dir}\n    {hybrid_dir}: Mamba layers {list(hybrid.config.mamba_layers)} of "
         f"{hybrid.config.text_config.num_hidden_layers}"
     )
-    timings["convert"] = time.perf_counter() - t
+    clock.end("convert")
+    return _Models(teacher_dir, hybrid_dir, teacher, hybrid, processor)
 
-    # 4. evaluate before distillation -------------------------------------------------------------------------------
-    t = stage(4, f"evaluate the teacher and the undistilled hybrid on {len(data['test'])} held-out questions")
-    ev = dict(batch_size=knobs["eval_batch_size"], max_new_tokens=knobs["max_new_tokens"])
-    predictions, accuracy = {}, {"baseline": baseline}
-    for key, model in (("teacher", teacher_model), ("hybrid_undistilled", hybrid)):
-        predictions[key], accuracy[key] = evaluate(model, processor, data["test"], image_dir, **ev)
-        _say(f"    {key:<20} {_pct(accuracy[key]['accuracy'])}")
-    example = generate_samples(
+
+def _eval_options(knobs: dict[str, Any]) -> dict[str, int]:
+    return dict(batch_size=knobs["eval_batch_size"], max_new_tokens=knobs["max_new_tokens"])
+
+
+def _evaluate_before_stage(
+    clock: _Clock, models: _Models, data: dict, knobs: dict[str, Any], image_size: int, seed: int
+) -> _Scores:
+    """Stage 4: the teacher and the undistilled hybrid on the held-out questions, and on one generated example."""
+    from .synthetic_vqa import generate_samples
+
+    clock.begin(4, f"evaluate the teacher and the undistilled hybrid on {len(data['test'])} held-out questions")
+    scores = _Scores({}, {"baseline": data["baseline"]}, None, {})
+    for key, model in (("teacher", models.teacher), ("hybrid_undistilled", models.hybrid)):
+        scores.predictions[key], scores.accuracy[key] = evaluate(
+            model, models.processor, data["test"], data["paths"]["images"], **_eval_options(knobs)
+        )
+        _say(f"    {key:<20} {_pct(scores.accuracy[key]['accuracy'])}")
+    scores.example = generate_samples(
         1, image_size=image_size, seed=seed, split="example", question_types=list(knobs["question_types"])
     )[0]
-    example_answers = {
-        "teacher": answer(teacher_model, processor, example.image, example.question, knobs["max_new_tokens"]),
-        "hybrid_undistilled": answer(hybrid, processor, example.image, example.question, knobs["max_new_tokens"]),
-    }
-    timings["evaluate_before"] = time.perf_counter() - t
+    for key, model in (("teacher", models.teacher), ("hybrid_undistilled", models.hybrid)):
+        scores.answers[key] = answer(
+            model, models.processor, scores.example.image, scores.example.question, knobs["max_new_tokens"]
+        )
+    clock.end("evaluate_before")
+    return scores
 
-    # 5. distil -----------------------------------------------------------------------------------------------------
-    t = stage(
+
+def _distill_stage(
+    clock: _Clock, models: _Models, data: dict, knobs: dict[str, Any], seed: int, out: Path
+) -> list[dict]:
+    """Stage 5: the hybrid distilled from the teacher on the training conversations (`distill`), saved to `out`;
+    returns the loss log."""
+    from ..training.data import LLaVADataset
+
+    clock.begin(
         5,
         f"distil the hybrid from the teacher ({knobs['distill_steps']} steps of {knobs['distill_batch_size']}, "
         f"lr {knobs['distill_lr']:g}; L_layer + L_prob; trainable: {knobs['train_mode']})",
     )
-    distill_items = materialize(LLaVADataset(data["train"], image_dir, processor))
-    distilled_dir = work / "hybrid-distilled"
-    distill_log = distill(hybrid, teacher_model, processor, distill_items, distilled_dir, knobs, seed)
-    del distill_items
-    timings["distill"] = time.perf_counter() - t
+    items = materialize(LLaVADataset(data["train"], data["paths"]["images"], models.processor))
+    log = distill(models.hybrid, models.teacher, models.processor, items, out, knobs, seed)
+    clock.end("distill")
+    return log
 
-    # 6. evaluate after, speed, example, report ---------------------------------------------------------------------
-    t = stage(6, "evaluate the distilled hybrid; decode speed; one question; summary")
-    distilled = load_matvlm(distilled_dir, knobs)
-    predictions["hybrid_distilled"], accuracy["hybrid_distilled"] = evaluate(
-        distilled, processor, data["test"], image_dir, **ev
+
+def _evaluate_after_stage(
+    clock: _Clock, work: Path, models: _Models, data: dict, knobs: dict[str, Any], scores: _Scores, distilled: Path
+) -> dict[str, float]:
+    """Stage 6: the distilled hybrid (loaded from `distilled`) into `scores`; decode tokens/s of the teacher and
+    the distilled hybrid on the example (returned); the example's image saved to work/example.png."""
+    from .demo import decode_speed
+
+    clock.begin(6, "evaluate the distilled hybrid; decode speed; one question; summary")
+    hybrid, processor, example = load_matvlm(distilled, knobs), models.processor, scores.example
+    scores.predictions["hybrid_distilled"], scores.accuracy["hybrid_distilled"] = evaluate(
+        hybrid, processor, data["test"], data["paths"]["images"], **_eval_options(knobs)
     )
-    example_answers["hybrid_distilled"] = answer(
-        distilled, processor, example.image, example.question, knobs["max_new_tokens"]
+    scores.answers["hybrid_distilled"] = answer(
+        hybrid, processor, example.image, example.question, knobs["max_new_tokens"]
     )
     speed = {
-        "teacher": decode_speed(teacher_model, processor, example.image, example.question, knobs["speed_new_tokens"])[
-            1
-        ],
-        "hybrid": decode_speed(distilled, processor, example.image, example.question, knobs["speed_new_tokens"])[1],
+        name: decode_speed(model, processor, example.image, example.question, knobs["speed_new_tokens"])[1]
+        for name, model in (("teacher", models.teacher), ("hybrid", hybrid))
     }
     example.image.save(work / "example.png")
-    timings["evaluate_after"] = time.perf_counter() - t
+    clock.end("evaluate_after")
+    return speed
 
-    types = sorted({r["question_type"] for r in data["test"]})
-    results: dict[str, Any] = {
-        "accuracy": accuracy,
-        "decode_tokens_per_s": speed,
-        "question_types": types,
-        "mamba_layers": mamba_layers,
-        "example": {
-            "question": example.question,
-            "answer": example.answer,
-            "question_type": example.question_type,
-            **example_answers,
-        },
-        "teacher_log": teacher_log,
-        "distill_log": distill_log,
-        "predictions": predictions,
-        "paths": {
-            "data": str(work / "data"),
-            "teacher_tinyllava": str(teacher_src),
-            "teacher": str(teacher_dir),
-            "hybrid_undistilled": str(hybrid_dir),
-            "hybrid_distilled": str(distilled_dir),
-            "example_png": str(work / "example.png"),
-            "summary_png": str(work / "summary.png"),
-            "summary_json": str(work / "summary.json"),
-        },
-        "knobs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in knobs.items()},
-        "seed": seed,
-        "teacher_given": teacher is not None,
-    }
-    write_summary_png(work / "summary.png", results, example.image)
-    timings["total"] = time.perf_counter() - t_start
-    results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-    (work / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
 
-    n = hybrid.config.text_config.num_hidden_layers
+def summary_text(results: dict[str, Any], n_layers: int, work: Path, total_s: float) -> str:
+    """The closing report: the accuracy table, the distillation's gain, the example's answers, where things are."""
+    accuracy, speed, knobs = results["accuracy"], results["decode_tokens_per_s"], results["knobs"]
+    mamba_layers, distill_log, ex = results["mamba_layers"], results["distill_log"], results["example"]
     rows = [
-        ("blind baseline (no image)", baseline, None),
-        (f"teacher ({n} attention layers)", accuracy["teacher"], speed["teacher"]),
+        ("blind baseline (no image)", accuracy["baseline"], None),
+        (f"teacher ({n_layers} attention layers)", accuracy["teacher"], speed["teacher"]),
         (f"hybrid {knobs['mamba_ratio']:.0%} {mamba_layers}, undistilled", accuracy["hybrid_undistilled"], None),
         (f"hybrid {knobs['mamba_ratio']:.0%} {mamba_layers}, distilled", accuracy["hybrid_distilled"], speed["hybrid"]),
     ]
     gain = accuracy["hybrid_distilled"]["accuracy"] - accuracy["hybrid_undistilled"]["accuracy"]
     first, last = distill_log[0]["l_total"], distill_log[-1]["l_total"]
-    ex = results["example"]
-    _say(
+    return (
         f"\n== summary: greedy exact match on {accuracy['teacher']['total']} held-out questions ==\n"
-        + summary_table(rows, types)
+        + summary_table(rows, results["question_types"])
         + f"\n\ndistillation: +{100 * gain:.1f} points for the hybrid (loss {first:.3f} -> {last:.3f} in "
         f"{len(distill_log)} steps)"
         + "\ndecode tok/s: batch 1, greedy, on this CPU with tiny models: launch overhead, not a speed claim"
@@ -905,68 +995,17 @@ def _run(workdir, teacher, seed: int, fast: bool, overrides: dict[str, Any]) -> 
         + f"\n\none generated image ({work / 'example.png'}):\n  Q: {ex['question']}\n  true answer: {ex['answer']}"
         + f"\n  teacher: {ex['teacher']!r}   hybrid before: {ex['hybrid_undistilled']!r}   "
         f"hybrid after: {ex['hybrid_distilled']!r}"
-        + f"\n\nwrote {work / 'summary.png'} and {work / 'summary.json'}; distilled hybrid: {distilled_dir}"
-        + f"\ntotal time {_fmt_time(timings['total'])}"
+        + f"\n\nwrote {work / 'summary.png'} and {work / 'summary.json'}; distilled hybrid: "
+        f"{results['paths']['hybrid_distilled']}" + f"\ntotal time {_fmt_time(total_s)}"
     )
-    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        prog="matvlm quickstart",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    parser.add_argument(
-        "--workdir",
-        default="matvlm-quickstart",
-        help="folder for data, checkpoints and the summary (default: matvlm-quickstart)",
-    )
-    parser.add_argument(
-        "--teacher",
-        default=None,
-        help="TinyLLaVA checkpoint folder (or Hub id) to start from (default: train one from scratch)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of data, teacher and hybrid (default: 0)")
-    parser.add_argument(
-        "--fast", action="store_true", help="CI scale: tiny data and a few steps, accuracies meaningless (default: off)"
-    )
-    parser.add_argument(
-        "--teacher-steps",
-        type=int,
-        default=None,
-        help="optimizer steps of the teacher's training (default: 700; 20 with --fast)",
-    )
-    parser.add_argument(
-        "--distill-steps",
-        type=int,
-        default=None,
-        help="optimizer steps of the distillation (default: 150; 8 with --fast)",
-    )
-    parser.add_argument(
-        "--n-train",
-        type=int,
-        default=None,
-        help="training images, one conversation each (default: 6000; 128 with --fast)",
-    )
-    parser.add_argument(
-        "--n-test", type=int, default=None, help="held-out images, one question each (default: 400; 40 with --fast)"
-    )
-    args = parser.parse_args(argv)
-    from ..extras import require
+    """`matvlm quickstart` (`commands/quickstart.py`, imported when called), kept here for `python -m` and old
+    callers."""
+    from ..commands.quickstart import main as command
 
-    require("matplotlib", "matvlm quickstart's summary plot")
-    return run(
-        args.workdir,
-        teacher=args.teacher,
-        seed=args.seed,
-        fast=args.fast,
-        teacher_steps=args.teacher_steps,
-        distill_steps=args.distill_steps,
-        n_train=args.n_train,
-        n_test=args.n_test,
-    )
+    return command(argv)
 
 
 if __name__ == "__main__":

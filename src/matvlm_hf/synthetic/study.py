@@ -13,7 +13,7 @@
             `MaTVLMDistillationTrainer` (`--loss`: which of L_layer / L_prob / L_ce are on); every variant has the
             same distillation budget (`distill_steps`, at most 1/4 of the teacher's steps);
 3. report   greedy exact match on the held-out split before and after distillation, a table beside the paper's
-            Tables 2-4 orderings, loss-vs-step plots (docs/).
+            Tables 2-4 orderings, loss-vs-step plots (`--docs`: results.md, study.png, study.json).
 
 Knobs: `STUDY` below (the quickstart's `KNOBS` at GPU scale, 8 layers: what docs/study ran); `--set key=value`
 overrides any of them (the variants read the teacher's recorded knobs, then their own `--set`).
@@ -22,7 +22,6 @@ examples/study_gpu.sh runs all of docs/study: `all` plus the distillation-recipe
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import time
@@ -282,45 +281,71 @@ def _smooth(values: list[float], k: int) -> list[float]:
     return [sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1]) for i in range(len(values))]
 
 
-def report_stage(work: Path, docs: Path, note: str = "") -> str:
-    """docs/README.md (tables, orderings vs the paper), study.png (loss curves, accuracies), study.json."""
-    from ..extras import require
+# ablation -> its label -> the variant that measures it (the 25 % recipe "h25" is everyone's reference)
+GROUPS = {
+    "ratio": {"12.5 %": "h12.5", "25 %": "h25", "50 %": "h50"},
+    "placement": {"even": "h25", "start": "h25-start", "middle": "h25-middle", "end": "h25-end"},
+    "loss": {k: ("h25" if k == "layer+prob" else f"h25-loss-{k}") for k in LOSSES},
+    "init": {"attention": "h25", "random": "h25-random-init"},
+}
+TABLE_HEAD = [
+    "| variant | Mamba layers | loss | steps x batch, lr | before distillation | after | after / teacher "
+    "| L_prob at 10 % / 100 % of the steps |",
+    "|---|---|---|---:|---:|---:|---:|---:|",
+]
 
-    require("matplotlib", "matvlm study's report")
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def load_results(work: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """work/teacher.json and every work/variants/*.json: (teacher, name -> variant), VARIANTS first in their order,
+    then the others by name."""
     teacher = json.loads((work / "teacher.json").read_text())
     found = {p.stem: json.loads(p.read_text()) for p in (work / "variants").glob("*.json")}
-    variants = {n: found.pop(n) for n in list(VARIANTS) if n in found} | dict(sorted(found.items()))
-    t_acc = teacher["accuracy"]["accuracy"]
-    docs.mkdir(parents=True, exist_ok=True)
-    knobs = teacher["knobs"]
+    return teacher, {n: found.pop(n) for n in list(VARIANTS) if n in found} | dict(sorted(found.items()))
 
-    def acc(name: str, when: str = "distilled") -> float | None:
-        return variants[name][when]["accuracy"] if name in variants else None
 
-    def ordering(names: dict[str, str]) -> str:
-        """Best first; "≈" where two neighbours differ by less than two standard errors of the difference."""
-        have = {label: acc(n) for label, n in names.items() if n in variants}
-        ranked = sorted(have, key=lambda label: -have[label])
-        out = ranked[:1]
-        for prev, cur in zip(ranked, ranked[1:]):
-            n = variants[names[cur]]["distilled"]["total"]
-            p_mean = (have[prev] + have[cur]) / 2
-            se = (2 * p_mean * (1 - p_mean) / max(n, 1)) ** 0.5
-            out += [">" if have[prev] - have[cur] > 2 * se else "≈", cur]
-        return " ".join(out)
+def ordering(variants: dict[str, dict], names: dict[str, str]) -> str:
+    """The labels of `names` (label -> variant) by accuracy after distillation, best first; "≈" where two neighbours
+    differ by less than two standard errors of the difference (binomial, on the test questions)."""
+    have = {label: variants[n]["distilled"]["accuracy"] for label, n in names.items() if n in variants}
+    ranked = sorted(have, key=lambda label: -have[label])
+    out = ranked[:1]
+    for prev, cur in zip(ranked, ranked[1:]):
+        n = variants[names[cur]]["distilled"]["total"]
+        p_mean = (have[prev] + have[cur]) / 2
+        se = (2 * p_mean * (1 - p_mean) / max(n, 1)) ** 0.5
+        out += [">" if have[prev] - have[cur] > 2 * se else "≈", cur]
+    return " ".join(out)
 
-    table_head = [
-        "| variant | Mamba layers | loss | steps x batch, lr | before distillation | after | after / teacher "
-        "| L_prob at 10 % / 100 % of the steps |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    lines = [
-        "# The MaTVLM study on the synthetic visual-QA world",
+
+def ordering_by_kl(variants: dict[str, dict], names: dict[str, str]) -> str:
+    """The labels of `names` by final L_prob (the KL to the teacher), lowest first, with the values."""
+    have = {
+        label: _early_late(variants[n]["log"])[1] for label, n in names.items() if n in variants and variants[n]["log"]
+    }
+    return " > ".join(f"{label} ({have[label]:.2f})" for label in sorted(have, key=have.get))
+
+
+def _variant_row(name: str, v: dict[str, Any], t_acc: float) -> str:
+    """One line of the variants' table; `t_acc`: the teacher's accuracy."""
+    mode = v.get("train_mode", "mamba+connector")
+    loss = v["loss"] + ("" if mode == "mamba+connector" else f" ({mode} trained)")
+    return (
+        f"| {name} | {v['mamba_layers']} ({v['placement']}, {v['init']} init) | {loss} | "
+        f"{v['distill_steps']} x {v.get('distill_batch_size', '?')}, {v.get('distill_lr', '?')} | "
+        f"{100 * v['undistilled']['accuracy']:.1f} % | {100 * v['distilled']['accuracy']:.1f} % | "
+        f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % | "
+        f"{'%.2f / %.2f' % _early_late(v['log']) if v['log'] else '-'} |"
+    )
+
+
+def _teacher_lines(teacher: dict[str, Any], note: str) -> list[str]:
+    """The generated page's title, `note`, and the paragraph on the teacher and the protocol."""
+    knobs, t_acc = teacher["knobs"], teacher["accuracy"]["accuracy"]
+    return [
+        "# The MaTVLM study on the synthetic visual-QA world: results",
+        "",
+        "Written by `matvlm study report` (tables, orderings, study.png, study.json); the reading is in "
+        "[README.md](README.md).",
         "",
         *([note, ""] if note else []),
         f"Teacher: TinyLLaVA layout (SigLIP {knobs['vision']['num_hidden_layers']} x {knobs['vision']['hidden_size']}, "
@@ -334,72 +359,67 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
         "Reproduce: `matvlm study all --workdir W --docs DIR --set KEY=VALUE ...` with the knobs in study.json. "
         "Orderings: `≈` marks neighbours less than two standard errors apart (binomial, on the test questions).",
         "",
-        *table_head,
     ]
 
-    def row(name: str, v: dict[str, Any]) -> str:
-        mode = v.get("train_mode", "mamba+connector")
-        loss = v["loss"] + ("" if mode == "mamba+connector" else f" ({mode} trained)")
-        return (
-            f"| {name} | {v['mamba_layers']} ({v['placement']}, {v['init']} init) | {loss} | "
-            f"{v['distill_steps']} x {v.get('distill_batch_size', '?')}, {v.get('distill_lr', '?')} | "
-            f"{100 * v['undistilled']['accuracy']:.1f} % | {100 * v['distilled']['accuracy']:.1f} % | "
-            f"{100 * v['distilled']['accuracy'] / max(t_acc, 1e-9):.1f} % | "
-            f"{'%.2f / %.2f' % _early_late(v['log']) if v['log'] else '-'} |"
-        )
 
-    extras = [n for n in variants if n not in VARIANTS]
-    lines += [row(n, variants[n]) for n in variants if n in VARIANTS]
-    if extras:
-        lines += [
-            "",
-            "### Other distillation recipes (same step budget)",
-            "",
-            *table_head,
-            *(row(n, variants[n]) for n in extras),
-        ]
-
-    def by_kl(names: dict[str, str]) -> str:
-        """Best (lowest final L_prob) first, with the values."""
-        have = {
-            label: _early_late(variants[n]["log"])[1]
-            for label, n in names.items()
-            if n in variants and variants[n]["log"]
-        }
-        return " > ".join(f"{label} ({have[label]:.2f})" for label in sorted(have, key=have.get))
-
-    groups = {
-        "ratio": {"12.5 %": "h12.5", "25 %": "h25", "50 %": "h50"},
-        "placement": {"even": "h25", "start": "h25-start", "middle": "h25-middle", "end": "h25-end"},
-        "loss": {k: ("h25" if k == "layer+prob" else f"h25-loss-{k}") for k in LOSSES},
-        "init": {"attention": "h25", "random": "h25-random-init"},
-    }
-    orderings = {key: ordering(names) for key, names in groups.items()}
-    kl_orderings = {key: by_kl(names) for key, names in groups.items()}
-    lines += [
+def _orderings_lines(orderings: dict[str, str], kl_orderings: dict[str, str]) -> list[str]:
+    """The table of our orderings beside the paper's, and where the paper's come from."""
+    return [
         "",
         "## Orderings beside the paper's (best first)",
         "",
         "| ablation | ours: held-out accuracy after distillation | ours: final L_prob (KL to the teacher) "
         "| paper (average benchmark score) |",
         "|---|---|---|---|",
-    ]
-    lines += [f"| {key} | {orderings[key]} | {kl_orderings[key]} | {' > '.join(PAPER[key])} |" for key in orderings]
-    lines += [
+        *(f"| {key} | {orderings[key]} | {kl_orderings[key]} | {' > '.join(PAPER[key])} |" for key in orderings),
         "",
         "Paper column: as summarised by a third-party note of the paper (the full text was not reachable "
         "here): loss prob+layer 62.3, prob 61.4, all 61.3, layer 60.7, ce 55.6; placement even 62.3, start 60.4, "
         "middle 58.9, end fails; ratio 25 % 62.3, 12.5 % 61.8, 50 % 60.1.",
         "",
     ]
-    text = "\n".join(lines) + "\n"
 
+
+def all_orderings(variants: dict[str, dict]) -> tuple[dict[str, str], dict[str, str]]:
+    """Per ablation of GROUPS: (its ordering by accuracy after distillation, its ordering by final KL)."""
+    return (
+        {key: ordering(variants, names) for key, names in GROUPS.items()},
+        {key: ordering_by_kl(variants, names) for key, names in GROUPS.items()},
+    )
+
+
+def report_text(teacher: dict[str, Any], variants: dict[str, dict], note: str = "") -> str:
+    """The generated results page (markdown): the teacher, one table of VARIANTS and one of the other variants,
+    the orderings beside the paper's, the plot (study.png) and its caption."""
+    t_acc = teacher["accuracy"]["accuracy"]
+    lines = [*_teacher_lines(teacher, note), *TABLE_HEAD]
+    lines += [_variant_row(n, variants[n], t_acc) for n in variants if n in VARIANTS]
+    extras = [n for n in variants if n not in VARIANTS]
+    if extras:
+        lines += ["", "### Other distillation recipes (same step budget)", "", *TABLE_HEAD]
+        lines += [_variant_row(n, variants[n], t_acc) for n in extras]
+    lines += _orderings_lines(*all_orderings(variants))
+    return (
+        "\n".join(lines)
+        + "\n"
+        + "\n![loss curves and accuracies](study.png)\n\nCurves: L_prob, the KL divergence to the teacher, logged for "
+        "every variant whatever its loss weights (a common yardstick), smoothed; legend: accuracy after.\n"
+    )
+
+
+def plot_study(variants: dict[str, dict], t_acc: float, distill_steps: int, path: Path) -> None:
+    """study.png: accuracy before/after per Mamba share beside the teacher's (`t_acc`), then L_prob vs step for
+    the loss, placement and initialisation ablations (and the other recipes, when any ran)."""
+    import matplotlib.pyplot as plt
+
+    extras = [n for n in variants if n not in VARIANTS]
     fig, axes = plt.subplots(1, 5 if extras else 4, figsize=(27.5 if extras else 22, 4.6))
     ax = axes[0]
     names = [n for n in ("h12.5", "h25", "h50") if n in variants]
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [100 * acc(n, "undistilled") for n in names], 0.4, label="converted", color="#d62728")
-    ax.bar([x + 0.2 for x in xs], [100 * acc(n) for n in names], 0.4, label="distilled", color="#2ca02c")
+    before, after = ([100 * variants[n][when]["accuracy"] for n in names] for when in ("undistilled", "distilled"))
+    ax.bar([x - 0.2 for x in xs], before, 0.4, label="converted", color="#d62728")
+    ax.bar([x + 0.2 for x in xs], after, 0.4, label="distilled", color="#2ca02c")
     ax.axhline(100 * t_acc, color="#1f77b4", ls="--", label="teacher")
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("held-out exact match (%)")
@@ -413,36 +433,52 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
     ]
     if extras:
         groups.append(("other recipes", ["h25", "h50", *extras]))
-    k = max(1, knobs["distill_steps"] // 50)
     for ax, (title, members) in zip(axes[1:], groups):
-        for name in members:
-            if name not in variants or not variants[name]["log"]:
-                continue
-            log = variants[name]["log"]
-            ax.plot(
-                [e["step"] for e in log],
-                _smooth([e["l_prob"] for e in log], k),
-                ls="--" if name.startswith("h50") else "-",
-                label=f"{name} ({100 * acc(name):.1f} %)",
-            )
-        ax.set_yscale("log")
-        ax.set_xlabel("distillation step")
-        ax.set_ylabel("L_prob = KL(teacher || student)")
+        _plot_kl_curves(ax, {n: variants[n] for n in members if n in variants and variants[n]["log"]}, distill_steps)
         ax.set_title(title)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(docs / "study.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    text += (
-        "\n![loss curves and accuracies](study.png)\n\nCurves: L_prob, the KL divergence to the teacher, logged for "
-        "every variant whatever its loss weights (a common yardstick), smoothed; legend: accuracy after.\n"
-    )
-    (docs / "README.md").write_text(text)
+
+
+def _plot_kl_curves(ax, variants: dict[str, dict], distill_steps: int) -> None:
+    """L_prob vs distillation step of each variant (smoothed over ~1/50 of the steps; 50 % hybrids dashed)."""
+    k = max(1, distill_steps // 50)
+    for name, v in variants.items():
+        log = v["log"]
+        ax.plot(
+            [e["step"] for e in log],
+            _smooth([e["l_prob"] for e in log], k),
+            ls="--" if name.startswith("h50") else "-",
+            label=f"{name} ({100 * v['distilled']['accuracy']:.1f} %)",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("L_prob = KL(teacher || student)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def report_stage(work: Path, docs: Path, note: str = "") -> str:
+    """The generated part of the report, into `docs`: results.md (tables, orderings vs the paper), study.png (loss
+    curves, accuracies), study.json. docs/README.md, the hand-written reading, is never written. Returns the text
+    of results.md."""
+    from ..extras import require
+
+    require("matplotlib", "matvlm study's report")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    teacher, variants = load_results(work)
+    docs.mkdir(parents=True, exist_ok=True)
+    text = report_text(teacher, variants, note)
+    plot_study(variants, teacher["accuracy"]["accuracy"], teacher["knobs"]["distill_steps"], docs / "study.png")
+    (docs / "results.md").write_text(text)
+    by_accuracy, by_kl = all_orderings(variants)
     summary = {
         "teacher": {k: teacher[k] for k in ("accuracy", "blind_baseline", "train_seconds", "knobs")},
-        "orderings": orderings,
-        "kl_orderings": kl_orderings,
+        "orderings": by_accuracy,
+        "kl_orderings": by_kl,
         "paper_orderings": PAPER,
         "variants": {n: {k: v for k, v in var.items() if k != "log"} for n, var in variants.items()},
     }
@@ -451,7 +487,7 @@ def report_stage(work: Path, docs: Path, note: str = "") -> str:
 
 
 def run_parallel(work: Path, names: list[str], sets: list[str], seed: int, jobs: int) -> None:
-    """Each variant in its own `python -m matvlm_hf.study variant` process, `jobs` at a time; logs in work/variants."""
+    """Each variant in its own `matvlm study variant` process, `jobs` at a time; logs in work/variants."""
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
@@ -463,7 +499,7 @@ def run_parallel(work: Path, names: list[str], sets: list[str], seed: int, jobs:
         cmd = [
             sys.executable,
             "-m",
-            "matvlm_hf.synthetic.study",
+            "matvlm_hf.commands.study",
             "variant",
             "--workdir",
             str(work),
@@ -485,111 +521,11 @@ def run_parallel(work: Path, names: list[str], sets: list[str], seed: int, jobs:
         raise SystemExit(f"error: variant(s) failed: {', '.join(failed)} (logs in {work / 'variants'})")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="matvlm study",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    parser.add_argument(
-        "stage",
-        choices=("all", "teacher", "variant", "variants", "report"),
-        help="what to run: all | teacher | variant (one) | variants (several) | report",
-    )
-    parser.add_argument(
-        "--docs", default="docs/study", help="report: folder for README.md, study.png, study.json (default: docs/study)"
-    )
-    parser.add_argument(
-        "--note", default="", help="report: a paragraph put under the title, e.g. scale and caveats (default: none)"
-    )
-    parser.add_argument("--workdir", required=True, help="folder for data, checkpoints and results; required")
-    parser.add_argument("--name", help="variant: one of VARIANTS, or a new name with --ratio etc. (default: none)")
-    parser.add_argument("--only", nargs="*", help="variants: run only these names (default: every VARIANTS entry)")
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="variants: processes run at once, one variant each; one GPU holds several (default: 1)",
-    )
-    parser.add_argument(
-        "--ratio",
-        type=float,
-        help="variant: fraction of decoder layers turned into Mamba-2 (default: the named variant's)",
-    )
-    parser.add_argument(
-        "--placement",
-        choices=("even", "start", "middle", "end"),
-        help="variant: where the Mamba layers go (default: the named variant's)",
-    )
-    parser.add_argument(
-        "--layers",
-        type=int,
-        nargs="+",
-        help="variant: exactly these Mamba layer indices, instead of --ratio / --placement (default: none)",
-    )
-    parser.add_argument(
-        "--init",
-        choices=("attention", "random"),
-        help="variant: mixer initialisation from attention (paper) or random (default: the named variant's)",
-    )
-    parser.add_argument(
-        "--loss", choices=tuple(LOSSES), help="variant: which distillation losses (default: the named variant's)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="knob overrides, e.g. device=cpu (see STUDY; default: none)",
-    )
-    args = parser.parse_args(argv)
-    from ..extras import require
-    from ..safe_output import check_output, claim_workdir
+def main(argv: list[str] | None = None) -> str | None:
+    """`matvlm study` (`commands/study.py`, imported when called), kept here for `python -m` and old callers."""
+    from ..commands.study import main as command
 
-    if args.stage in ("all", "report"):
-        require("matplotlib", "matvlm study's report")
-
-    if args.stage == "report":
-        work = Path(args.workdir)
-        check_output(args.docs, [("--workdir", work)], option="--docs")
-    else:
-        work = claim_workdir(args.workdir)
-    from transformers import set_seed
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    set_seed(args.seed)
-    if args.stage == "report":
-        print(report_stage(work, Path(args.docs), args.note))
-        return
-    if args.stage in ("teacher", "all"):
-        train_teacher_stage(work, {**STUDY, **parse_sets(args.set)}, args.seed)
-        if args.stage == "teacher":
-            return
-    knobs = load_knobs(work, parse_sets(args.set))
-    if args.stage == "variant":
-        ratio, placement, init, loss = VARIANTS.get(args.name, (0.25, "even", "attention", "layer+prob"))
-        variant_stage(
-            work,
-            knobs,
-            args.name,
-            args.ratio if args.ratio is not None else ratio,
-            args.placement or placement,
-            args.init or init,
-            args.loss or loss,
-            args.seed,
-            args.layers,
-        )
-    elif args.jobs > 1:
-        run_parallel(work, args.only or list(VARIANTS), args.set, args.seed, args.jobs)
-    else:
-        for name in args.only or VARIANTS:
-            variant_stage(work, knobs, name, *VARIANTS[name], args.seed)
-    if args.stage == "all":
-        print(report_stage(work, Path(args.docs), args.note))
+    return command(argv)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ or ``python -m matvlm_hf.synthetic_vqa --out data/svqa --n-train 20000 --n-test 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
 import re
 import string
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations
 from pathlib import Path
@@ -115,9 +114,6 @@ class Scene:
     text: str | None = None
     text_cell: tuple[int, int] | None = None
     text_offset: tuple[float, float] = (0.0, 0.0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @property
     def key(self) -> str:
@@ -811,44 +807,33 @@ def render_contact_sheet(
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
-    """CLI: write a dataset and print its paths and per-type counts."""
-    parser = argparse.ArgumentParser(prog="matvlm data", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (train.json, test.json, images/); required")
-    parser.add_argument("--n-train", type=int, default=10000, help="training images (default: 10000)")
-    parser.add_argument("--n-test", type=int, default=1000, help="held-out images (default: 1000)")
-    parser.add_argument("--image-size", type=int, default=64, help="image side, pixels (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--question-types", default=None, help=f"comma-separated subset of {','.join(QUESTION_TYPES)} (default: all)"
-    )
-    parser.add_argument(
-        "--questions-per-image", type=int, default=1, help="questions asked about each image (default: 1)"
-    )
-    parser.add_argument(
-        "--contact-sheet",
-        default=None,
-        help="also save a PNG grid of the first 16 training images to this file (default: none)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing --out folder (built beside it, swapped in at the end) (default: off)",
-    )
-    args = parser.parse_args(argv)
+def write_dataset(
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    contact_sheet: str | Path | None = None,
+    n_train: int = 10000,
+    n_test: int = 1000,
+    image_size: int = 64,
+    seed: int = 0,
+    question_types: Sequence[str] | None = None,
+    questions_per_image: int = 1,
+) -> dict[str, Path]:
+    """`make_dataset` into `out` through a staging folder swapped in at the end (an existing `out` only with
+    `overwrite`; UnsafeOutputError otherwise); prints the paths and per-type counts, and saves a PNG grid of the
+    first 16 training images to `contact_sheet` when given. Returns the paths (train, test, images)."""
     from ..safe_output import staged_output
 
-    types = args.question_types.split(",") if args.question_types else None
-    out = Path(args.out)
-    with staged_output(out, overwrite=args.overwrite, option="--out") as staging:
+    out = Path(out)
+    with staged_output(out, overwrite=overwrite, option="--out") as staging:
         built = make_dataset(
             staging,
-            n_train=args.n_train,
-            n_test=args.n_test,
-            image_size=args.image_size,
-            seed=args.seed,
-            question_types=types,
-            questions_per_image=args.questions_per_image,
+            n_train=n_train,
+            n_test=n_test,
+            image_size=image_size,
+            seed=seed,
+            question_types=question_types,
+            questions_per_image=questions_per_image,
         )
     paths = {name: out / p.relative_to(staging) for name, p in built.items()}
     for name, p in paths.items():
@@ -857,12 +842,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         records = json.loads(paths[split].read_text(encoding="utf-8"))
         counts = Counter(r["question_type"] for r in records)
         print(f"{split}: {len(records)} samples  " + "  ".join(f"{t}={counts[t]}" for t in sorted(counts)))
-    if args.contact_sheet:
+    if contact_sheet:
         sheet_samples = generate_samples(
-            16, image_size=args.image_size, seed=args.seed, split="train", question_types=types
+            16, image_size=image_size, seed=seed, split="train", question_types=question_types
         )  # = the first 16 train images
-        print(f"contact sheet: {render_contact_sheet(sheet_samples, args.contact_sheet)}")
+        print(f"contact sheet: {render_contact_sheet(sheet_samples, contact_sheet)}")
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    """`matvlm data` (`commands/data.py`, imported when called), kept here for `python -m` and old callers."""
+    from ..commands.data import main as command
+
+    return command(argv)
 
 
 if __name__ == "__main__":
