@@ -20,7 +20,7 @@ import warnings
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
@@ -571,10 +571,22 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             config.suppress_tokens = suppress + [self.config.image_token_id]
         if not (fast_decode if fast_decode is not None else getattr(config, "fast_decode", False)):
             return super().generate(*args, generation_config=config, **unused)
-        input_ids = args[0] if args else unused.pop("input_ids")
-        pixel_values, attention_mask = unused.pop("pixel_values", None), unused.pop("attention_mask", None)
-        if unused:
-            raise ValueError(f"fast_decode does not take {sorted(unused)}; use the regular generate() for them.")
+        options = {"compile": fast_decode_compile, "prefill_token_budget": prefill_token_budget}
+        return self._fast_generate(args[0] if args else unused.pop("input_ids"), config, unused, **options)
+
+    def _fast_generate(
+        self,
+        input_ids: torch.LongTensor,
+        config: GenerationConfig,
+        inputs: dict,
+        compile: bool | None,
+        prefill_token_budget: int | None,
+    ) -> torch.LongTensor:
+        """`generate(fast_decode=True)`: checks that `config` asks only for what fast_generation.py does (ValueError
+        naming the rest), then runs it on `inputs` (attention_mask, pixel_values)."""
+        pixel_values, attention_mask = inputs.pop("pixel_values", None), inputs.pop("attention_mask", None)
+        if inputs:
+            raise ValueError(f"fast_decode does not take {sorted(inputs)}; use the regular generate() for them.")
         unsupported = {
             name: getattr(config, name)
             for name, default in self._FAST_DEFAULTS.items()
@@ -609,11 +621,7 @@ class MaTVLMForConditionalGeneration(MaTVLMPreTrainedModel, GenerationMixin):
             prefill_token_budget=prefill_token_budget
             or getattr(config, "prefill_token_budget", None)
             or PREFILL_TOKEN_BUDGET,
-            compile=bool(
-                fast_decode_compile
-                if fast_decode_compile is not None
-                else getattr(config, "fast_decode_compile", False)
-            ),
+            compile=bool(compile if compile is not None else getattr(config, "fast_decode_compile", False)),
         )
 
 
