@@ -1,5 +1,6 @@
-"""train_cli end to end on CPU: a 2-process DDP run (torchrun, gloo) against a 1-process run with the same effective
-batch, checkpoints, resume, and the saved student loading with AutoModelForImageTextToText.
+"""train_cli end to end on CPU: a 2-process DDP run (torchrun, gloo) and a 2-process FSDP2 run (accelerate launch
+with examples/configs/fsdp2.yaml) against a 1-process run with the same effective batch, checkpoints, resume, and the
+saved student loading with AutoModelForImageTextToText.
 
 Tiny fabricated TinyLLaVA -> teacher (0 % Mamba) and student (layers 0 and 2) via the conversion module; a tiny
 LLaVA JSON with generated images and text-only samples (so DDP must cope with batches that leave the connector out).
@@ -21,6 +22,8 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_distill.py"
+FSDP_CONFIG = ROOT / "examples" / "configs" / "fsdp2.yaml"
+FSDP_CPU_SCRIPT = ROOT / "tests" / "fsdp_cpu_train.py"  # train_distill with accelerate's FSDP allowed on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +136,19 @@ def test_two_process_ddp_run_matches_one_process_and_saves(setup, tmp_path):
         assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
     assert len(list(ddp.glob("checkpoint-2/rng_state_*.pth"))) == 2  # one per process
 
-    # the same optimisation: logged losses and final weights agree
-    l1, l2 = logged_losses(single), logged_losses(ddp)
+    assert_same_optimisation(single, ddp, student)
+    assert_loads_and_generates(ddp, d)
+
+
+def assert_same_optimisation(single, other, student):
+    """The same optimisation: logged losses (and grad norms) per step and final weights agree; only the trainable
+    tensors (connector, Mamba mixers of layers 0 and 2) changed."""
+    l1, l2 = logged_losses(single), logged_losses(other)
     assert len(l1) == len(l2) == 3
     for a, b in zip(l1, l2):
         for key in ("loss", "l_layer", "l_prob", "l_ce", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-3), (key, a, b)
-    w1, w2 = load_file(single / "model.safetensors"), load_file(ddp / "model.safetensors")
+    w1, w2 = load_file(single / "model.safetensors"), load_file(other / "model.safetensors")
     w0 = load_file(Path(student) / "model.safetensors")
     assert w1.keys() == w2.keys() == w0.keys()
     changed = 0
@@ -152,13 +161,15 @@ def test_two_process_ddp_run_matches_one_process_and_saves(setup, tmp_path):
             assert torch.equal(w2[key], w0[key]), f"frozen {key} changed"
     assert changed > 0
 
-    # the saved student loads with AutoModelForImageTextToText and runs
+
+def assert_loads_and_generates(out_dir, d):
+    """The saved student loads with AutoModelForImageTextToText and generates."""
     import matvlm_hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(ddp).eval()
+    model = AutoModelForImageTextToText.from_pretrained(out_dir).eval()
     assert type(model).__name__ == "MaTVLMForConditionalGeneration" and model.config.mamba_layers == [0, 2]
-    processor = AutoProcessor.from_pretrained(ddp)
+    processor = AutoProcessor.from_pretrained(out_dir)
     inputs = processor(
         images=[Image.open(d / "img" / "0.png")],
         text=processor.apply_chat_template(
@@ -227,3 +238,102 @@ def test_accelerate_launch_runs_the_same_two_process_training(setup, tmp_path):
         for key in ("loss", "l_layer", "l_prob", "l_ce"):
             assert a[key] == pytest.approx(b[key], rel=1e-3), (key, a, b)
     assert (acc / "model.safetensors").is_file()
+
+
+def test_fsdp2_run_shards_student_and_teacher_and_matches_one_process(setup, tmp_path):
+    """`accelerate launch --config_file examples/configs/fsdp2.yaml --num_processes 2` with gloo on the CPU: the
+    student sharded by accelerate, the frozen teacher by the trainer (FSDP2 `fully_shard`), L_layer running the
+    student's sharded decoder layers on the teacher's hidden states; the same losses and weights as one process
+    with the same effective batch, a normal MaTVLM checkpoint saved, and --resume from an FSDP checkpoint.
+
+    accelerate 1.15 turns FSDP on only for GPU-like devices (on a CPU it silently trains with DDP), so the run goes
+    through tests/fsdp_cpu_train.py, which lifts exactly that check (see its docstring)."""
+    d, teacher, student = setup
+    single, sharded = tmp_path / "single", tmp_path / "fsdp2"
+    run([sys.executable, SCRIPT, *cli_args(d, teacher, student, single)], cwd=ROOT)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        FSDP_CONFIG,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29519",
+        FSDP_CPU_SCRIPT,
+    ]
+    log = run([*launch, *cli_args(d, teacher, student, sharded)], cwd=ROOT)
+    assert "1 x 2 accumulation x 2 process(es)" in log
+    # 4 decoder layers + embedding + head + root; each process holds half of the teacher's weights
+    assert "FSDP2: teacher sharded into 7 units (50.0 % of its weights on this process)" in log
+    assert "decoder layer units: PhiDecoderLayer" in log
+    assert (sharded / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()  # the student was sharded: FSDP's files
+    assert len(list(sharded.glob("checkpoint-2/rng_state_*.pth"))) == 2
+
+    assert_same_optimisation(single, sharded, student)
+    # a normal MaTVLM checkpoint: MaTVLM's auto_map and remote code, not FSDP2's `FSDP<class>` and torch's files
+    config = json.loads((sharded / "config.json").read_text())
+    assert config["auto_map"] == json.loads((Path(student) / "config.json").read_text())["auto_map"]
+    assert (sharded / "modeling_matvlm.py").is_file() and not list(sharded.glob("_fsdp*.py"))
+    assert_loads_and_generates(sharded, d)
+
+    # --resume from the FSDP checkpoint-2 gives the same step 3
+    import shutil
+
+    uninterrupted = logged_losses(sharded)
+    shutil.rmtree(sharded / "checkpoint-3")
+    (sharded / "model.safetensors").unlink()
+    run([*launch, *cli_args(d, teacher, student, sharded), "--resume"], cwd=ROOT)
+    resumed = logged_losses(sharded)
+    assert [e["step"] for e in resumed] == [1, 2, 3]
+    for key in ("loss", "l_layer", "l_prob", "grad_norm"):
+        assert resumed[2][key] == pytest.approx(uninterrupted[2][key], rel=1e-4), key
+    assert (sharded / "model.safetensors").is_file()
+
+
+FSDP_UNITS_SCRIPT = """
+import copy, os, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from matvlm_hf.modeling_matvlm import MaTVLMForConditionalGeneration
+from matvlm_hf.training import fsdp
+
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29563", rank=0, world_size=1)
+
+class Plugin:  # what shard_teacher reads of accelerate's FSDP plugin
+    mixed_precision_policy = cpu_offload = transformer_cls_names_to_wrap = None
+
+teacher = MaTVLMForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
+teacher.lm_head.weight = teacher.get_input_embeddings().weight  # a tied head stays in the root unit
+whole = copy.deepcopy(teacher)
+ids = torch.randint(0, 100, (2, 9))
+with torch.no_grad():
+    expected = whole(input_ids=ids, use_cache=False).logits
+    fsdp.shard_teacher(teacher, Plugin())
+    got = teacher(input_ids=ids, use_cache=False).logits
+torch.testing.assert_close(got, expected, rtol=0, atol=0)
+assert sum(isinstance(m, FSDPModule) for m in teacher.modules()) == len(teacher.decoder_layers) + 1
+
+student = MaTVLMForConditionalGeneration.from_pretrained(sys.argv[2])
+fully_shard(next(m for m in student.model.vision_tower.modules() if type(m).__name__ == "SiglipEncoderLayer"))
+fully_shard(student)
+try:
+    fsdp.check_student_units(student)
+    raise AssertionError("a vision-tower unit was not refused")
+except ValueError as err:
+    assert "model.vision_tower.encoder.layers.0" in str(err) and "PhiDecoderLayer" in str(err), err
+assert type(student).__name__ == "FSDPMaTVLMForConditionalGeneration"
+with fsdp.own_class(student):
+    assert type(student) is MaTVLMForConditionalGeneration
+assert type(student).__name__ == "FSDPMaTVLMForConditionalGeneration"
+print("ok")
+"""
+
+
+def test_fsdp_helpers_on_one_process(setup):
+    """training/fsdp.py on a 1-process gloo group (in a subprocess, so the test session keeps no process group): a
+    teacher with a tied head, sharded, gives the unsharded logits exactly; a vision-tower FSDP unit in the student is
+    refused; `own_class` shows the student's own class inside the block only."""
+    _, teacher, student = setup
+    assert "ok" in run([sys.executable, "-c", FSDP_UNITS_SCRIPT, teacher, student], cwd=ROOT)

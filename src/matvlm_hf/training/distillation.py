@@ -27,12 +27,16 @@ sample, averaged over the accumulated samples by Trainer and DDP).
   Logged even at weight 0.
 
 The teacher runs once per step without gradients, on the student's device (and dtype: see `teacher_dtype`); it is
-not wrapped by DDP/DeepSpeed (ZeRO-2 is fine: parameters are not partitioned; ZeRO-3 is not supported for it).
+not wrapped by DDP/DeepSpeed (ZeRO-2 is fine: parameters are not partitioned; ZeRO-3 is not supported for it). Under
+FSDP2 (accelerate's `fsdp_version: 2`, examples/configs/fsdp2.yaml) the trainer shards it like the student with
+torch's `fully_shard` (training/fsdp.py says how, and why L_layer and the frozen parameters work unchanged).
 `l_layer`, `l_prob`, `l_ce` and `l_total` are logged beside Trainer's `loss` (averaged over the logging window
 and over processes: per optimizer step, the global objective). The first optimizer step checks that every trainable
 parameter receives a gradient from every micro-batch and raises `GradientCheckError` naming those that do not (so
-DDP keeps find_unused_parameters=False). Gradient checkpointing, reentrant or not, gives the same update; reentrant
-checkpointing is refused with several processes (see `_refuse_reentrant_checkpointing_under_ddp`).
+DDP keeps find_unused_parameters=False; under FSDP2, which writes the reduced gradient shards outside autograd's
+hooks, it checks that every trainable shard holds a gradient after the first optimizer step). Gradient
+checkpointing, reentrant or not, gives the same update; reentrant checkpointing is refused with several processes
+(see `_refuse_reentrant_checkpointing_under_ddp`).
 
 Trainable parameters (`set_trainable`): "mamba+connector" (paper; the released configs' `tune_mlp: true` means
 TinyLLaVA's connector, which TinyLLaVA calls the mlp projector), "mamba" (`tune_mlp: false`),
@@ -54,6 +58,7 @@ from transformers import Trainer
 
 from ..chat_template import IGNORE_INDEX
 from ..mamba2_mixer import CACHE_ARG
+from . import fsdp
 
 TRAIN_MODES = ("mamba+connector", "mamba", "mamba+mlp+connector", "all")
 KL_POSITIONS = ("all", "answer")
@@ -375,7 +380,14 @@ class MaTVLMDistillationTrainer(Trainer):
             raise ValueError("the student has no trainable parameter: call set_trainable(student, mode) first")
         self.mamba_layers = list(student.config.mamba_layers)
         self.teacher = teacher_model.eval().requires_grad_(False)
-        self.teacher.to(self.args.device)
+        plugin = fsdp.fsdp2_plugin(self.accelerator)
+        if plugin is None:
+            self.teacher.to(self.args.device)
+        else:  # accelerate shards the student when it prepares it; the teacher is ours to shard. Its dtype is set
+            # now; fully_shard moves each unit to the device as it shards it (no whole teacher on one GPU)
+            fsdp.prepare_student(plugin, student)
+            self.teacher.to(dtype=self._teacher_dtype(student))
+            fsdp.shard_teacher(self.teacher, plugin, fsdp.fsdp_mesh(self.accelerator))
         # the loss is ours (not the model's). With this False, Trainer divides each micro-batch's loss by the
         # number of accumulation micro-batches (transformers 5.17 .. 5.24); `compute_loss` multiplies that back.
         self.model_accepts_loss_kwargs = False
@@ -446,15 +458,23 @@ class MaTVLMDistillationTrainer(Trainer):
     # -- the first step's gradient check ----------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Trainer's step with the global normalisation on; during the first optimizer step, also checks that
-        every trainable parameter receives a gradient from every micro-batch (`GradientCheckError` otherwise)."""
+        every trainable parameter receives a gradient from every micro-batch (`GradientCheckError` otherwise).
+        Under FSDP2: that every trainable shard holds a gradient once the step's gradients are reduced, and that the
+        student has no FSDP unit a text-only batch would skip (`fsdp.check_student_units`)."""
         self._in_training_step = True
         try:
             if self._gradients_checked:
                 return super().training_step(model, inputs, num_items_in_batch)
             student = self.accelerator.unwrap_model(model)
             trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
-            with record_gradients(trainable) as received:
+            if self.is_fsdp_enabled:  # FSDP2 sets the shards' .grad when it reduces (the step's last micro-batch)
+                fsdp.check_student_units(student)
                 loss = super().training_step(model, inputs, num_items_in_batch)
+                sync = self.accelerator.sync_gradients
+                received = {n for n, p in student.named_parameters() if p.grad is not None} if sync else set(trainable)
+            else:
+                with record_gradients(trainable) as received:
+                    loss = super().training_step(model, inputs, num_items_in_batch)
             missing = sorted(set(trainable) - received)
             if missing:
                 raise GradientCheckError(missing)
@@ -481,7 +501,8 @@ class MaTVLMDistillationTrainer(Trainer):
         labels, pixel_values = inputs.get("labels"), inputs.get("pixel_values")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self._place_teacher(student, input_ids.device)
+        if not self.is_fsdp_enabled:  # a sharded teacher was placed before sharding (its shards may live on the CPU)
+            self._place_teacher(student, input_ids.device)
         need_layer = bool(self.mamba_layers)
 
         def graph_if(weight: float):  # a term with weight 0 is only logged: no graph for it
@@ -559,6 +580,13 @@ class MaTVLMDistillationTrainer(Trainer):
             self._metrics[mode].setdefault(key, []).append(terms[key].detach().float())
         self._metrics[mode].setdefault("l_total", []).append(loss.detach().float())
         return (loss, terms["outputs"]) if return_outputs else loss
+
+    # -- saving -----------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save (`save_pretrained` of the student); under FSDP2 through the student's own class
+        (`fsdp.own_class`), so the checkpoint's auto_map and remote code are MaTVLM's."""
+        with fsdp.own_class(self.model):
+            super()._save(output_dir, state_dict)
 
     # -- logging ----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -97,6 +97,10 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None = None):
     if trainer.is_world_process_zero():
         for line in describe_run(cfg, recipe, student, fitted, len(dataset), world_size):
             print(line)
+        if trainer.is_fsdp_enabled:
+            from .fsdp import describe_sharding
+
+            print(describe_sharding(trainer.teacher, trainer.accelerator.state.fsdp_plugin))
         output.mkdir(parents=True, exist_ok=True)
         record = {**cfg, **dataclasses.asdict(recipe)}
         (output / "distill_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
