@@ -177,11 +177,12 @@ def test_save_load_roundtrip(proc, tmp_path):
 def test_auto_processor_remote_code(proc, tmp_path):
     from transformers import AutoProcessor
 
+    before = MaTVLMProcessor._auto_class  # `import matvlm_hf` registers it already: put back what was there
     MaTVLMProcessor.register_for_auto_class("AutoProcessor")
     try:
         proc.save_pretrained(tmp_path / "remote")
     finally:
-        MaTVLMProcessor._auto_class = None
+        MaTVLMProcessor._auto_class = before
     for name in ("processing_matvlm.py", "chat_template.py"):
         assert (tmp_path / "remote" / name).exists(), name
     config = json.loads((tmp_path / "remote" / "processor_config.json").read_text())
