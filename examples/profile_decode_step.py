@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from matvlm_hf.fast_generation import SamplingParams, StaticDecoder
+from matvlm_hf.safe_output import check_output
 from matvlm_hf.synthetic.benchmark import build_model
 
 GEMM_NAMES = (
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (default: both)")
     parser.add_argument("--out", type=Path, required=True, help="folder for profile_decode_step.json")
     args = parser.parse_args(argv)
+    check_output(args.out, option="--out")  # never the working directory, or a folder holding it
     device = "cuda" if args.size == "full" else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ratios = {"teacher": 0.0, "hybrid-25": 0.25, "hybrid-50": 0.5}

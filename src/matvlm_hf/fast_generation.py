@@ -27,6 +27,13 @@ from transformers import StaticCache
 from .mamba2_mixer import CACHE_ARG
 
 BUCKET = 256  # cache lengths are rounded up to a multiple of this, so nearby lengths reuse one graph
+
+
+def bucket_length(length: int) -> int:
+    """`length` (tokens) rounded up to a multiple of BUCKET: the cache length a decoder for it allocates."""
+    return -(-length // BUCKET) * BUCKET
+
+
 # Prompt tokens per prefill chunk, summed over the batch (serving engines' "max batched tokens"). At TinyLLaVA-3.1B
 # sizes one token's prefill activations are ~0.1 MB (the MLP's 10240-wide bf16 intermediates, the attention mask's row
 # over the cache): 8192 tokens ~ 1 GiB, below the KV cache of any batch x context worth chunking (batch 16 x 8K =
@@ -78,7 +85,7 @@ class StaticDecoder:
 
     def __init__(self, model, batch_size: int, max_length: int, params: SamplingParams, compile: bool = False):
         self.model, self.batch_size, self.params = model, batch_size, params
-        self.max_length = -(-max_length // BUCKET) * BUCKET
+        self.max_length = bucket_length(max_length)
         device, dtype = model.device, model.dtype
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_length)
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # the token fed to the next step
@@ -198,7 +205,7 @@ class DecoderPool:
 
     def get(self, model, batch_size: int, total_length: int, params: SamplingParams, compile: bool) -> StaticDecoder:
         """The decoder for `batch_size` sequences of up to `total_length` tokens (prompt + new), built on first use."""
-        key = (batch_size, -(-total_length // BUCKET) * BUCKET, params, compile)
+        key = (batch_size, bucket_length(total_length), params, compile)
         if key != self.key:
             self.clear()  # free the old cache before allocating the new one
             self.decoder, self.key = StaticDecoder(model, batch_size, total_length, params, compile=compile), key

@@ -29,7 +29,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from ..fast_generation import BUCKET, PREFILL_TOKEN_BUDGET, SamplingParams, StaticDecoder, prefill_chunk_length
+from ..fast_generation import PREFILL_TOKEN_BUDGET, SamplingParams, StaticDecoder, bucket_length, prefill_chunk_length
 from ..processing_matvlm import load_image
 
 FAST_CHUNK = 8  # decode steps per CUDA-graph batch on the fast path (the streaming granularity there)
@@ -259,7 +259,7 @@ class ChatModel:
             sampling["top_p"] if sampling.get("top_p", 1.0) < 1.0 else None,
         )
         input_ids, total = inputs["input_ids"], inputs["input_ids"].shape[1] + settings.max_new_tokens
-        key = (-(-total // BUCKET) * BUCKET, params)
+        key = (bucket_length(total), params)
         if self._decoder is None or self._decoder[0] != key:
             self._decoder = None  # free the old cache first
             self._decoder = (key, StaticDecoder(self.model, 1, total, params))

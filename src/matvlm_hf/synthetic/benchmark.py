@@ -91,12 +91,17 @@ def lm_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in [*model.language_model.parameters(), *model.lm_head.parameters()])
 
 
+def kv_cache_bytes(model, batch: int, context: int) -> int:
+    """Bytes of the attention layers' keys and values for `batch` sequences of `context` tokens."""
+    cfg, tc = model.config, model.config.text_config
+    n_attn = tc.num_hidden_layers - len(cfg.mamba_layers)
+    return n_attn * 2 * tc.hidden_size * model.dtype.itemsize * context * batch
+
+
 def roofline_ms(model, batch: int, context: int, hbm: float) -> float:
     """Bytes one decode step must read once (LM weights, KV at `context`, Mamba states) / HBM bandwidth."""
     cfg = model.config
-    tc = cfg.text_config
-    n_attn = tc.num_hidden_layers - len(cfg.mamba_layers)
-    kv = n_attn * 2 * tc.hidden_size * model.dtype.itemsize * context * batch
+    kv = kv_cache_bytes(model, batch, context)
     state = (
         len(cfg.mamba_layers)
         * batch
@@ -170,9 +175,7 @@ def with_roofline(point: dict | str, model, batch: int, context: int, hbm: float
 
 def does_not_fit(model, batch: int, total: int, device: str) -> dict:
     """Why a point ran out of memory, in numbers: its static cache + the weights vs the GPU's memory."""
-    cfg, tc = model.config, model.config.text_config
-    n_attn = tc.num_hidden_layers - len(cfg.mamba_layers)
-    kv_gib = n_attn * 2 * tc.hidden_size * model.dtype.itemsize * total * batch / 2**30
+    kv_gib = kv_cache_bytes(model, batch, total) / 2**30
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else None
     return {"error": "OOM", "kv_cache_gib": kv_gib, "weights_gib": weights_gib, "gpu_gib": gpu_gib}
