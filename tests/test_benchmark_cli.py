@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 
 from matvlm_hf.benchmark import build_model, main, roofline_ms
@@ -48,4 +50,23 @@ def test_decode_step_profile_counts_the_steps_ops(tmp_path):
         stats = out[name]
         assert stats["kernels_per_step"] > 4 * 4  # at least a few ops per layer of the 4-layer LM
         assert 0 < stats["gemm_us_per_step"] < stats["us_per_step"]
+        split = stats["us_per_step_by_category"]
+        assert abs(sum(split.values()) - stats["us_per_step"]) < 1e-6 * stats["us_per_step"]
+        assert split["matmul"] == stats["gemm_us_per_step"] and split["attention"] > 0
+        assert split["Mamba mixer"] == 0  # on a CPU the mixer is plain aten ops ("other"); GPU names below
     assert json.loads((tmp_path / "profile_decode_step.json").read_text())["context"] == 32
+    # GPU kernel names seen on the H200 (docs/benchmarks/h200/profile_decode_step.json)
+    assert [
+        module.category(k)
+        for k in (
+            "nvjet_sm90_tst_64x8_64x16_4x1_v_bz_bias_TNT",
+            "void cublasLt::splitKreduce_kernel<32, 16, int, float>",
+            "cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16_knob_35",
+            "void cudnn::fusion::lean_reduction_kernel<false, false, false>",
+            "_selective_scan_update_kernel",
+            "triton_poi_fused_add_mul_pow_tanh_view_6",
+        )
+    ] == ["matmul", "matmul", "attention", "attention", "Mamba mixer", "other"]
+    pytest.importorskip("matplotlib")
+    assert module.main(["--plot", str(tmp_path / "profile_decode_step.json")]) == out
+    assert (tmp_path / "profile_decode_step.png").stat().st_size > 0

@@ -394,6 +394,30 @@ def test_cli_config_yaml_and_flags(tmp_path):
         parse_config(["--student", "s", "--data", "d", "--output", "o"])
     ds = json.loads((root / "examples/configs/ds_zero2.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2
+    offload = json.loads((root / "examples/configs/ds_zero2_offload.json").read_text())
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    # the Trainer's torch AdamW steps on the CPU: DeepSpeed would otherwise demand its JIT-built DeepSpeedCPUAdam
+    assert offload["zero_force_ds_cpu_optimizer"] is False and "optimizer" not in offload
+    assert {k: v for k, v in offload.items() if k not in ("zero_optimization", "zero_force_ds_cpu_optimizer")} == {
+        k: v for k, v in ds.items() if k != "zero_optimization"
+    }
+
+
+def test_peak_memory_and_step_time_reach_trainer_state(tmp_path, monkeypatch):
+    """`peak_gib` and `step_s` land in trainer_state.json's log_history (Trainer.log appends a copy of the logs
+    before the callbacks run: writing only into `logs` printed them and lost them, seen on the GPU in issue 18)."""
+    from matvlm_hf.training import measure
+
+    monkeypatch.setattr(measure, "peak_gib", lambda: 1.5)  # a CPU has no CUDA allocator to ask
+    teacher, student = make_pair(mamba_layers=(1, 3))
+    trainer = make_trainer(tmp_path, teacher, student, make_items(teacher.config), steps=2)
+    timer = measure.StepSeconds()
+    trainer.add_callback(measure.PeakMemory())
+    trainer.add_callback(timer)
+    trainer.train()
+    steps = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["peak_gib"] for e in steps] == [1.5, 1.5]
+    assert [e["step_s"] for e in steps] == [round(t, 4) for t in timer.times] and all(t > 0 for t in timer.times)
 
 
 def test_first_step_fails_naming_a_conv_that_gets_no_gradient(tmp_path, monkeypatch):

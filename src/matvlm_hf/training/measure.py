@@ -1,13 +1,15 @@
-"""Measuring steps: a step timer for training and for generation, and the largest-batch search.
+"""Measuring steps: a step timer for training and for generation, peak memory and step time in the training log,
+and the largest-batch search.
 
     timer = StepTimer(echo=True)
     trainer.add_callback(timer); trainer.train()                 # timer.times: seconds per optimizer step
+    trainer.add_callback(StepSeconds())                          # `step_s` in every log entry
     timer = StepTimer()
     model.generate(..., stopping_criteria=StoppingCriteriaList([timer]))  # seconds per decode step
     largest, first_too_big = largest_fitting(lambda n: try_batch(n), start=1)
 
-Used by the distillation benchmark (`synthetic/distill_benchmark.py`) and the generation benchmark
-(`synthetic/benchmark.py`).
+Used by the trainer factory (every distillation run logs `peak_gib` and `step_s`), the distillation benchmark
+(`synthetic/distill_benchmark.py`) and the generation benchmark (`synthetic/benchmark.py`).
 """
 
 from __future__ import annotations
@@ -54,13 +56,45 @@ class StepTimer(TrainerCallback, StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+def _add_to_log(state, logs: dict, key: str, value: float) -> None:
+    """Put `key` in the printed `logs` and in the entry `Trainer.log` has just appended to `state.log_history` (a copy
+    of `logs` taken before the callbacks run, transformers 5.x `Trainer.log`), so trainer_state.json holds it too."""
+    logs[key] = value
+    if state.log_history:
+        state.log_history[-1][key] = value
+
+
 class PeakMemory(TrainerCallback):
     """Adds `peak_gib` (torch.cuda.max_memory_allocated of this process since it started, GiB) to every log entry of a
-    run on CUDA, so trainer_state.json's log_history holds the memory beside the losses; nothing on a CPU."""
+    run on CUDA, printed and in trainer_state.json's log_history beside the losses; nothing on a CPU."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            logs["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        peak = peak_gib()
+        if logs is not None and peak is not None:
+            _add_to_log(state, logs, "peak_gib", peak)
+
+
+def peak_gib() -> float | None:
+    """torch.cuda.max_memory_allocated() of this process in GiB (3 decimals); None without an initialised GPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return None
+
+
+class StepSeconds(StepTimer):
+    """Adds `step_s` (mean wall seconds of the optimizer steps since the previous log entry, the GPU synchronised at
+    each step's start and end) to every log entry, printed and in trainer_state.json: a run's step time without its
+    first step's compilation and Triton autotuning (read the entries after the first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logged = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        new = self.times[self._logged :]
+        if logs is not None and new:
+            _add_to_log(state, logs, "step_s", round(sum(new) / len(new), 4))
+            self._logged = len(self.times)
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int, limit: int = 512) -> tuple[int, int | None]:

@@ -40,12 +40,13 @@ def make_trainer(
 
     student, teacher: loaded MaTVLM models (any device; the trainer moves them). train_dataset: `LLaVADataset` items
     (a data set or a list). device: "cuda" / "cpu" (default: CUDA when available). callbacks: extra
-    `TrainerCallback`s (`measure.PeakMemory` is always there: peak GPU memory in every log entry). ValueError from
+    `TrainerCallback`s (`measure.PeakMemory` and `measure.StepSeconds` are always there: peak GPU memory and seconds per
+    optimizer step in every log entry). ValueError from
     the recipe when a knob `fit` sets is unset or the batch does not divide.
     """
     from .data import LLaVACollator
     from .distillation import MaTVLMDistillationTrainer, set_trainable
-    from .measure import PeakMemory
+    from .measure import PeakMemory, StepSeconds
 
     set_trainable(student, recipe.train_mode)
     return MaTVLMDistillationTrainer(
@@ -56,7 +57,7 @@ def make_trainer(
         train_dataset=train_dataset,
         data_collator=LLaVACollator(processor.tokenizer.pad_token_id, padding_side="right"),
         processing_class=processor,
-        callbacks=[PeakMemory(), *(callbacks or [])],
+        callbacks=[PeakMemory(), StepSeconds(), *(callbacks or [])],
     )
 
 
