@@ -21,6 +21,7 @@ from matvlm_hf.distillation import (
     layer_loss,
     set_trainable,
     trainable_parameter_names,
+    vision_path_in_graph,
 )
 
 from conftest import image_prompt, tiny_model
@@ -401,6 +402,44 @@ def test_cli_config_yaml_and_flags(tmp_path):
     assert {k: v for k, v in offload.items() if k not in ("zero_optimization", "zero_force_ds_cpu_optimizer")} == {
         k: v for k, v in ds.items() if k != "zero_optimization"
     }
+
+
+def test_text_only_batch_readies_gradients_in_the_image_batch_order():
+    """Under `vision_path_in_graph` a text-only batch gives the connector a gradient (exactly zero) at the point of
+    the backward where an image batch gives it one: every trainable parameter's gradient becomes ready in the same
+    order for both kinds of batch (what ZeRO-2's bucketed reduction across processes needs), and the loss and the
+    other gradients are those of the plain text-only pass."""
+    _, student = make_pair(mamba_layers=(1, 3))
+    set_trainable(student, "mamba+connector")
+    student.train()
+    image, text = make_items(student.config)
+
+    def backward_order(item, vision_path):
+        order = []
+        hooks = [
+            p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
+            for name, p in student.named_parameters()
+            if p.requires_grad
+        ]
+        student.zero_grad(set_to_none=True)
+        kwargs = {"pixel_values": item["pixel_values"]} if "pixel_values" in item else {}
+        with vision_path_in_graph(student, enabled=vision_path):
+            loss = student(input_ids=item["input_ids"][None], labels=item["labels"][None], **kwargs).loss
+        loss.backward()
+        for hook in hooks:
+            hook.remove()
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        return order, loss.detach(), grads
+
+    image_order, _, _ = backward_order(image, False)
+    text_order, text_loss, text_grads = backward_order(text, True)
+    plain_order, plain_loss, plain_grads = backward_order(text, False)
+    assert text_order == image_order and any(n.startswith("model.connector.") for n in text_order)
+    assert not any(n.startswith("model.connector.") for n in plain_order)  # a plain text-only pass skips it
+    assert torch.equal(text_loss, plain_loss)
+    for name, grad in text_grads.items():
+        expected = plain_grads.get(name, torch.zeros_like(grad))
+        assert torch.equal(grad, expected), name
 
 
 def test_peak_memory_and_step_time_reach_trainer_state(tmp_path, monkeypatch):

@@ -240,6 +240,54 @@ def test_accelerate_launch_runs_the_same_two_process_training(setup, tmp_path):
     assert (acc / "model.safetensors").is_file()
 
 
+def require_deepspeed() -> None:
+    """Skip without deepspeed (the `deepspeed` extra); with MATVLM_REQUIRE_DEEPSPEED=1 (set by .ci/run) fail."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        if os.environ.get("MATVLM_REQUIRE_DEEPSPEED") == "1":
+            pytest.fail(
+                "MATVLM_REQUIRE_DEEPSPEED=1 but deepspeed is not installed (pip install --no-build-isolation "
+                '-e ".[deepspeed]")',
+                pytrace=False,
+            )
+        pytest.skip("deepspeed is not installed (the `deepspeed` extra)")
+
+
+def test_deepspeed_zero2_two_processes_match_one_process(setup, tmp_path):
+    """`matvlm distill --deepspeed examples/configs/ds_zero2.json` on 2 CPU processes (torchrun, DeepSpeed's CPU
+    accelerator, gloo): ZeRO-2 partitions the optimizer states and reduces the gradients in buckets, and gives the
+    losses, gradient norms and weights of one plain process with the same global batch. The data mixes image and
+    text-only samples, so the two processes' micro-batches differ in kind: before `vision_path_in_graph`, the
+    connector's gradients became ready at another point of a text-only backward and ZeRO-2 reduced mismatched
+    buckets (gloo: "Received data size doesn't match expected size" at step 2)."""
+    require_deepspeed()
+    d, teacher, student = setup
+    single, zero2 = tmp_path / "single", tmp_path / "zero2"
+    run([sys.executable, SCRIPT, *cli_args(d, teacher, student, single)], cwd=ROOT)
+    config = ROOT / "examples" / "configs" / "ds_zero2.json"
+    log = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            SCRIPT,
+            *cli_args(d, teacher, student, zero2),
+            "--deepspeed",
+            config,
+        ],
+        cwd=ROOT,
+        timeout=420,
+    )
+    assert "1 x 2 accumulation x 2 process(es)" in log
+    assert list(zero2.glob("checkpoint-2/global_step2/*optim_states.pt"))  # DeepSpeed's own checkpoint: it ran
+    assert_same_optimisation(single, zero2, student)
+    assert_loads_and_generates(zero2, d)
+
+
 def test_fsdp2_run_shards_student_and_teacher_and_matches_one_process(setup, tmp_path):
     """`accelerate launch --config_file examples/configs/fsdp2.yaml --num_processes 2` with gloo on the CPU: the
     student sharded by accelerate, the frozen teacher by the trainer (FSDP2 `fully_shard`), L_layer running the

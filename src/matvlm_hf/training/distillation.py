@@ -37,6 +37,9 @@ DDP keeps find_unused_parameters=False; under FSDP2, which writes the reduced gr
 hooks, it checks that every trainable shard holds a gradient after the first optimizer step). Gradient
 checkpointing, reentrant or not, gives the same update; reentrant checkpointing is refused with several processes
 (see `_refuse_reentrant_checkpointing_under_ddp`).
+A text-only micro-batch runs the vision tower and connector on one blank image, added times 0
+(`vision_path_in_graph`), so that DDP, DeepSpeed ZeRO-2 and FSDP2 see every trainable gradient, in the same backward
+order, on every process whatever the kind of its micro-batch.
 
 Trainable parameters (`set_trainable`): "mamba+connector" (paper; the released configs' `tune_mlp: true` means
 TinyLLaVA's connector, which TinyLLaVA calls the mlp projector), "mamba" (`tune_mlp: false`),
@@ -47,6 +50,7 @@ weight decay skips biases, norms, A_log, dt_bias, D and every other 1-D paramete
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -349,6 +353,33 @@ def _refuse_reentrant_checkpointing_under_ddp(args: Any) -> None:
         )
 
 
+@contextlib.contextmanager
+def vision_path_in_graph(student: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """While active, the student's token embeddings get 0 x (the projected features of one blank image) added: a
+    text-only micro-batch then runs the vision tower and connector at the point of the graph where an image batch
+    merges its features, so their trainable parameters receive a (zero) gradient in the same backward order on every
+    process. DDP (find_unused_parameters=False) needs every parameter to get a gradient; DeepSpeed ZeRO-2 packs
+    gradients into its reduction buckets in the order they become ready, so a rank whose connector gradients came at
+    another point (the former `loss + p.sum() * 0`: first in backward instead of last) reduced mismatched buckets:
+    a gloo size error on the CPU, silently mixed gradients when the sizes happen to agree. No value or gradient
+    changes (the term is an exact 0). The blank image costs one vision-tower forward per text-only micro-batch."""
+    if not enabled:
+        yield
+        return
+    vision = student.config.vision_config
+
+    def add_vision_path(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        blank = torch.zeros(1, 3, vision.image_size, vision.image_size, device=output.device)
+        features = student.get_image_features(blank).pooler_output
+        return output + features.sum().to(output.dtype) * 0.0
+
+    handle = student.get_input_embeddings().register_forward_hook(add_vision_path)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class MaTVLMDistillationTrainer(Trainer):
     """`Trainer` whose loss is MaTVLM's distillation loss (see module docstring).
 
@@ -516,9 +547,10 @@ class MaTVLMDistillationTrainer(Trainer):
                 teacher_out = self.teacher(
                     input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=False
                 )
-            outputs = model(
-                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=False
-            )
+            with vision_path_in_graph(student, enabled=pixel_values is None and model.training):
+                outputs = model(
+                    input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=False
+                )
             student_logits = outputs.logits
 
             with graph_if(da.alpha):
@@ -568,13 +600,6 @@ class MaTVLMDistillationTrainer(Trainer):
     ):
         terms = self.compute_distillation_losses(model, inputs, normalizers=self._normalizers())
         loss = terms["loss"]
-        if inputs.get("pixel_values") is None and model.training:
-            # a text-only batch leaves the vision tower and connector out of the graph; give their trainable
-            # parameters a zero gradient so that DDP (find_unused_parameters=False) sees every parameter every step
-            student = self.accelerator.unwrap_model(model)
-            for name, p in student.named_parameters():
-                if p.requires_grad and name.startswith(("model.connector.", "model.vision_tower.")):
-                    loss = loss + p.sum() * 0.0
         mode = "train" if model.training else "eval"
         for key in ("l_layer", "l_prob", "l_ce"):
             self._metrics[mode].setdefault(key, []).append(terms[key].detach().float())
