@@ -5,10 +5,10 @@
 #   2. ZeRO-2 with the optimizer offloaded to the CPU (ds_zero2_offload.json, torch's AdamW on the CPU: no JIT-built
 #      op), 3 steps per micro-batch, bisected from 48 while BUDGET seconds remain: the largest micro-batch that fits
 #      among those tried and the smallest that did not.
-# Step time (median of the logged `step_s` after the first step, which compiles and autotunes Triton kernels) and peak
-# GPU memory (`peak_gib`; both logged by the trainer's measure callbacks) per run go to OUT/deepspeed_check.json, rewritten after every run.
+# Step time, tokens/s, peak GPU memory and losses per run (`distill_ddp_check.py summary`: the median logged `step_s`
+# after the first step, which compiles and autotunes Triton kernels) go to OUT/deepspeed_check.json after every run.
 #
-#   pip install deepspeed   # (the GPU machine: its wheel and hjson, pydantic, ... from shared/wheels/deepspeed)
+#   pip install --no-build-isolation -e ".[deepspeed]"   # (the GPU machine: wheels from shared/wheels/deepspeed)
 #   bash examples/deepspeed_check.sh WORKDIR OUT [BUDGET_SECONDS [STAGES]]   # STAGES: compare,offload (default both)
 set -euo pipefail
 W=${1:?usage: deepspeed_check.sh WORKDIR OUT [BUDGET_SECONDS]}
@@ -18,30 +18,10 @@ STAGES=${4:-compare,offload}
 mkdir -p "$OUT"
 check() { python3 examples/distill_ddp_check.py "$@"; }
 distill_ds() { torchrun --standalone --nproc_per_node 1 -m matvlm_hf.cli distill "$@"; }
-summarise() {
-  python3 - "$W" "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-w, out = Path(sys.argv[1]), Path(sys.argv[2])
-runs = {}
-for run in sorted((p for p in w.iterdir() if p.is_dir() and (p.name in ("plain", "zero2") or p.name.startswith("offload-"))),
-                  key=lambda p: (len(p.name), p.name)):
-    states = sorted(run.glob("**/trainer_state.json"), key=lambda p: p.stat().st_mtime)
-    if not states:
-        runs[run.name] = "no trainer_state.json (failed or out of memory: see its log)"
-        continue
-    state = json.loads(states[-1].read_text())
-    logs = state["log_history"]
-    later = [e["step_s"] for e in logs if "loss" in e and "step_s" in e][1:]  # the first step compiles and autotunes
-    runs[run.name] = {
-        "steps": state["global_step"],
-        "seconds_per_step": round(sorted(later)[len(later) // 2], 3) if later else None,
-        "peak_gib": max((e.get("peak_gib", 0) for e in logs), default=None),
-        "losses": [round(e["loss"], 5) for e in logs if "loss" in e],
-    }
-(out / "deepspeed_check.json").write_text(json.dumps(runs, indent=1) + "\n")
-print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "losses"} if isinstance(v, dict) else v for k, v in runs.items()}))
-PY
+summarise() {  # every run so far -> OUT/deepspeed_check.json (losses included); one line per run on stdout
+  check summary $(ls -d "$W"/plain "$W"/zero2 "$W"/offload-* 2>/dev/null) > "$OUT/deepspeed_check.json"
+  python3 -c 'import json, sys; [print(k, {a: b for a, b in v.items() if a != "losses"} if isinstance(v, dict) else v)
+                for k, v in json.load(open(sys.argv[1])).items()]' "$OUT/deepspeed_check.json"
 }
 
 check prepare --workdir "$W" > /dev/null

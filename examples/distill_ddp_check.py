@@ -8,6 +8,10 @@ on 2 GPUs (DDP, find_unused_parameters=False) must give the same loss curve.
     accelerate launch --multi_gpu --num_processes 2 --mixed_precision no -m matvlm_hf.train_cli \\
         $(python examples/distill_ddp_check.py args --workdir runs/ddp --output runs/ddp/two)
     python examples/distill_ddp_check.py compare runs/ddp/one runs/ddp/two   # exit 1 when the curves differ
+    python examples/distill_ddp_check.py summary runs/ddp/one runs/ddp/two   # step time, tokens/s, peak memory (JSON)
+
+examples/multi_gpu_check.sh runs all of it (and ZeRO-2 on 2 GPUs) in one call; examples/deepspeed_check.sh is the
+1-GPU DeepSpeed check.
 
 Each step is 8 samples x 1428 tokens (every sample is cut to exactly that length), 20 steps, bf16, gradient
 checkpointing, the paper's losses and trainable set. accelerate gives each process a shard of the same batches as
@@ -95,6 +99,33 @@ def compare(one: Path, two: Path, rtol: float) -> int:
     return 0 if same_length and worst <= rtol else 1
 
 
+def summary(runs: list[Path]) -> dict:
+    """Per run folder: optimizer steps, seconds per step (median of the logged `step_s` after the first step, which
+    compiles and autotunes Triton kernels), tokens/s (global batch x max length of its distill_config.json / that
+    time: every sample of this check is cut to exactly max length), peak GPU memory (`peak_gib`) and the losses; a
+    string for a run without trainer_state.json (failed or out of memory)."""
+    out: dict = {}
+    for run in runs:
+        states = sorted(run.glob("**/trainer_state.json"), key=lambda p: p.stat().st_mtime)
+        if not states:
+            out[run.name] = "no trainer_state.json (failed or out of memory: see its log)"
+            continue
+        state = json.loads(states[-1].read_text())
+        logs = state["log_history"]
+        later = [e["step_s"] for e in logs if "loss" in e and "step_s" in e][1:]
+        step_s = sorted(later)[len(later) // 2] if later else None
+        knobs = json.loads((run / "distill_config.json").read_text()) if (run / "distill_config.json").is_file() else {}
+        tokens = knobs.get("global_batch_size", 0) * knobs.get("max_length", 0)
+        out[run.name] = {
+            "steps": state["global_step"],
+            "seconds_per_step": round(step_s, 3) if step_s else None,
+            "tokens_per_s": round(tokens / step_s) if step_s and tokens else None,
+            "peak_gib": max((e["peak_gib"] for e in logs if "peak_gib" in e), default=None),
+            "losses": [round(e["loss"], 5) for e in logs if "loss" in e],
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -112,12 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("one", type=Path)
     p.add_argument("two", type=Path)
     p.add_argument("--rtol", type=float, default=2e-2)
+    p = sub.add_parser("summary", help="step time, tokens/s, peak memory and losses of run folders, as JSON")
+    p.add_argument("runs", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         print(json.dumps({k: str(v) for k, v in prepare(args.workdir, args.size).items()}))
         return 0
     if args.command == "args":
         print(" ".join(distill_args(args.workdir, args.output)))
+        return 0
+    if args.command == "summary":
+        print(json.dumps(summary(args.runs), indent=1))
         return 0
     return compare(args.one, args.two, args.rtol)
 

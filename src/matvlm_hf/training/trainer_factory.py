@@ -43,11 +43,18 @@ def make_trainer(
     `TrainerCallback`s (`measure.PeakMemory` and `measure.StepSeconds` are always there: peak GPU memory and seconds per
     optimizer step in every log entry). ValueError from
     the recipe when a knob `fit` sets is unset or the batch does not divide.
+
+    Training on a CPU sets DS_ACCELERATOR=cpu unless set: DeepSpeed, when installed, is imported by accelerate as
+    soon as the Trainer exists and would otherwise warn on every CPU run that it "was unable to detect" a GPU.
     """
+    import torch
+
     from .data import LLaVACollator
     from .distillation import MaTVLMDistillationTrainer, set_trainable
     from .measure import PeakMemory, StepSeconds
 
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed picks on a CPU, without its warning
     set_trainable(student, recipe.train_mode)
     return MaTVLMDistillationTrainer(
         model=student,
