@@ -50,8 +50,8 @@ weight decay skips biases, norms, A_log, dt_bias, D and every other 1-D paramete
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
