@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -147,7 +148,8 @@ def by_category(stats: dict) -> dict[str, float]:
 
 
 def plot(results: dict, path: Path) -> Path:
-    """Stacked bars: device time per decode step by category for every model/mode, the roofline as a tick."""
+    """Stacked bars: device time per decode step by category for every model/mode, the roofline as a tick; written to
+    `path` (an older plot there is replaced whole, the new one drawn beside it first)."""
     from matvlm_hf.extras import require
 
     require("matplotlib", "the decode-step profile's plot")
@@ -175,8 +177,10 @@ def plot(results: dict, path: Path) -> Path:
     ax.set_title(f"Where a decode step goes: {results['device']}, {results['context']} cached tokens", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    partial = path.with_name(path.stem + ".partial.png")  # drawn beside, then swapped in: never half a PNG
+    fig.savefig(partial, dpi=120)
     plt.close(fig)
+    os.replace(partial, path)
     return path
 
 
