@@ -23,7 +23,15 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_distill.py"
 FSDP_CONFIG = ROOT / "examples" / "configs" / "fsdp2.yaml"
-FSDP_CPU_SCRIPT = ROOT / "tests" / "fsdp_cpu_train.py"  # train_distill with accelerate's FSDP allowed on a CPU
+FSDP_CPU_SCRIPT = ROOT / "tests" / "fsdp_cpu_train.py"
+TORCHRUN_2 = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+]  # train_distill with accelerate's FSDP allowed on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +123,7 @@ def test_two_process_ddp_run_matches_one_process_and_saves(setup, tmp_path):
     assert "1 x 4 accumulation x 1 process(es)" in log1
     ddp = tmp_path / "ddp"
     log2 = run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            SCRIPT,
-            *cli_args(d, teacher, student, ddp),
-        ],
+        [*TORCHRUN_2, SCRIPT, *cli_args(d, teacher, student, ddp)],
         cwd=ROOT,
     )
     assert "1 x 2 accumulation x 2 process(es)" in log2
@@ -267,18 +266,7 @@ def test_deepspeed_zero2_two_processes_match_one_process(setup, tmp_path):
     run([sys.executable, SCRIPT, *cli_args(d, teacher, student, single)], cwd=ROOT)
     config = ROOT / "examples" / "configs" / "ds_zero2.json"
     log = run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            SCRIPT,
-            *cli_args(d, teacher, student, zero2),
-            "--deepspeed",
-            config,
-        ],
+        [*TORCHRUN_2, SCRIPT, *cli_args(d, teacher, student, zero2), "--deepspeed", config],
         cwd=ROOT,
         timeout=420,
     )
