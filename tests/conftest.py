@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import LlamaConfig, PhiConfig, Qwen2Config, SiglipVisionConfig
 
 from matvlm_hf import MaTVLMConfig, MaTVLMForConditionalGeneration
+
+# two CPU processes (gloo) of a script, as the multi-process tests launch them
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def tiny_text_config(lm_type: str = "phi", num_layers: int = 6):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from matvlm_hf.distillation import trainable_parameter_names
 
+from conftest import TORCHRUN_2
 from distill_split import CASES, MAMBA_LAYERS, TERMS, make_models, make_samples, sgd_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,16 +107,7 @@ def test_two_processes_give_the_same_step(tmp_path):
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(ROOT / "tests" / "distill_split.py"),
-            str(tmp_path),
-        ],
+        [*TORCHRUN_2, str(ROOT / "tests" / "distill_split.py"), str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,

@@ -19,19 +19,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import TORCHRUN_2
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_distill.py"
 FSDP_CONFIG = ROOT / "examples" / "configs" / "fsdp2.yaml"
-FSDP_CPU_SCRIPT = ROOT / "tests" / "fsdp_cpu_train.py"
-TORCHRUN_2 = [
-    sys.executable,
-    "-m",
-    "torch.distributed.run",
-    "--standalone",
-    "--nproc_per_node",
-    "2",
-]  # train_distill with accelerate's FSDP allowed on a CPU
+FSDP_CPU_SCRIPT = ROOT / "tests" / "fsdp_cpu_train.py"  # train_distill with accelerate's FSDP allowed on a CPU
 
 
 @pytest.fixture(scope="module")
