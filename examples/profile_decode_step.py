@@ -42,7 +42,7 @@ GEMM_NAMES = (
 # the rest of a step by kernel name (lower case): cuDNN's / torch's SDPA kernels, mamba_ssm's Triton kernels
 CATEGORIES = {
     "attention": ("sdpa", "fmha", "flash", "attention", "lean_reduction"),
-    "Mamba mixer": ("selective", "ssd", "chunk", "conv1d", "_layer_norm_fwd"),
+    "Mamba mixer": ("selective", "ssd", "_chunk_", "conv1d", "_layer_norm_fwd"),
 }
 
 

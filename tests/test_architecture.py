@@ -15,6 +15,8 @@ CORE = {
     "processing_matvlm",
     "chat_template",
     "fast_generation",
+    "fused_decode_step",
+    "decode_kernels",
 }
 CORE_THIRD_PARTY = {"torch", "transformers", "PIL", "mamba_ssm", "causal_conv1d", "triton"}  # kernels: detected only
 LIBRARY = [

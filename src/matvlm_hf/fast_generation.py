@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
+from .fused_decode_step import fused_step_for
 from .mamba2_mixer import CACHE_ARG
 
 BUCKET = 256  # cache lengths are rounded up to a multiple of this, so nearby lengths reuse one graph
@@ -96,6 +97,8 @@ class StaticDecoder:
         )
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_graph = device.type == "cuda"
+        # the LM family's fused step (fused projections, fused_decode_step.py), else transformers' modules
+        self.fused = fused_step_for(model, self.cache)
         # optional: inductor fuses the step's small kernels; the fused step is still captured in our own graph
         self.step = torch.compile(self._step, dynamic=False) if compile else self._step
 
@@ -107,17 +110,22 @@ class StaticDecoder:
         slot = self._attention_layer().cumulative_length.view(1)
         self.mask.index_fill_(-1, slot, 0.0)
         lm = self.model.model.language_model
-        lm_mask, _ = self.model.model.language_model_masks(
-            {"full_attention": self.mask, "linear_attention": None}, None, None, None
-        )
-        out = lm(
-            inputs_embeds=lm.get_input_embeddings()(self.tokens),
-            attention_mask=lm_mask,
-            position_ids=self.positions,
-            use_cache=True,
-            **{CACHE_ARG: self.cache},
-        )
-        logits = self.model.lm_head(out.last_hidden_state[:, -1])
+        embeds = lm.get_input_embeddings()(self.tokens)
+        if self.fused is not None:
+            hidden = self.fused(embeds, self.positions, self.mask)
+        else:
+            lm_mask, _ = self.model.model.language_model_masks(
+                {"full_attention": self.mask, "linear_attention": None}, None, None, None
+            )
+            out = lm(
+                inputs_embeds=embeds,
+                attention_mask=lm_mask,
+                position_ids=self.positions,
+                use_cache=True,
+                **{CACHE_ARG: self.cache},
+            )
+            hidden = out.last_hidden_state
+        logits = self.model.lm_head(hidden[:, -1])
         self.tokens.copy_(choose_tokens(logits.float(), self.params, self.suppress)[:, None])
         self.positions.add_(1)
 

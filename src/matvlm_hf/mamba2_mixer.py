@@ -105,7 +105,10 @@ class MaTVLMMamba2Mixer(nn.Module):
         continuing = cache_layer is not None and cache_layer.has_previous_state[0]  # states hold earlier tokens
         decoding = continuing and l == 1
 
-        z, xBC, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        projected = self.in_proj(hidden_states)
+        if decoding and mask is None:
+            return self.out_proj(self.decode_mix(projected, cache_layer).to(hidden_states.dtype)), None
+        z, xBC, dt = projected.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         if mask is not None:  # pad positions must leave the conv and SSM states untouched
             xBC = xBC * mask
         if decoding:
@@ -121,13 +124,7 @@ class MaTVLMMamba2Mixer(nn.Module):
             xBC = causal_conv1d_blc(conv_input, self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels)[:, -l:]
         if mask is not None:
             xBC = xBC * mask
-        x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
-        x = x.unflatten(-1, (-1, self.headdim))  # (b, l, h, p)
-        B = B.unflatten(-1, (-1, self.d_state))  # (b, l, g, n)
-        C = C.unflatten(-1, (self.ngroups, self.d_state))
-        if self.d_xb < self.d_inner:  # key/value heads -> heads, as repeat_kv does
-            x = x.repeat_interleave(self.d_inner // self.d_xb, dim=-2)
-            B = B.repeat_interleave(self.d_inner // self.d_xb, dim=-2)
+        x, B, C = self._heads(xBC)
         dt = nn.functional.softplus(dt.float() + self.dt_bias.float())  # (b, l, h)
         if mask is not None:
             dt = dt * mask.float()
@@ -147,6 +144,37 @@ class MaTVLMMamba2Mixer(nn.Module):
                 cache.update_recurrent_state(final_state, self.layer_idx)
         y = rmsnorm_gated(y.flatten(-2), z, self.norm_weight, self.eps, self.d_inner // self.ngroups, self.use_kernels)
         return self.out_proj(y.to(hidden_states.dtype)), None
+
+    def decode_mix(self, projected: torch.Tensor, cache_layer: LinearAttentionCacheLayerMixin) -> torch.Tensor:
+        """One decode step between the projections: `projected` (b, 1, >= d_inner + conv_dim + nheads), the
+        in_proj output [z | x B C | dt] (further columns ignored: the fused decode step's MLP part), -> the gated,
+        normalised y (b, 1, d_inner) that out_proj takes. Updates the cache layer's conv and SSM states in place;
+        no padding mask (a decode step's token is real). Used by `forward` and `fused_decode_step.py`."""
+        z, xBC, dt = projected[..., : self.d_inner + self.conv_dim + self.nheads].split(
+            [self.d_inner, self.conv_dim, self.nheads], dim=-1
+        )
+        xBC = causal_conv1d_step(
+            xBC[:, 0], cache_layer.conv_states[0], self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels
+        )[:, None]
+        x, B, C = self._heads(xBC)
+        dt = nn.functional.softplus(dt.float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        y = ssd_step(cache_layer.recurrent_states[0], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.use_kernels)
+        return rmsnorm_gated(
+            y.flatten(-2)[:, None], z, self.norm_weight, self.eps, self.d_inner // self.ngroups, self.use_kernels
+        )
+
+    def _heads(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(b, l, conv_dim) -> x (b, l, h, p), B (b, l, h or g, n), C (b, l, g, n): key/value heads repeated to all
+        heads, as repeat_kv does."""
+        x, B, C = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        x = x.unflatten(-1, (-1, self.headdim))
+        B = B.unflatten(-1, (-1, self.d_state))
+        C = C.unflatten(-1, (self.ngroups, self.d_state))
+        if self.d_xb < self.d_inner:
+            x = x.repeat_interleave(self.d_inner // self.d_xb, dim=-2)
+            B = B.repeat_interleave(self.d_inner // self.d_xb, dim=-2)
+        return x, B, C
 
     def _cache_layer(self, cache: Cache | None) -> LinearAttentionCacheLayerMixin | None:
         if cache is None:

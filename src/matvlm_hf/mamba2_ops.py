@@ -273,13 +273,80 @@ def _conv_silu_blc_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return out
 
 
+if triton is not None:
+
+    @triton.jit
+    def _conv_step_kernel(
+        x_ptr,
+        state_ptr,
+        w_ptr,
+        b_ptr,
+        out_ptr,
+        C,
+        stride_xb,
+        stride_sb,
+        stride_sc,
+        stride_ob,
+        K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Program (b, channel block): state[b, c] <- [state[b, c, 1:], x[b, c]]; out[b, c] = silu(bias[c] +
+        sum_k w[c, k] state[b, c, k]) (state's last axis contiguous, weight (C, K) contiguous)."""
+        pid_b, pid_c = tl.program_id(0), tl.program_id(1)
+        offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        inside = offs_c < C
+        row = state_ptr + pid_b * stride_sb + offs_c * stride_sc
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            if k < K - 1:
+                value = tl.load(row + k + 1, mask=inside, other=0.0)
+            else:
+                value = tl.load(x_ptr + pid_b * stride_xb + offs_c, mask=inside, other=0.0).to(
+                    state_ptr.dtype.element_ty
+                )
+            tl.store(row + k, value, mask=inside)
+            acc += value.to(tl.float32) * tl.load(w_ptr + offs_c * K + k, mask=inside, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_c, mask=inside, other=0.0).to(tl.float32)
+        acc = acc * tl.sigmoid(acc)
+        tl.store(out_ptr + pid_b * stride_ob + offs_c, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
 def causal_conv1d_step(
-    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_kernel: bool = True
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    use_kernel: bool = True,
+    interpret: bool = False,
 ) -> torch.Tensor:
     """One conv step for x (b, c): shifts x into conv_state (b, c, k) in place, returns SiLU(conv) (b, c).
-    causal_conv1d_update on CUDA when no gradient is needed (it has no backward), else the reference."""
-    if use_kernel and _conv_update_kernel is not None and x.is_cuda and not grad_needed(x, conv_state, weight, bias):
+    When no gradient is needed on CUDA: causal_conv1d_update if installed, else this module's one-kernel Triton step
+    (`interpret`: the Triton kernel on the CPU through Triton's interpreter, for tests); else the reference."""
+    forward_only = use_kernel and not grad_needed(x, conv_state, weight, bias)
+    if forward_only and _conv_update_kernel is not None and x.is_cuda:
         return _conv_update_kernel(x, conv_state, weight, bias, activation="silu")
+    if forward_only and triton is not None and (x.is_cuda or interpret) and conv_state.stride(-1) == 1:
+        b, c = x.shape
+        out = torch.empty_like(x)
+        w = weight.contiguous()
+        _conv_step_kernel[(b, triton.cdiv(c, 256))](
+            x,
+            conv_state,
+            w,
+            bias if bias is not None else w,
+            out,
+            c,
+            x.stride(0),
+            conv_state.stride(0),
+            conv_state.stride(1),
+            out.stride(0),
+            K=w.shape[-1],
+            HAS_BIAS=bias is not None,
+            BLOCK_C=256,
+        )
+        return out
     window = torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1)
     conv_state.copy_(window)
     out = (window * weight).sum(-1)  # the new tensor, not the state buffer that the next step overwrites

@@ -1,0 +1,159 @@
+"""One decode step of a Phi-family hybrid with fused projections: the fast decoder's step for TinyLLaVA's Phi LM.
+
+Phi's decoder block is parallel: out = x + mixer(ln(x)) + mlp(ln(x)) (transformers' `PhiDecoderLayer`), so the
+projections that read the same normalised input are one GEMM: [q | k | v | fc1] in attention layers, [z | x B C |
+dt | fc1] (the mixer's in_proj and fc1) in Mamba layers. At decode batch sizes a GEMM is a read of its weights, and
+one larger read runs closer to the bandwidth roofline than several small ones. Measured alone on an H200 (bf16,
+batch 1, weights not in L2; `examples/decode_shapes.py`): a 2560x2560 projection 7.1 us (1.9 TB/s), q|k|v as one
+12.4 us against 3 x 7.1, q|k|v|fc1 27.2 us against 12.4 + 16.0, in_proj|fc1 29.5 us against 16.5 + 16.0.
+
+No second copy of the weights: `packed_rows` moves the Linear layers' weights into one buffer and points each
+Linear's weight and bias at its rows (same Parameter objects, same values; transformers' `save_pretrained` clones such
+disjoint views when saving). Everything else is transformers' and the mixer's own code: the rotary module,
+the static cache's tensors, SDPA, the mixer's `decode_mix`; rotary embedding + cache write is one kernel of
+`decode_kernels.py` on CUDA (transformers' `apply_rotary_pos_emb` + `index_copy_` elsewhere).
+
+`fused_step_for(model, cache)` is the seam: a `PhiFusedDecodeStep` for a Phi LM whose layers it knows, else None
+(the decoder then runs transformers' modules: another model family is an addition here, not a rewrite).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .decode_kernels import rotary_and_cache
+from .mamba2_mixer import MaTVLMMamba2Mixer
+
+
+def packed_rows(owner: nn.Module, name: str, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights of `linears` (same in_features K) as one (sum of out_features, K) tensor and their biases as one
+    (sum of out_features,) tensor (zeros where a Linear has none), without a copy kept: on first use (or when the
+    Linear layers' tensors moved since, e.g. `.to()`), the weights are moved into one buffer and each Linear's weight
+    and bias point at its rows; the result is remembered on `owner` under `name` (a plain attribute: not in the
+    state dict). ValueError when the Linear layers differ in K, dtype or device."""
+    packed = getattr(owner, name, None)
+    if packed is not None and _still_packed(packed, linears):
+        return packed
+    first = linears[0].weight
+    if any(lin.weight.shape[1] != first.shape[1] or lin.weight.dtype != first.dtype for lin in linears) or any(
+        lin.weight.device != first.device for lin in linears
+    ):
+        raise ValueError(f"{name}: the projections to fuse differ in input size, dtype or device")
+    rows = sum(lin.out_features for lin in linears)
+    weight = torch.empty(rows, first.shape[1], dtype=first.dtype, device=first.device)
+    bias = torch.zeros(rows, dtype=first.dtype, device=first.device)
+    start = 0
+    with torch.no_grad():
+        for lin in linears:
+            end = start + lin.out_features
+            weight[start:end].copy_(lin.weight)
+            lin.weight.data = weight[start:end]  # the old storage is freed here
+            if lin.bias is not None:
+                bias[start:end].copy_(lin.bias)
+                lin.bias.data = bias[start:end]
+            start = end
+    setattr(owner, name, (weight, bias))
+    return weight, bias
+
+
+def _still_packed(packed: tuple[torch.Tensor, torch.Tensor], linears: list[nn.Linear]) -> bool:
+    """Whether every Linear's weight and bias still are the rows of `packed` they were pointed at."""
+    weight, bias = packed
+    start = 0
+    for lin in linears:
+        if lin.weight.data_ptr() != weight[start].data_ptr() or lin.weight.shape[0] != lin.out_features:
+            return False
+        if lin.bias is not None and lin.bias.data_ptr() != bias[start:].data_ptr():
+            return False
+        start += lin.out_features
+    return start == weight.shape[0]
+
+
+# transformers' tanh-approximation GELU classes (Phi-2's "gelu_new" writes its formula out: 8 kernels per call in
+# eager mode); torch's fused kernel computes the same function in fp32 inside one kernel, as torch.compile does
+_TANH_GELUS = ("NewGELUActivation", "GELUTanh")
+
+
+def _one_kernel(activation: nn.Module):
+    """`activation`, or torch's one-kernel tanh GELU where `activation` is transformers' tanh-approximation GELU."""
+    if type(activation).__name__ in _TANH_GELUS:
+        return lambda x: F.gelu(x, approximate="tanh")
+    return activation
+
+
+class PhiFusedDecodeStep:
+    """Hidden states (b, 1, d) of one new token -> the LM's final hidden states (b, 1, d), through every decoder
+    layer with the cache's states updated in place (attention layers: keys / values written at the cache's fill
+    pointer, which advances by one; Mamba layers: conv and SSM states). Source: transformers' `PhiDecoderLayer` /
+    `PhiAttention` / `PhiMLP` (models/phi/modeling_phi.py) for one token, with the fused projections above."""
+
+    def __init__(self, model, cache) -> None:
+        self.lm = model.model.language_model
+        self.cache = cache
+        config = self.lm.config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.activation = _one_kernel(self.lm.layers[0].mlp.activation_fn)  # stateless, the same in every layer
+        self.fronts, self.backs = [], []
+        for i, layer in enumerate(self.lm.layers):
+            mixer, mlp = layer.self_attn, layer.mlp
+            mamba = isinstance(mixer, MaTVLMMamba2Mixer)
+            front = [mixer.in_proj] if mamba else [mixer.q_proj, mixer.k_proj, mixer.v_proj]
+            self.fronts.append(packed_rows(layer, "_matvlm_fused_front", [*front, mlp.fc1]))
+            self.backs.append(mixer.out_proj if isinstance(mixer, MaTVLMMamba2Mixer) else mixer.dense)
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Whether this step knows the model's LM: transformers' Phi with its parallel block and no q/k LayerNorm."""
+        lm = model.model.language_model
+        return lm.config.model_type == "phi" and not getattr(lm.config, "qk_layernorm", False)
+
+    def __call__(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden (b, 1, d) embeddings; position_ids (b, 1); mask (b, 1, 1, max_length) additive (0 = attend, the
+        dtype's minimum = not) -> final-layernormed hidden states (b, 1, d)."""
+        cos, sin = self.lm.rotary_emb(hidden, position_ids)
+        # the attention layers' fill pointers (equal; read here: the cache's first prefill replaces the tensors)
+        pointers = [layer.cumulative_length for layer in self.cache.layers if hasattr(layer, "cumulative_length")]
+        slot = pointers[0].view(1) if pointers else None
+        for i, layer in enumerate(self.lm.layers):
+            projected = F.linear(layer.input_layernorm(hidden), *self.fronts[i])
+            up = projected[..., -layer.mlp.fc1.out_features :]
+            if isinstance(layer.self_attn, MaTVLMMamba2Mixer):  # projected: [z | x B C | dt | fc1]
+                mixed = layer.self_attn.decode_mix(projected, self.cache.layers[i]).to(hidden.dtype)
+            else:  # projected: [q | k | v | fc1]
+                qkv = projected[..., : -layer.mlp.fc1.out_features]
+                mixed = self._attention(layer.self_attn, qkv, self.cache.layers[i], slot, cos, sin, mask)
+            hidden = self.backs[i](mixed) + layer.mlp.fc2(self.activation(up)) + hidden
+        if pointers:
+            torch._foreach_add_(pointers, 1)
+        return self.lm.final_layernorm(hidden)
+
+    def _attention(self, attn, qkv, cache_layer, slot, cos, sin, mask) -> torch.Tensor:
+        """qkv (b, 1, 3 d) -> attention output (b, 1, d) before the dense projection; writes k, v at `slot`."""
+        b = qkv.shape[0]
+        q = rotary_and_cache(
+            qkv,
+            cos,
+            sin,
+            cache_layer.keys,
+            cache_layer.values,
+            slot,
+            attn.config.num_attention_heads,
+            attn.rotary_ndims,
+        )
+        out = F.scaled_dot_product_attention(
+            q, cache_layer.keys, cache_layer.values, attn_mask=mask, scale=attn.scaling
+        )
+        return out.transpose(1, 2).reshape(b, 1, -1)
+
+
+def fused_step_for(model, cache) -> PhiFusedDecodeStep | None:
+    """The fused decode step for `model`'s LM family, or None when there is none (or its weights are not all on one
+    device, e.g. offloaded by accelerate's hooks): the decoder then runs transformers' modules."""
+    if not PhiFusedDecodeStep.supports(model):
+        return None
+    devices = {p.device for p in model.model.language_model.parameters()}
+    if len(devices) != 1 or next(iter(devices)).type == "meta":
+        return None
+    return PhiFusedDecodeStep(model, cache)

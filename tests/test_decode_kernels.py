@@ -1,0 +1,114 @@
+"""decode_kernels.py and the Mamba decode kernels of mamba2_ops.py against their PyTorch references: in Triton's
+interpreter on the CPU, compiled on the GPU (`gpu` marker)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from matvlm_hf.decode_kernels import rotary_and_cache
+
+
+def rotary_inputs(dtype, heads, kv_heads, device="cpu", b=3, d=80, rot=32, capacity=40):
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = getattr(torch, dtype)
+    qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * d, generator=gen, device=device).to(dtype)
+    angles = torch.randn(b, 1, rot // 2, generator=gen, device=device)
+    emb = torch.cat([angles, angles], -1)  # transformers' rotary module: cat(freqs, freqs)
+    caches = [torch.zeros(b, kv_heads, capacity, d, dtype=dtype, device=device) for _ in range(4)]
+    return qkv, emb.cos().to(dtype), emb.sin().to(dtype), caches, torch.tensor([7], device=device), heads, rot
+
+
+ROTARY_CASES = [("float32", 4, 4), ("bfloat16", 4, 2)]
+
+
+def test_rotary_kernel_in_the_interpreter():
+    """The rotary + cache-write kernel against transformers' apply_rotary_pos_emb + index_copy_: equal in float32;
+    bf16 within one rounding step (the interpreter's float -> bf16 cast truncates, the GPU's rounds; bitwise equality
+    is the GPU test's)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from test_decode_kernels import ROTARY_CASES, rotary_inputs
+        from matvlm_hf.decode_kernels import rotary_and_cache
+        for case in ROTARY_CASES:
+            qkv, cos, sin, (k1, v1, k2, v2), slot, heads, rot = rotary_inputs(*case)
+            with torch.no_grad():
+                q1 = rotary_and_cache(qkv, cos, sin, k1, v1, slot, heads, rot, interpret=True)
+                q2 = rotary_and_cache(qkv, cos, sin, k2, v2, slot, heads, rot)
+            tol = dict(rtol=0, atol=0) if case[0] == "float32" else dict(rtol=1e-2, atol=4e-2)
+            for a, b in ((q1, q2), (k1, k2), (v1, v2)):
+                torch.testing.assert_close(a, b, **tol)
+            assert k1[:, :, 7].abs().sum() > 0 and k1[:, :, :7].abs().sum() == 0  # written at the slot only
+        print("OK")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")
+@pytest.mark.parametrize("case", ROTARY_CASES)
+def test_rotary_kernel_on_the_gpu_is_bitwise_the_reference(case):
+    qkv, cos, sin, (k1, v1, k2, v2), slot, heads, rot = rotary_inputs(*case, device="cuda")
+    with torch.no_grad():
+        q1 = rotary_and_cache(qkv, cos, sin, k1, v1, slot, heads, rot)
+        torch.set_grad_enabled(True)  # the reference path
+        q2 = rotary_and_cache(qkv, cos, sin, k2, v2, slot, heads, rot)
+    for a, b in ((q1, q2), (k1, k2), (v1, v2)):
+        assert torch.equal(a, b)
+
+
+def conv_inputs(dtype, device="cpu"):
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = getattr(torch, dtype)
+    r = lambda *shape: torch.randn(*shape, generator=gen, device=device).to(dtype)  # noqa: E731
+    packed = r(3, 400)
+    return packed[:, 50:350], r(3, 300, 4), r(300, 4), r(300)  # x a strided view, like in_proj's output
+
+
+CONV_CASES = ["float32", "bfloat16"]
+
+
+def test_conv_step_kernel_in_the_interpreter():
+    """mamba2_ops' Triton conv step (where causal_conv1d is not installed) against the reference: the state shifted
+    alike, bit for bit; the output within rounding (bf16: the kernel accumulates in fp32, the reference in bf16)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from test_decode_kernels import CONV_CASES, conv_inputs
+        from matvlm_hf.mamba2_ops import causal_conv1d_step
+        for case in CONV_CASES:
+            x, state, w, bias = conv_inputs(case)
+            kernel_state, reference_state = state.clone(), state.clone()
+            with torch.no_grad():
+                out = causal_conv1d_step(x, kernel_state, w, bias, interpret=True)
+                ref = causal_conv1d_step(x, reference_state, w, bias, use_kernel=False)
+            assert torch.equal(kernel_state, reference_state) and not torch.equal(kernel_state, state)
+            tol = 1e-5 if case == "float32" else 2e-2
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        print("OK")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_step_kernel_on_the_gpu(case):
+    from matvlm_hf.mamba2_ops import causal_conv1d_step
+
+    x, state, w, bias = conv_inputs(case, device="cuda")
+    kernel_state, reference_state = state.clone(), state.clone()
+    with torch.no_grad():
+        out = causal_conv1d_step(x, kernel_state, w, bias)
+        ref = causal_conv1d_step(x, reference_state, w, bias, use_kernel=False)
+    assert torch.equal(kernel_state, reference_state)
+    tol = 1e-5 if case == "float32" else 2e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
