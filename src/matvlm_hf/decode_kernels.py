@@ -99,7 +99,7 @@ def rotary_and_cache(
     d = keys.shape[-1]
     kv_heads = keys.shape[1]
     use_kernel = triton is not None and (qkv.is_cuda or interpret) and not torch.is_grad_enabled()
-    layout = qkv.is_contiguous() and cos.stride(-1) == 1 and sin.stride() == cos.stride()
+    layout = qkv.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride() == cos.stride()  # rows may be strided
     if not (use_kernel and layout and qkv.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         from transformers.models.phi.modeling_phi import apply_rotary_pos_emb
 

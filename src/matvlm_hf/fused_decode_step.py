@@ -92,8 +92,6 @@ class PhiFusedDecodeStep:
     def __init__(self, model, cache) -> None:
         self.lm = model.model.language_model
         self.cache = cache
-        config = self.lm.config
-        self.head_dim = config.hidden_size // config.num_attention_heads
         self.activation = _one_kernel(self.lm.layers[0].mlp.activation_fn)  # stateless, the same in every layer
         self.fronts, self.backs = [], []
         for i, layer in enumerate(self.lm.layers):
@@ -101,7 +99,7 @@ class PhiFusedDecodeStep:
             mamba = isinstance(mixer, MaTVLMMamba2Mixer)
             front = [mixer.in_proj] if mamba else [mixer.q_proj, mixer.k_proj, mixer.v_proj]
             self.fronts.append(packed_rows(layer, "_matvlm_fused_front", [*front, mlp.fc1]))
-            self.backs.append(mixer.out_proj if isinstance(mixer, MaTVLMMamba2Mixer) else mixer.dense)
+            self.backs.append(mixer.out_proj if mamba else mixer.dense)
 
     @staticmethod
     def supports(model) -> bool:
