@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from matvlm_hf.decode_kernels import rotary_and_cache
+from matvlm_hf.decode_kernels import decode_attention, residual_layernorm, rotary_and_cache
 
 
 def run_in_interpreter(script: str) -> None:
@@ -40,7 +40,7 @@ def test_rotary_kernel_in_the_interpreter():
     script = textwrap.dedent("""
         import torch
         from test_decode_kernels import ROTARY_CASES, rotary_inputs
-        from matvlm_hf.decode_kernels import rotary_and_cache
+        from matvlm_hf.decode_kernels import decode_attention, residual_layernorm, rotary_and_cache
         for case in ROTARY_CASES:
             qkv, cos, sin, (k1, v1, k2, v2), slot, heads, rot = rotary_inputs(*case)
             qkv = torch.cat([qkv, qkv[..., :16]], -1)[..., :-16]  # strided rows, as sliced from the fused GEMM
@@ -119,3 +119,112 @@ def test_conv_step_kernel_on_the_gpu(case):
     assert torch.equal(kernel_state, reference_state)
     tol = 1e-5 if case == "float32" else 2e-2
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def attention_inputs(dtype, heads, kv_heads, device="cpu", b=3, d=80, capacity=40, slot=29):
+    """One query per row against a static cache filled up to `slot`: row 1 left-padded by 5, the last row by 20
+    (whole key tiles masked); keys and values past the slot hold large values that must not reach the output."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = getattr(torch, dtype)
+    q = torch.randn(b, heads, 1, d, generator=gen, device=device).to(dtype)
+    keys, values = (torch.randn(b, kv_heads, capacity, d, generator=gen, device=device).to(dtype) for _ in range(2))
+    keys[:, :, slot + 1 :], values[:, :, slot + 1 :] = 30.0, 100.0
+    mask = torch.full((b, 1, 1, capacity), torch.finfo(dtype).min, dtype=dtype, device=device)
+    mask[..., : slot + 1] = 0.0
+    mask[1, ..., :5] = mask[-1, ..., :20] = torch.finfo(dtype).min
+    return q, keys, values, mask, torch.tensor([slot], device=device), d**-0.5
+
+
+ATTENTION_CASES = [("float32", 4, 4), ("bfloat16", 4, 2)]
+
+
+def test_decode_attention_kernel_in_the_interpreter():
+    """The split-KV kernels against torch's SDPA with the same mask, 8-key tiles in 5 splits: one split past the
+    fill pointer (not read), two fully masked (left padding), grouped heads in the bf16 case."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from test_decode_kernels import ATTENTION_CASES, attention_inputs
+        from matvlm_hf.decode_kernels import decode_attention
+        for case in ATTENTION_CASES:
+            q, keys, values, mask, slot, scale = attention_inputs(*case)
+            with torch.no_grad():
+                out = decode_attention(
+                    q, keys, values, mask, slot, scale, interpret=True, block_n=8, programs=64, split_kv=True
+                )
+                ref = decode_attention(q, keys, values, mask, slot, scale)
+            assert out.shape == ref.shape == (3, 1, 4 * 80)
+            tol = 1e-5 if case[0] == "float32" else 2e-2
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        print("OK")
+    """)
+    run_in_interpreter(script)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")
+@pytest.mark.parametrize("case", [*ATTENTION_CASES, ("bfloat16", 32, 32)])
+def test_decode_attention_kernel_on_the_gpu(case):
+    """Small tiles as in the interpreter test, and TinyLLaVA's decode shape (32 heads, 1100 of 1280 positions filled)
+    with the default split; bf16 against SDPA within its probability rounding."""
+    small = case[1] == 4
+    size = {} if small else dict(b=2, capacity=1280, slot=1099)
+    q, keys, values, mask, slot, scale = attention_inputs(*case, device="cuda", **size)
+    split = dict(block_n=8, programs=64) if small else {}
+    split["split_kv"] = True  # beyond SPLIT_KV_MAX_TOKENS at the large shape
+    with torch.no_grad():
+        out = decode_attention(q, keys, values, mask, slot, scale, **split)
+        torch.set_grad_enabled(True)  # the reference path
+        ref = decode_attention(q, keys, values, mask, slot, scale)
+    tol = 1e-5 if case[0] == "float32" else 2e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def residual_inputs(dtype, device="cpu", rows=3, d=200):
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = getattr(torch, dtype)
+    a, b, residual = (torch.randn(rows, 1, d, generator=gen, device=device).to(dtype) for _ in range(3))
+    norm = torch.nn.LayerNorm(d, eps=1e-5, device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=gen, device=device))
+        norm.bias.copy_(torch.randn(d, generator=gen, device=device))
+    return a, b, 4 * residual + 3, norm  # an offset and a scale that LayerNorm must remove
+
+
+RESIDUAL_CASES = ["float32", "bfloat16"]
+
+
+def test_residual_layernorm_kernel_in_the_interpreter():
+    """The add + add + LayerNorm kernel against the torch ops: float32 within LayerNorm's summation order, bf16
+    within one rounding step (the interpreter's casts truncate)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from test_decode_kernels import RESIDUAL_CASES, residual_inputs
+        from matvlm_hf.decode_kernels import residual_layernorm
+        for case in RESIDUAL_CASES:
+            a, b, residual, norm = residual_inputs(case)
+            with torch.no_grad():
+                hidden, normed = residual_layernorm(a, b, residual, norm, interpret=True)
+                ref_hidden, ref_normed = residual_layernorm(a, b, residual, norm)
+            tol = dict(rtol=1e-5, atol=1e-5) if case == "float32" else dict(rtol=2e-2, atol=5e-2)
+            torch.testing.assert_close(hidden, ref_hidden, **tol)
+            torch.testing.assert_close(normed, ref_normed, **tol)
+        print("OK")
+    """)
+    run_in_interpreter(script)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")
+@pytest.mark.parametrize("case", RESIDUAL_CASES)
+def test_residual_layernorm_kernel_on_the_gpu(case):
+    """The residual sum rounded as torch's two adds round (equal); the LayerNorm within one rounding step."""
+    a, b, residual, norm = residual_inputs(case, device="cuda", d=2560)
+    with torch.no_grad():
+        hidden, normed = residual_layernorm(a, b, residual, norm)
+        torch.set_grad_enabled(True)  # the reference path
+        ref_hidden, ref_normed = residual_layernorm(a, b, residual, norm)
+    assert torch.equal(hidden, ref_hidden)
+    tol = dict(rtol=1e-5, atol=1e-5) if case == "float32" else dict(rtol=1e-2, atol=3e-2)
+    torch.testing.assert_close(normed, ref_normed.detach(), **tol)

@@ -3,7 +3,7 @@ benchmark's capacity probe (`StaticDecoder.position_at`) times a step as `genera
 
 The trained-model test needs trained checkpoints (nothing here can download one): it reads a `matvlm study` work
 folder from MATVLM_TRAINED_STUDY (teacher-matvlm/, variants/*/distilled/, data/test.json) and is skipped without it;
-examples/decode_checks_gpu.sh trains one and runs it.
+examples/decode_eval_gpu.sh trains one and runs it.
 """
 
 from __future__ import annotations

@@ -37,13 +37,24 @@ def test_chunk_scan_kernel_matches_reference(length):
     close(s_k, s_r, 1e-2)
 
 
-def test_state_update_kernel_matches_reference():
+@pytest.mark.parametrize("raw_dt", [False, True])
+def test_state_update_kernel_matches_reference(raw_dt):
+    """Step sizes given, or the raw projection + dt_bias with the softplus inside the kernel (the decode step's
+    form) against softplus(dt + dt_bias) in torch, on a bf16 strided dt as sliced from in_proj's output."""
     x, dt, A, B, C, D = ssm_inputs(l=8)
     s_k = torch.randn(2, 8, 64, 64, device="cuda")
     s_r = s_k.clone()
+    dt_bias = torch.linspace(-7, 2, dt.shape[-1], device="cuda").bfloat16() if raw_dt else None
+    projected = torch.randn(*dt.shape[:2], 3 * dt.shape[-1], device="cuda").bfloat16()
     for t in range(8):
-        y_k = mamba2_ops.ssd_step(s_k, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, use_kernel=True)
-        y_r = mamba2_ops.ssd_step_reference(s_r, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        if raw_dt:
+            raw = projected[:, t, dt.shape[-1] : 2 * dt.shape[-1]]
+            y_k = mamba2_ops.ssd_step(s_k, x[:, t], raw, A, B[:, t], C[:, t], D, use_kernel=True, dt_bias=dt_bias)
+            step = F.softplus(raw.float() + dt_bias.float())
+            y_r = mamba2_ops.ssd_step_reference(s_r, x[:, t], step, A, B[:, t], C[:, t], D)
+        else:
+            y_k = mamba2_ops.ssd_step(s_k, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, use_kernel=True)
+            y_r = mamba2_ops.ssd_step_reference(s_r, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
         close(y_k, y_r, 1e-2)
     close(s_k, s_r, 1e-3)
 

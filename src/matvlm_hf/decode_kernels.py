@@ -5,15 +5,24 @@ it (Triton's interpreter on the CPU, compiled on the GPU). The Mamba layers' ker
 
 - `rotary_and_cache`: rotary embedding of q and k (partial rotary, transformers' `apply_rotary_pos_emb`) and the
   write of k and v into the static cache at its fill pointer: 1 kernel instead of 14.
-
-Measured and dropped: a split-KV ("flash-decoding") attention kernel of our own was slower than cuDNN's SDPA at every
-point (H200, bf16, head dim 80: batch 1 / 1K context 17.0 vs 11.3 us, batch 16 / 8K 1080 vs 334 us, batch 1 / 16K
-226 vs 48 us; examples/decode_shapes.py): attention stays torch's SDPA.
+- `residual_layernorm`: a parallel block's two branch outputs added to the residual stream and the next LayerNorm
+  applied: 1 kernel instead of 3.
+- `decode_attention`: one query per sequence against the static cache, split over the keys ("flash-decoding",
+  Dao et al. 2023): partial softmax sums per split, then one combine kernel; keys past the fill pointer are not read.
+  It beats cuDNN's SDPA only on small caches (H200, bf16, 32 heads of 80, `examples/decode_shapes.py --parts
+  attention`: batch 1 / 1K context 9.4 vs 11.3 us; batch 16 / 1K 110 vs 57; batch 1 / 8K 65 vs 29; batch 16 / 8K
+  839 vs 321; batch 1 / 16K 111 vs 48: it reaches 1.1-1.6 TB/s where SDPA streams long caches at 2.9-4.2), so it
+  runs only where batch x capacity <= SPLIT_KV_MAX_TOKENS.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+# the largest batch x cache capacity (tokens) where the split-KV kernel is faster than SDPA (measured above)
+SPLIT_KV_MAX_TOKENS = 2048
 
 try:  # optional, detected, never required (it ships with CUDA builds of torch)
     import triton
@@ -77,6 +86,109 @@ if triton is not None:
         turned = (x.to(tl.float32) * cos).to(dtype).to(tl.float32) + (swapped * sin).to(dtype).to(tl.float32)
         return tl.where(rotated, turned.to(dtype), x)
 
+    @triton.jit
+    def _attention_split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        mask_ptr,
+        slot_ptr,
+        part_ptr,
+        stats_ptr,
+        heads,
+        group,
+        keys_per_split,
+        splits,
+        scale,
+        stride_kb,
+        stride_kh,
+        stride_kl,
+        stride_vb,
+        stride_vh,
+        stride_vl,
+        stride_mb,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """Program (b h, split): the softmax-weighted sum of values over keys [split * keys_per_split, ...) below the
+        fill pointer + 1, unnormalised, with its running max and sum (log2 domain): into part / stats."""
+        bh, split = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        kv = h // group
+        limit = tl.load(slot_ptr) + 1
+        start = split * keys_per_split
+        end = tl.minimum(start + keys_per_split, limit)
+        offs_d = tl.arange(0, BLOCK_D)
+        inside = offs_d < D
+        log2e: tl.constexpr = 1.4426950408889634
+        q = tl.load(q_ptr + bh * D + offs_d, mask=inside, other=0.0).to(tl.float32) * (scale * log2e)
+        k_base = k_ptr + b * stride_kb + kv * stride_kh
+        v_base = v_ptr + b * stride_vb + kv * stride_vh
+        top = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = offs_n < end
+            tile = valid[:, None] & inside[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=tile, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=tile, other=0.0)
+            bias = tl.load(mask_ptr + b * stride_mb + offs_n, mask=valid, other=0.0).to(tl.float32)
+            # the mask's dtype minimum times log2(e) overflows float32: held at -1e30 (a fully masked tile stays finite)
+            score = tl.sum(q[None, :] * k.to(tl.float32), 1) + tl.maximum(bias * log2e, -1e30)
+            score = tl.where(valid, score, float("-inf"))
+            new_top = tl.maximum(top, tl.max(score, 0))
+            weight = tl.exp2(score - new_top)
+            rescale = tl.exp2(top - new_top)
+            total = total * rescale + tl.sum(weight, 0)
+            acc = acc * rescale + tl.sum(weight[:, None] * v.to(tl.float32), 0)
+            top = new_top
+        row = bh * splits + split
+        tl.store(part_ptr + row * BLOCK_D + offs_d, acc)
+        tl.store(stats_ptr + row * 2, top)
+        tl.store(stats_ptr + row * 2 + 1, total)
+
+    @triton.jit
+    def _attention_combine_kernel(
+        part_ptr, stats_ptr, out_ptr, splits, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr
+    ):
+        """Program (b h): the splits' partial sums rescaled to their common max and normalised, into out (b, 1, h D)."""
+        bh = tl.program_id(0)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        used = offs_s < splits
+        rows = bh * splits + offs_s
+        top = tl.load(stats_ptr + rows * 2, mask=used, other=float("-inf"))
+        total = tl.load(stats_ptr + rows * 2 + 1, mask=used, other=0.0)
+        part = tl.load(part_ptr + rows[:, None] * BLOCK_D + offs_d[None, :], mask=used[:, None], other=0.0)
+        weight = tl.where(top > float("-inf"), tl.exp2(top - tl.max(top, 0)), 0.0)
+        out = tl.sum(weight[:, None] * part, 0) / tl.sum(weight * total, 0)
+        tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+    @triton.jit
+    def _residual_layernorm_kernel(
+        a_ptr, b_ptr, res_ptr, weight_ptr, bias_ptr, hidden_ptr, normed_ptr, eps, D: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        """Program (row): hidden = (a + b) + residual, each sum rounded to the dtype as torch's adds round; normed =
+        LayerNorm(hidden) in float32, rounded to the dtype."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        inside = offs < D
+        dtype = hidden_ptr.dtype.element_ty
+        a = tl.load(a_ptr + row * D + offs, mask=inside, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row * D + offs, mask=inside, other=0.0).to(tl.float32)
+        res = tl.load(res_ptr + row * D + offs, mask=inside, other=0.0).to(tl.float32)
+        hidden = ((a + b).to(dtype).to(tl.float32) + res).to(dtype)
+        tl.store(hidden_ptr + row * D + offs, hidden, mask=inside)
+        x = hidden.to(tl.float32)
+        mean = tl.sum(x, 0) / D
+        centred = tl.where(inside, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / D + eps)
+        weight = tl.load(weight_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(normed_ptr + row * D + offs, (centred * rstd * weight + bias).to(dtype), mask=inside)
+
 
 def rotary_and_cache(
     qkv: torch.Tensor,
@@ -131,3 +243,107 @@ def rotary_and_cache(
         BLOCK_D=triton.next_power_of_2(d),
     )
     return q
+
+
+def decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    slot: torch.Tensor,
+    scale: float,
+    interpret: bool = False,
+    block_n: int = 64,
+    programs: int = 1024,
+    num_warps: int = 4,
+    split_kv: bool | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence over the static cache -> (b, 1, heads D), heads side by side as the dense
+    projection reads them. q (b, heads, 1, D); keys / values (b, kv_heads, capacity, D), filled up to position `slot`
+    ((1,) int64 device tensor, the position this step wrote); mask (b, 1, 1, capacity) additive (0 = attend, the
+    dtype's minimum = not), as transformers' SDPA attention takes it; `scale` multiplies q.k. On CUDA (or in the
+    interpreter, `interpret`) with no gradient needed, where it pays (`split_kv`; None: batch x capacity <=
+    SPLIT_KV_MAX_TOKENS): two Triton kernels, the keys split so that about `programs` programs run (`block_n` keys per
+    tile), and keys past `slot` not read (the mask excludes them). Else torch's `scaled_dot_product_attention`, the
+    reference. Softmax in float32 (SDPA rounds the probabilities to the input
+    dtype before multiplying the values: results differ within that rounding)."""
+    b, heads, _, d = q.shape
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    if split_kv is None:
+        split_kv = b * capacity <= SPLIT_KV_MAX_TOKENS
+    use_kernel = split_kv and triton is not None and (q.is_cuda or interpret) and not torch.is_grad_enabled()
+    layout = q.is_contiguous() and keys.stride(-1) == 1 and values.stride(-1) == 1 and mask.stride(-1) == 1
+    if not (use_kernel and layout and heads % kv_heads == 0 and mask.shape[-2] == 1):
+        gqa = {"enable_gqa": True} if kv_heads != heads else {}  # torch >= 2.5 knows the argument
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, **gqa)
+        return out.transpose(1, 2).reshape(b, 1, heads * d)
+    block_d = triton.next_power_of_2(d)
+    tiles = triton.cdiv(capacity, block_n)
+    tiles_per_split = triton.cdiv(tiles, min(tiles, max(1, triton.cdiv(programs, b * heads))))
+    keys_per_split = tiles_per_split * block_n
+    splits = triton.cdiv(capacity, keys_per_split)
+    part = torch.empty(b * heads * splits, block_d, dtype=torch.float32, device=q.device)
+    stats = torch.empty(b * heads * splits, 2, dtype=torch.float32, device=q.device)
+    _attention_split_kernel[(b * heads, splits)](
+        q,
+        keys,
+        values,
+        mask,
+        slot,
+        part,
+        stats,
+        heads,
+        heads // kv_heads,
+        keys_per_split,
+        splits,
+        scale,
+        *keys.stride()[:3],
+        *values.stride()[:3],
+        mask.stride(0),
+        D=d,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    out = torch.empty(b, 1, heads * d, dtype=q.dtype, device=q.device)
+    _attention_combine_kernel[(b * heads,)](
+        part, stats, out, splits, D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits)
+    )
+    return out
+
+
+def residual_layernorm(
+    a: torch.Tensor, b: torch.Tensor, residual: torch.Tensor, norm: nn.Module, interpret: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A parallel decoder block's end and the next block's start: hidden = a + b + residual (the mixer's and the MLP's
+    outputs added to the residual stream, transformers' `PhiDecoderLayer` order) and `norm(hidden)`, both (..., d)
+    in the inputs' dtype. One Triton kernel on CUDA (or in the interpreter, `interpret`) for an `nn.LayerNorm` with
+    weight and bias over the last dimension, contiguous inputs and no gradient needed; else the torch ops (the
+    reference)."""
+    d = residual.shape[-1]
+    use_kernel = triton is not None and (residual.is_cuda or interpret) and not torch.is_grad_enabled()
+    layer_norm = (
+        type(norm) is nn.LayerNorm
+        and norm.weight is not None
+        and norm.bias is not None
+        and norm.normalized_shape == (d,)
+    )
+    same = a.shape == b.shape == residual.shape and a.dtype == b.dtype == residual.dtype == norm.weight.dtype
+    if not (use_kernel and layer_norm and same and all(t.is_contiguous() for t in (a, b, residual))):
+        hidden = a + b + residual
+        return hidden, norm(hidden)
+    hidden, normed = torch.empty_like(residual), torch.empty_like(residual)
+    _residual_layernorm_kernel[(residual.numel() // d,)](
+        a,
+        b,
+        residual,
+        norm.weight,
+        norm.bias,
+        hidden,
+        normed,
+        norm.eps,
+        D=d,
+        BLOCK=triton.next_power_of_2(d),
+        num_warps=8,
+    )
+    return hidden, normed

@@ -10,8 +10,9 @@ batch 1, weights not in L2; `examples/decode_shapes.py`): a 2560x2560 projection
 No second copy of the weights: `packed_rows` moves the Linear layers' weights into one buffer and points each
 Linear's weight and bias at its rows (same Parameter objects, same values; transformers' `save_pretrained` clones such
 disjoint views when saving). Everything else is transformers' and the mixer's own code: the rotary module,
-the static cache's tensors, SDPA, the mixer's `decode_mix`; rotary embedding + cache write is one kernel of
-`decode_kernels.py` on CUDA (transformers' `apply_rotary_pos_emb` + `index_copy_` elsewhere).
+the static cache's tensors, the mixer's `decode_mix`; on CUDA, rotary embedding + cache write is one kernel and
+attention a split-KV kernel, the residual adds + the next LayerNorm one kernel (`decode_kernels.py`; transformers'
+`apply_rotary_pos_emb` + `index_copy_`, torch's SDPA and the modules elsewhere).
 
 `fused_step_for(model, cache)` is the seam: a `PhiFusedDecodeStep` for a Phi LM whose layers it knows, else None
 (the decoder then runs transformers' modules: another model family is an addition here, not a rewrite).
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decode_kernels import rotary_and_cache
+from .decode_kernels import decode_attention, residual_layernorm, rotary_and_cache
 from .mamba2_mixer import MaTVLMMamba2Mixer
 
 
@@ -114,22 +115,26 @@ class PhiFusedDecodeStep:
         # the attention layers' fill pointers (equal; read here: the cache's first prefill replaces the tensors)
         pointers = [layer.cumulative_length for layer in self.cache.layers if hasattr(layer, "cumulative_length")]
         slot = pointers[0].view(1) if pointers else None
-        for i, layer in enumerate(self.lm.layers):
-            projected = F.linear(layer.input_layernorm(hidden), *self.fronts[i])
+        layers = self.lm.layers
+        normed = layers[0].input_layernorm(hidden)
+        for i, layer in enumerate(layers):
+            projected = F.linear(normed, *self.fronts[i])
             up = projected[..., -layer.mlp.fc1.out_features :]
             if isinstance(layer.self_attn, MaTVLMMamba2Mixer):  # projected: [z | x B C | dt | fc1]
                 mixed = layer.self_attn.decode_mix(projected, self.cache.layers[i]).to(hidden.dtype)
             else:  # projected: [q | k | v | fc1]
                 qkv = projected[..., : -layer.mlp.fc1.out_features]
                 mixed = self._attention(layer.self_attn, qkv, self.cache.layers[i], slot, cos, sin, mask)
-            hidden = self.backs[i](mixed) + layer.mlp.fc2(self.activation(up)) + hidden
+            # the block's end fused with the next block's LayerNorm (the last block's: the final one)
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.lm.final_layernorm
+            mlp_out = layer.mlp.fc2(self.activation(up))
+            hidden, normed = residual_layernorm(self.backs[i](mixed), mlp_out, hidden, following)
         if pointers:
             torch._foreach_add_(pointers, 1)
-        return self.lm.final_layernorm(hidden)
+        return normed
 
     def _attention(self, attn, qkv, cache_layer, slot, cos, sin, mask) -> torch.Tensor:
         """qkv (b, 1, 3 d) -> attention output (b, 1, d) before the dense projection; writes k, v at `slot`."""
-        b = qkv.shape[0]
         q = rotary_and_cache(
             qkv,
             cos,
@@ -140,10 +145,7 @@ class PhiFusedDecodeStep:
             attn.config.num_attention_heads,
             attn.rotary_ndims,
         )
-        out = F.scaled_dot_product_attention(
-            q, cache_layer.keys, cache_layer.values, attn_mask=mask, scale=attn.scaling
-        )
-        return out.transpose(1, 2).reshape(b, 1, -1)
+        return decode_attention(q, cache_layer.keys, cache_layer.values, mask, slot, attn.scaling)
 
 
 def fused_step_for(model, cache) -> PhiFusedDecodeStep | None:

@@ -157,9 +157,9 @@ class MaTVLMMamba2Mixer(nn.Module):
             xBC[:, 0], cache_layer.conv_states[0], self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels
         )[:, None]
         x, B, C = self._heads(xBC)
-        dt = nn.functional.softplus(dt.float() + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())
-        y = ssd_step(cache_layer.recurrent_states[0], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.use_kernels)
+        state = cache_layer.recurrent_states[0]
+        y = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.use_kernels, dt_bias=self.dt_bias)
         return rmsnorm_gated(
             y.flatten(-2)[:, None], z, self.norm_weight, self.eps, self.d_inner // self.ngroups, self.use_kernels
         )

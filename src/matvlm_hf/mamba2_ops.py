@@ -146,11 +146,29 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, use_kernel:
     return ssd_scan_reference(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
 
 
-def ssd_step(state, x, dt, A, B, C, D, use_kernel: bool = True) -> torch.Tensor:
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    use_kernel: bool = True,
+    dt_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One decode step (state updated in place): mamba_ssm's selective_state_update on CUDA when no gradient is
-    needed (it has no backward), else the reference."""
-    if use_kernel and _state_update_kernel is not None and x.is_cuda and not grad_needed(state, x, dt, A, B, C, D):
+    needed (it has no backward), else the reference. dt (b, h) is the step size; with `dt_bias` (h,) it is the raw
+    projection and the step size is softplus(dt + dt_bias) in float32 (Mamba-2's dt; inside the kernel, its
+    `dt_softplus`, where the 4 elementwise kernels of the torch form would run before it)."""
+    if (
+        use_kernel
+        and _state_update_kernel is not None
+        and x.is_cuda
+        and not grad_needed(state, x, dt, A, B, C, D, dt_bias)
+    ):
         p, n = x.shape[-1], B.shape[-1]
+        bias = dt_bias if dt_bias is not None else torch.zeros_like(dt[0])
         # broadcast views (stride 0) let the kernel take its tied-head-dim fast path; dt_bias and D must not be None
         return _state_update_kernel(
             state,
@@ -160,9 +178,11 @@ def ssd_step(state, x, dt, A, B, C, D, use_kernel: bool = True) -> torch.Tensor:
             B,
             C,
             D=D[:, None].expand(-1, p),
-            dt_bias=torch.zeros_like(dt[0])[:, None].expand(-1, p),
-            dt_softplus=False,
+            dt_bias=bias[:, None].expand(-1, p),
+            dt_softplus=dt_bias is not None,
         )
+    if dt_bias is not None:
+        dt = F.softplus(dt.float() + dt_bias.float())
     return ssd_step_reference(state, x, dt, A, B, C, D)
 
 
