@@ -15,14 +15,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+import triton
+from torch import nn
 
 from matvlm_hf.decode_kernels import decode_attention
+from matvlm_hf.decode_matmul import BLOCK_END_TILES, LINEAR_TILES, block_end, decode_linear
 from matvlm_hf.synthetic.benchmark import hbm_bytes_per_s
 
 REPEAT, REPLAYS = 50, 20
@@ -53,96 +50,101 @@ def graph_us(fn, calls: int = 1) -> float:
     return start.elapsed_time(end) * 1000 / (REPEAT * REPLAYS * calls)
 
 
-if triton is not None:
-
-    @triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bn in (16, 32, 64)
-            for bk in (128, 256, 512)
-            for w in (4, 8)
-            for st in (3, 5)
-            if bn * bk <= 16384
-        ],
-        key=["M", "N", "K"],
-    )
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y (M, N) = x (M, K) W (N, K)^T + b, M <= 16: one program per BLOCK_N rows of W, tl.dot on 16 rows of x."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, 16)
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            offs_k = k + tl.arange(0, BLOCK_K)
-            w = tl.load(
-                w_ptr + offs_n[:, None] * K + offs_k[None, :],
-                mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
-                other=0.0,
-            )
-            x = tl.load(
-                x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
-                other=0.0,
-            )
-            acc += tl.dot(x, tl.trans(w))
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(
-            y_ptr + offs_m[:, None] * N + offs_n[None, :],
-            acc.to(tl.bfloat16),
-            mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
-        )
+# the tile grid swept for decode_matmul's kernels: (block_n, block_k, num_warps, num_stages)
+TILES = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for w, st in ((4, 3), (4, 4), (4, 5), (8, 4))]
 
 
-def triton_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    m, k = x.shape
-    n = w.shape[0]
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, w, b, y, m, n, k)
-    return y
+def weight_copies(n: int, k: int) -> list[torch.Tensor]:
+    """Copies of an (n, k) bf16 weight totalling >= 256 MB, so that a graph cycling through them reads none from L2."""
+    return [
+        torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(-(-(256 << 20) // (n * k * 2)))
+    ]
 
 
 def gemm_rows(bandwidth: float) -> list[dict]:
-    """y = x W^T for the decode step's weight shapes (N, K), at batch M = 1 and 16, cuBLAS (F.linear) and a Triton
-    GEMV; each graph cycles through copies of the weights totalling >= 256 MB, so no weight is read from L2 (50 MB).
-    Also dense|fc2 fused along K with the weight stored transposed (K, N): the layout whose row blocks are disjoint."""
+    """The decode step's weight reads at batch M = 1 and 16: y = x W^T + b for the fused projections and the LM head,
+    cuBLAS (F.linear, without the GELU) against decode_matmul.decode_linear (with GELU on fc1's columns) over TILES;
+    and a block's end (out-projection + fc2 + residual adds + LayerNorm), the modules (cuBLAS) against
+    decode_matmul.block_end over TILES. Each graph cycles
+    through weight copies totalling >= 256 MB, so no weight is read from L2 (50 MB)."""
     shapes = {
-        "q|k|v|dense (2560x2560)": (HIDDEN, HIDDEN),
-        "qkv fused": (3 * HIDDEN, HIDDEN),
-        "fc1": (FFN, HIDDEN),
-        "qkv+fc1 fused": (3 * HIDDEN + FFN, HIDDEN),
-        "mixer in_proj": (MIXER_IN, HIDDEN),
-        "in_proj+fc1 fused": (MIXER_IN + FFN, HIDDEN),
-        "fc2": (HIDDEN, FFN),
-        "dense+fc2 fused (K)": (HIDDEN, HIDDEN + FFN),
+        "q|k|v|fc1": (3 * HIDDEN + FFN, HIDDEN),
+        "in_proj|fc1": (MIXER_IN + FFN, HIDDEN),
         "lm_head": (51200, HIDDEN),
     }
     rows = []
+
+    def record(m, op, kind, n, k, us, tiles=None):
+        rows.append({"op": op, "kernel": kind, "m": m, "n": n, "k": k, "us": us, "tb_s": n * k * 2 / us / 1e6})
+        if tiles is not None:
+            rows[-1]["tiles"] = dict(zip(TILE_KEYS, tiles))
+        print(f"M={m:2d} {op:12s} {kind:24s} N={n:6d} K={k:6d} {us:7.2f} us {rows[-1]['tb_s']:.2f} TB/s {tiles or ''}")
+
     for m in (1, 16):
         for name, (n, k) in shapes.items():
-            copies = max(1, -(-(256 << 20) // (n * k * 2)))
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            ws = weight_copies(n, k)
             b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            kinds = {"cublas": (lambda w: F.linear(x, w, b), ws)}
-            if triton is not None:
-                kinds["triton gemv"] = (lambda w: triton_gemv(x, w, b), ws)
-            if name.startswith("dense+fc2"):
-                kinds["cublas (K,N) layout"] = (lambda t: torch.addmm(b, x, t), [w.t().contiguous() for w in ws])
-            for kind, (op, weights) in kinds.items():
-                us = graph_us(lambda op=op, weights=weights: [op(w) for w in weights], calls=copies)
-                rows.append(
-                    {"op": name, "kernel": kind, "m": m, "n": n, "k": k, "us": us, "tb_s": n * k * 2 / us / 1e6}
-                )
-                print(
-                    f"M={m:2d} {name:24s} {kind:20s} N={n:6d} K={k:6d} {us:7.2f} us {rows[-1]['tb_s']:.2f} TB/s",
-                    flush=True,
-                )
-            if "triton gemv" in kinds:
-                err = (triton_gemv(x, ws[0], b).float() - F.linear(x, ws[0], b).float()).abs().max().item()
-                print(f"   triton gemv max abs diff vs cuBLAS {err:.3g}")
-            del ws, kinds
+            x = torch.randn(m, 1, k, device="cuda", dtype=torch.bfloat16)
+            us = graph_us(lambda: [F.linear(x, w, b) for w in ws], calls=len(ws))
+            record(m, name, "cublas", n, k, us)
+            gelu_from = n - FFN if name != "lm_head" else None  # the fused projections: GELU on fc1's columns
+            timed = sweep(
+                lambda t: graph_us(lambda: [decode_linear(x, w, b, gelu_from, **tile_kwargs(t)) for w in ws], len(ws))
+            )
+            default = tuple(LINEAR_TILES[key] for key in TILE_KEYS)
+            record(m, name, "decode_linear default", n, k, timed[default], default)
+            best = min(timed, key=timed.get)
+            record(m, name, "decode_linear best", n, k, timed[best], best)
+        # the block's end: out-projection (2560 x 2560) + fc2 (2560 x 10240) read as one split-K GEMM
+        n, k1, k2 = HIDDEN, HIDDEN, FFN
+        pairs = list(zip(weight_copies(n, k1), weight_copies(n, k2)))
+        mods = []
+        for w1, w2 in pairs:
+            out_proj, fc2 = (
+                nn.Linear(k1, n, device="cuda", dtype=torch.bfloat16),
+                nn.Linear(k2, n, device="cuda", dtype=torch.bfloat16),
+            )
+            out_proj.weight.data, fc2.weight.data = w1, w2
+            mods.append((out_proj, fc2))
+        norm = nn.LayerNorm(n, device="cuda", dtype=torch.bfloat16)
+        mixed, activated, res = (torch.randn(m, 1, d, device="cuda", dtype=torch.bfloat16) for d in (k1, k2, n))
+
+        def modules():
+            for out_proj, fc2 in mods:
+                hidden = out_proj(mixed) + fc2(activated) + res
+                norm(hidden)
+
+        def kernels(t):
+            for out_proj, fc2 in mods:
+                block_end(mixed, activated, res, out_proj, fc2, norm, **tile_kwargs(t))
+
+        record(m, "block end", "modules (cublas)", n, k1 + k2, graph_us(modules, len(mods)))
+        timed = sweep(lambda t: graph_us(lambda: kernels(t), len(mods)))
+        default = tuple(BLOCK_END_TILES[key] for key in TILE_KEYS)
+        record(m, "block end", "block_end default", n, k1 + k2, timed[default], default)
+        best = min(timed, key=timed.get)
+        record(m, "block end", "block_end best", n, k1 + k2, timed[best], best)
     print(f"(peak {bandwidth / 1e12:.2f} TB/s)")
     return rows
+
+
+TILE_KEYS = ("block_n", "block_k", "num_warps", "num_stages")
+
+
+def sweep(time_tiles) -> dict:
+    """us per call of `time_tiles(tiles)` for each of TILES that fits the GPU (a tile that needs more shared memory
+    than the GPU has is left out)."""
+    timed = {}
+    for tiles in TILES:
+        try:
+            timed[tiles] = time_tiles(tiles)
+        except triton.runtime.errors.OutOfResources:
+            torch.cuda.synchronize()
+    return timed
+
+
+def tile_kwargs(tiles: tuple[int, int, int, int]) -> dict:
+    return {"tiles": dict(zip(TILE_KEYS, tiles))}
 
 
 def attention_rows(with_flex: bool) -> list[dict]:

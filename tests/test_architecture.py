@@ -17,6 +17,7 @@ CORE = {
     "fast_generation",
     "fused_decode_step",
     "decode_kernels",
+    "decode_matmul",
 }
 CORE_THIRD_PARTY = {"torch", "transformers", "PIL", "mamba_ssm", "causal_conv1d", "triton"}  # kernels: detected only
 LIBRARY = [

@@ -9,12 +9,28 @@ import textwrap
 import pytest
 import torch
 
-from matvlm_hf.decode_kernels import decode_attention, residual_layernorm, rotary_and_cache
+from matvlm_hf.decode_kernels import decode_attention, rotary_and_cache
+
+
+def require_triton() -> None:
+    """Skip without Triton (the dev extra installs it on Linux x86_64); with MATVLM_REQUIRE_TRITON=1 (.ci/run) fail."""
+    if os.environ.get("MATVLM_REQUIRE_TRITON") == "1":
+        import triton  # noqa: F401  (an ImportError fails the test)
+    else:
+        pytest.importorskip("triton")
 
 
 def run_in_interpreter(script: str) -> None:
-    """Runs `script` (which prints OK) with Triton's interpreter on, set before triton is imported: a subprocess."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    """Runs `script` (which prints OK) with Triton's interpreter on, set before triton is imported: a subprocess.
+    Skipped with Triton < 3.9 (CI installs the newest): 3.6's interpreter cannot run a loop whose bound is computed in
+    the kernel ("only 0-dimensional arrays can be converted to Python scalars"); the GPU tests compile the kernels."""
+    import triton
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels (needs >= 3.9)")
+    # the tests folder ahead of whatever PYTHONPATH the run already has (the GPU machine puts src/ there)
+    path = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
 
@@ -36,11 +52,11 @@ def test_rotary_kernel_in_the_interpreter():
     """The rotary + cache-write kernel against transformers' apply_rotary_pos_emb + index_copy_: equal in float32;
     bf16 within one rounding step (the interpreter's float -> bf16 cast truncates, the GPU's rounds; bitwise equality
     is the GPU test's)."""
-    pytest.importorskip("triton")
+    require_triton()
     script = textwrap.dedent("""
         import torch
         from test_decode_kernels import ROTARY_CASES, rotary_inputs
-        from matvlm_hf.decode_kernels import decode_attention, residual_layernorm, rotary_and_cache
+        from matvlm_hf.decode_kernels import decode_attention, rotary_and_cache
         for case in ROTARY_CASES:
             qkv, cos, sin, (k1, v1, k2, v2), slot, heads, rot = rotary_inputs(*case)
             qkv = torch.cat([qkv, qkv[..., :16]], -1)[..., :-16]  # strided rows, as sliced from the fused GEMM
@@ -86,7 +102,7 @@ CONV_CASES = ["float32", "bfloat16"]
 def test_conv_step_kernel_in_the_interpreter():
     """mamba2_ops' Triton conv step (where causal_conv1d is not installed) against the reference: the state shifted
     alike, bit for bit; the output within rounding (bf16: the kernel accumulates in fp32, the reference in bf16)."""
-    pytest.importorskip("triton")
+    require_triton()
     script = textwrap.dedent("""
         import torch
         from test_decode_kernels import CONV_CASES, conv_inputs
@@ -141,7 +157,7 @@ ATTENTION_CASES = [("float32", 4, 4), ("bfloat16", 4, 2)]
 def test_decode_attention_kernel_in_the_interpreter():
     """The split-KV kernels against torch's SDPA with the same mask, 8-key tiles in 5 splits: one split past the
     fill pointer (not read), two fully masked (left padding), grouped heads in the bf16 case."""
-    pytest.importorskip("triton")
+    require_triton()
     script = textwrap.dedent("""
         import torch
         from test_decode_kernels import ATTENTION_CASES, attention_inputs
@@ -178,53 +194,3 @@ def test_decode_attention_kernel_on_the_gpu(case):
         ref = decode_attention(q, keys, values, mask, slot, scale)
     tol = 1e-5 if case[0] == "float32" else 2e-2
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-
-
-def residual_inputs(dtype, device="cpu", rows=3, d=200):
-    gen = torch.Generator(device=device).manual_seed(0)
-    dtype = getattr(torch, dtype)
-    a, b, residual = (torch.randn(rows, 1, d, generator=gen, device=device).to(dtype) for _ in range(3))
-    norm = torch.nn.LayerNorm(d, eps=1e-5, device=device, dtype=dtype)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(d, generator=gen, device=device))
-        norm.bias.copy_(torch.randn(d, generator=gen, device=device))
-    return a, b, 4 * residual + 3, norm  # an offset and a scale that LayerNorm must remove
-
-
-RESIDUAL_CASES = ["float32", "bfloat16"]
-
-
-def test_residual_layernorm_kernel_in_the_interpreter():
-    """The add + add + LayerNorm kernel against the torch ops: float32 within LayerNorm's summation order, bf16
-    within one rounding step (the interpreter's casts truncate)."""
-    pytest.importorskip("triton")
-    script = textwrap.dedent("""
-        import torch
-        from test_decode_kernels import RESIDUAL_CASES, residual_inputs
-        from matvlm_hf.decode_kernels import residual_layernorm
-        for case in RESIDUAL_CASES:
-            a, b, residual, norm = residual_inputs(case)
-            with torch.no_grad():
-                hidden, normed = residual_layernorm(a, b, residual, norm, interpret=True)
-                ref_hidden, ref_normed = residual_layernorm(a, b, residual, norm)
-            tol = dict(rtol=1e-5, atol=1e-5) if case == "float32" else dict(rtol=2e-2, atol=5e-2)
-            torch.testing.assert_close(hidden, ref_hidden, **tol)
-            torch.testing.assert_close(normed, ref_normed, **tol)
-        print("OK")
-    """)
-    run_in_interpreter(script)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")
-@pytest.mark.parametrize("case", RESIDUAL_CASES)
-def test_residual_layernorm_kernel_on_the_gpu(case):
-    """The residual sum rounded as torch's two adds round (equal); the LayerNorm within one rounding step."""
-    a, b, residual, norm = residual_inputs(case, device="cuda", d=2560)
-    with torch.no_grad():
-        hidden, normed = residual_layernorm(a, b, residual, norm)
-        torch.set_grad_enabled(True)  # the reference path
-        ref_hidden, ref_normed = residual_layernorm(a, b, residual, norm)
-    assert torch.equal(hidden, ref_hidden)
-    tol = dict(rtol=1e-5, atol=1e-5) if case == "float32" else dict(rtol=1e-2, atol=3e-2)
-    torch.testing.assert_close(normed, ref_normed.detach(), **tol)

@@ -75,3 +75,22 @@ def test_packing_follows_a_move_and_refuses_mismatched_projections():
     assert layer.self_attn.q_proj.weight.data_ptr() == layer._matvlm_fused_front[0].data_ptr()
     with pytest.raises(ValueError, match="differ in input size"):
         packed_rows(layer, "_other", [layer.mlp.fc1, layer.mlp.fc2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")
+@pytest.mark.parametrize("mamba_layers", [(0, 2, 5), ()])
+def test_fused_step_with_kernels_matches_the_modules_on_the_gpu(mamba_layers):
+    """bf16 on CUDA, where the fused step runs its Triton kernels (GEMV with GELU, block end, rotary + cache write,
+    split-KV attention, the Mamba decode kernels): after 6 decode steps on a left-padded batch with images, the same
+    tokens as the step through transformers' modules and caches within bf16 rounding of theirs."""
+    model = tiny_model("phi", mamba_layers, dtype=torch.bfloat16).cuda()
+    ids, mask = left_padded(model.config, (3, 9, 6))
+    ids, mask = ids.cuda(), mask.cuda()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
+    fused, modules = (StaticDecoder(model, 3, 64, SamplingParams()) for _ in range(2))
+    modules.fused = None
+    assert torch.equal(fused.prefill(ids, mask, pixels), modules.prefill(ids, mask, pixels))
+    assert torch.equal(fused.decode(6), modules.decode(6))
+    for a, b in zip(cache_tensors(fused), cache_tensors(modules), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from test_decode_kernels import require_triton
 
 from matvlm_hf.mamba2_ops import (
     causal_conv1d,
@@ -124,7 +125,7 @@ def test_blc_conv_reference_matches_channel_first_conv():
 def test_blc_conv_triton_kernel_in_the_interpreter():
     """The Triton kernel's body, run on the CPU by Triton's interpreter (set before triton is imported, hence a
     subprocess), on a strided (b, l, c) view like in_proj's output."""
-    pytest.importorskip("triton")
+    require_triton()
     script = textwrap.dedent("""
         import torch
         import matvlm_hf.mamba2_ops as ops

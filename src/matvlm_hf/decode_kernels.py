@@ -1,12 +1,11 @@
 """Triton kernels of the fused decode step (fused_decode_step.py) for its attention layers: one kernel where
-transformers' modules launch many. Each has a PyTorch reference (transformers' code), used on the CPU, under autograd
-(the kernels are forward-only: never used in training) and when Triton is missing; the tests run each kernel against
-it (Triton's interpreter on the CPU, compiled on the GPU). The Mamba layers' kernels live in mamba2_ops.py.
+transformers' modules launch many (the step's matrix multiplications: decode_matmul.py). Each has a PyTorch reference
+(transformers' code), used on the CPU, under autograd (the kernels are forward-only: never used in training) and when
+Triton is missing; the tests run each kernel against it (Triton's interpreter on the CPU, compiled on the GPU). The
+Mamba layers' kernels live in mamba2_ops.py.
 
 - `rotary_and_cache`: rotary embedding of q and k (partial rotary, transformers' `apply_rotary_pos_emb`) and the
   write of k and v into the static cache at its fill pointer: 1 kernel instead of 14.
-- `residual_layernorm`: a parallel block's two branch outputs added to the residual stream and the next LayerNorm
-  applied: 1 kernel instead of 3.
 - `decode_attention`: one query per sequence against the static cache, split over the keys ("flash-decoding",
   Dao et al. 2023): partial softmax sums per split, then one combine kernel; keys past the fill pointer are not read.
   It beats cuDNN's SDPA only on small caches (H200, bf16, 32 heads of 80, `examples/decode_shapes.py --parts
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 # the largest batch x cache capacity (tokens) where the split-KV kernel is faster than SDPA (measured above)
 SPLIT_KV_MAX_TOKENS = 2048
@@ -166,29 +164,6 @@ if triton is not None:
         out = tl.sum(weight[:, None] * part, 0) / tl.sum(weight * total, 0)
         tl.store(out_ptr + bh * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
-    @triton.jit
-    def _residual_layernorm_kernel(
-        a_ptr, b_ptr, res_ptr, weight_ptr, bias_ptr, hidden_ptr, normed_ptr, eps, D: tl.constexpr, BLOCK: tl.constexpr
-    ):
-        """Program (row): hidden = (a + b) + residual, each sum rounded to the dtype as torch's adds round; normed =
-        LayerNorm(hidden) in float32, rounded to the dtype."""
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        inside = offs < D
-        dtype = hidden_ptr.dtype.element_ty
-        a = tl.load(a_ptr + row * D + offs, mask=inside, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + row * D + offs, mask=inside, other=0.0).to(tl.float32)
-        res = tl.load(res_ptr + row * D + offs, mask=inside, other=0.0).to(tl.float32)
-        hidden = ((a + b).to(dtype).to(tl.float32) + res).to(dtype)
-        tl.store(hidden_ptr + row * D + offs, hidden, mask=inside)
-        x = hidden.to(tl.float32)
-        mean = tl.sum(x, 0) / D
-        centred = tl.where(inside, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / D + eps)
-        weight = tl.load(weight_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        tl.store(normed_ptr + row * D + offs, (centred * rstd * weight + bias).to(dtype), mask=inside)
-
 
 def rotary_and_cache(
     qkv: torch.Tensor,
@@ -310,40 +285,3 @@ def decode_attention(
         part, stats, out, splits, D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits)
     )
     return out
-
-
-def residual_layernorm(
-    a: torch.Tensor, b: torch.Tensor, residual: torch.Tensor, norm: nn.Module, interpret: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A parallel decoder block's end and the next block's start: hidden = a + b + residual (the mixer's and the MLP's
-    outputs added to the residual stream, transformers' `PhiDecoderLayer` order) and `norm(hidden)`, both (..., d)
-    in the inputs' dtype. One Triton kernel on CUDA (or in the interpreter, `interpret`) for an `nn.LayerNorm` with
-    weight and bias over the last dimension, contiguous inputs and no gradient needed; else the torch ops (the
-    reference)."""
-    d = residual.shape[-1]
-    use_kernel = triton is not None and (residual.is_cuda or interpret) and not torch.is_grad_enabled()
-    layer_norm = (
-        type(norm) is nn.LayerNorm
-        and norm.weight is not None
-        and norm.bias is not None
-        and norm.normalized_shape == (d,)
-    )
-    same = a.shape == b.shape == residual.shape and a.dtype == b.dtype == residual.dtype == norm.weight.dtype
-    if not (use_kernel and layer_norm and same and all(t.is_contiguous() for t in (a, b, residual))):
-        hidden = a + b + residual
-        return hidden, norm(hidden)
-    hidden, normed = torch.empty_like(residual), torch.empty_like(residual)
-    _residual_layernorm_kernel[(residual.numel() // d,)](
-        a,
-        b,
-        residual,
-        norm.weight,
-        norm.bias,
-        hidden,
-        normed,
-        norm.eps,
-        D=d,
-        BLOCK=triton.next_power_of_2(d),
-        num_warps=8,
-    )
-    return hidden, normed

@@ -22,8 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import StaticCache
 
+from .decode_matmul import decode_linear
 from .fused_decode_step import fused_step_for
 from .mamba2_mixer import CACHE_ARG
 
@@ -125,7 +127,9 @@ class StaticDecoder:
                 **{CACHE_ARG: self.cache},
             )
             hidden = out.last_hidden_state
-        logits = self.model.lm_head(hidden[:, -1])
+        head = self.model.lm_head
+        last = hidden[:, -1]
+        logits = decode_linear(last, head.weight, head.bias) if type(head) is nn.Linear else head(last)
         self.tokens.copy_(choose_tokens(logits.float(), self.params, self.suppress)[:, None])
         self.positions.add_(1)
 

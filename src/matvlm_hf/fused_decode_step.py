@@ -11,8 +11,10 @@ No second copy of the weights: `packed_rows` moves the Linear layers' weights in
 Linear's weight and bias at its rows (same Parameter objects, same values; transformers' `save_pretrained` clones such
 disjoint views when saving). Everything else is transformers' and the mixer's own code: the rotary module,
 the static cache's tensors, the mixer's `decode_mix`; on CUDA, rotary embedding + cache write is one kernel and
-attention a split-KV kernel, the residual adds + the next LayerNorm one kernel (`decode_kernels.py`; transformers'
-`apply_rotary_pos_emb` + `index_copy_`, torch's SDPA and the modules elsewhere).
+attention a split-KV kernel (`decode_kernels.py`; transformers' `apply_rotary_pos_emb` + `index_copy_` and torch's
+SDPA elsewhere), the fused projections a Triton GEMV and the block's end (the mixer's out-projection and fc2 as one
+GEMM along K, GELU inside it, the residual adds and the next LayerNorm) two kernels (`decode_matmul.py`; F.linear
+and the modules elsewhere).
 
 `fused_step_for(model, cache)` is the seam: a `PhiFusedDecodeStep` for a Phi LM whose layers it knows, else None
 (the decoder then runs transformers' modules: another model family is an addition here, not a rewrite).
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decode_kernels import decode_attention, residual_layernorm, rotary_and_cache
+from .decode_kernels import decode_attention, rotary_and_cache
+from .decode_matmul import block_end, decode_linear
 from .mamba2_mixer import MaTVLMMamba2Mixer
 
 
@@ -93,7 +96,8 @@ class PhiFusedDecodeStep:
     def __init__(self, model, cache) -> None:
         self.lm = model.model.language_model
         self.cache = cache
-        self.activation = _one_kernel(self.lm.layers[0].mlp.activation_fn)  # stateless, the same in every layer
+        activation = self.lm.layers[0].mlp.activation_fn  # stateless, the same in every layer
+        self.activation, self.gelu_tanh = _one_kernel(activation), type(activation).__name__ in _TANH_GELUS
         self.fronts, self.backs = [], []
         for i, layer in enumerate(self.lm.layers):
             mixer, mlp = layer.self_attn, layer.mlp
@@ -118,8 +122,13 @@ class PhiFusedDecodeStep:
         layers = self.lm.layers
         normed = layers[0].input_layernorm(hidden)
         for i, layer in enumerate(layers):
-            projected = F.linear(normed, *self.fronts[i])
-            up = projected[..., -layer.mlp.fc1.out_features :]
+            weight, bias = self.fronts[i]
+            gelu_from = weight.shape[0] - layer.mlp.fc1.out_features
+            # the activation applied in the projection's kernel where it is the tanh GELU
+            projected = decode_linear(normed, weight, bias, gelu_from=gelu_from if self.gelu_tanh else None)
+            activated = projected[..., gelu_from:]
+            if not self.gelu_tanh:
+                activated = self.activation(activated)
             if isinstance(layer.self_attn, MaTVLMMamba2Mixer):  # projected: [z | x B C | dt | fc1]
                 mixed = layer.self_attn.decode_mix(projected, self.cache.layers[i]).to(hidden.dtype)
             else:  # projected: [q | k | v | fc1]
@@ -127,8 +136,7 @@ class PhiFusedDecodeStep:
                 mixed = self._attention(layer.self_attn, qkv, self.cache.layers[i], slot, cos, sin, mask)
             # the block's end fused with the next block's LayerNorm (the last block's: the final one)
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.lm.final_layernorm
-            mlp_out = layer.mlp.fc2(self.activation(up))
-            hidden, normed = residual_layernorm(self.backs[i](mixed), mlp_out, hidden, following)
+            hidden, normed = block_end(mixed, activated, hidden, self.backs[i], layer.mlp.fc2, following)
         if pointers:
             torch._foreach_add_(pointers, 1)
         return normed
