@@ -1,7 +1,7 @@
 """The decode step's matrix multiplications and attention measured alone, on the GPU (issue 17's "measure shapes
 alone first"): which fusions and kernels can bring a TinyLLaVA-3.1B decode step near the bandwidth roofline.
 
-    python examples/decode_shapes.py --out DIR        # CUDA only; writes DIR/decode_shapes.json
+    python examples/decode_shapes.py --out DIR        # CUDA only; writes DIR/decode_shapes.json (DIR new or empty)
 
 Each operation is captured 50 times in one CUDA graph and replayed (so launch overhead is the graph's, as in the
 decode step); the time per operation and its achieved bandwidth (bytes of weights / KV read over time) are printed.
@@ -20,6 +20,7 @@ from torch import nn
 
 from matvlm_hf.decode_kernels import decode_attention
 from matvlm_hf.decode_matmul import BLOCK_END_TILES, LINEAR_TILES, block_end, decode_linear
+from matvlm_hf.safe_output import staged_output
 from matvlm_hf.synthetic.benchmark import hbm_bytes_per_s
 
 REPEAT, REPLAYS = 50, 20
@@ -212,20 +213,25 @@ def attention_rows(with_flex: bool) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for decode_shapes.json")
     parser.add_argument("--parts", default="gemm,attention", help="gemm and/or attention (default: both)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out (kept until the new one is complete)"
+    )
     parser.add_argument("--flex", action="store_true", help="also FlexAttention (compiles, ~1 min)")
     args = parser.parse_args()
-    bandwidth = hbm_bytes_per_s("cuda") or 4.8e12
     torch.set_grad_enabled(False)
     parts = args.parts.split(",")
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "gemm": gemm_rows(bandwidth) if "gemm" in parts else [],
-        "attention": attention_rows(args.flex) if "attention" in parts else [],
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_shapes.json").write_text(json.dumps(result, indent=1))
+    # refused before measuring: an existing non-empty folder, the working directory or a folder holding it; the
+    # result is built beside and moved into place whole
+    with staged_output(args.out, overwrite=args.overwrite, option="--out") as staging:
+        bandwidth = hbm_bytes_per_s("cuda") or 4.8e12
+        result = {
+            "gpu": torch.cuda.get_device_name(),
+            "gemm": gemm_rows(bandwidth) if "gemm" in parts else [],
+            "attention": attention_rows(args.flex) if "attention" in parts else [],
+        }
+        (staging / "decode_shapes.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
