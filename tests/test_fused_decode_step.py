@@ -30,6 +30,22 @@ def random_biases(model) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
+def check_kernels_step_matches_modules(mamba_layers, dtype, device, tol: float) -> None:
+    """A tiny `dtype` model with random biases on `device`: after 6 decode steps on a left-padded batch with images,
+    the fused step gives the same tokens as the step through transformers' modules, and caches within `tol`."""
+    model = tiny_model("phi", mamba_layers, dtype=dtype)
+    random_biases(model)
+    model = model.to(device)
+    ids, mask = (t.to(device) for t in left_padded(model.config, (3, 9, 6)))
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    fused, modules = (StaticDecoder(model, 3, 64, SamplingParams()) for _ in range(2))
+    modules.fused = None
+    assert torch.equal(fused.prefill(ids, mask, pixels), modules.prefill(ids, mask, pixels))
+    assert torch.equal(fused.decode(6), modules.decode(6))
+    for a, b in zip(cache_tensors(fused), cache_tensors(modules), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("mamba_layers", [(0, 2, 5), ()])
 def test_fused_step_equals_the_transformers_modules_step(mamba_layers):
     """Same tokens and the same cache (keys, values, fill pointers, conv and SSM states) after 12 decode steps on a
@@ -97,24 +113,12 @@ def test_fused_step_with_kernels_in_the_interpreter_matches_the_modules():
     script = """
 import functools
 import torch
-from conftest import tiny_model
-from test_fast_generation import left_padded
-from test_fused_decode_step import cache_tensors, random_biases
+from test_fused_decode_step import check_kernels_step_matches_modules
 import matvlm_hf.fused_decode_step as step
-from matvlm_hf.fast_generation import SamplingParams, StaticDecoder
 for name in ("decode_linear", "block_end", "decode_attention", "rotary_and_cache"):  # the fused step's kernels only
     setattr(step, name, functools.partial(getattr(step, name), interpret=True))
 for mamba_layers in ((0, 2, 5), ()):
-    model = tiny_model("phi", mamba_layers, dtype=torch.float16)
-    random_biases(model)
-    ids, mask = left_padded(model.config, (3, 9, 6))
-    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)).half()
-    fused, modules = (StaticDecoder(model, 3, 64, SamplingParams()) for _ in range(2))
-    modules.fused = None
-    assert torch.equal(fused.prefill(ids, mask, pixels), modules.prefill(ids, mask, pixels))
-    assert torch.equal(fused.decode(6), modules.decode(6))
-    for a, b in zip(cache_tensors(fused), cache_tensors(modules), strict=True):
-        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    check_kernels_step_matches_modules(mamba_layers, torch.float16, "cpu", tol=1e-2)
 print("OK")
 """
     run_in_interpreter(script)
@@ -127,15 +131,4 @@ def test_fused_step_with_kernels_matches_the_modules_on_the_gpu(mamba_layers):
     """bf16 on CUDA, where the fused step runs its Triton kernels (GEMV with GELU, block end, rotary + cache write,
     split-KV attention, the Mamba decode kernels): after 6 decode steps on a left-padded batch with images, the same
     tokens as the step through transformers' modules and caches within bf16 rounding of theirs."""
-    model = tiny_model("phi", mamba_layers, dtype=torch.bfloat16)
-    random_biases(model)
-    model = model.cuda()
-    ids, mask = left_padded(model.config, (3, 9, 6))
-    ids, mask = ids.cuda(), mask.cuda()
-    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
-    fused, modules = (StaticDecoder(model, 3, 64, SamplingParams()) for _ in range(2))
-    modules.fused = None
-    assert torch.equal(fused.prefill(ids, mask, pixels), modules.prefill(ids, mask, pixels))
-    assert torch.equal(fused.decode(6), modules.decode(6))
-    for a, b in zip(cache_tensors(fused), cache_tensors(modules), strict=True):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    check_kernels_step_matches_modules(mamba_layers, torch.bfloat16, "cuda", tol=2e-2)

@@ -267,27 +267,22 @@ def block_end(
     where torch's modules round each branch: results differ within that rounding). Else the modules (the
     reference)."""
     d = residual.shape[-1]
-    layer_norm = (
-        type(norm) is nn.LayerNorm
-        and norm.weight is not None
-        and norm.bias is not None
-        and norm.normalized_shape == (d,)
-    )
+    x1, x2 = _as_rows(mixed), _as_rows(activated)
     use_kernel = (
-        layer_norm
+        type(norm) is nn.LayerNorm
+        and norm.normalized_shape == (d,)
+        and all(t is not None and t.is_contiguous() for t in (out_proj.bias, fc2.bias, norm.weight, norm.bias))
         and _kernel_rows(mixed, out_proj.weight, fc2.weight, interpret=interpret)
         and activated.dtype == residual.dtype == norm.weight.dtype == mixed.dtype
-        and _as_rows(mixed) is not None
-        and _as_rows(activated) is not None
+        and x1 is not None
+        and x2 is not None
         and residual.is_contiguous()
-        and all(t is not None and t.is_contiguous() for t in (out_proj.bias, fc2.bias, norm.weight, norm.bias))
     )
     if not use_kernel:
         hidden = out_proj(mixed) + fc2(activated) + residual
         return hidden, norm(hidden)
     k1, k2 = mixed.shape[-1], activated.shape[-1]
     rows = residual.numel() // d
-    x1, x2 = _as_rows(mixed), _as_rows(activated)
     splits1, splits2 = (max(1, round(k / SPLIT_K_LENGTH)) for k in (k1, k2))
     partials = torch.empty(splits1 + splits2, rows, d, dtype=torch.float32, device=residual.device)
     tiles = {**BLOCK_END_TILES, **(tiles or {})}

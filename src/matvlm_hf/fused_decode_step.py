@@ -98,12 +98,13 @@ class PhiFusedDecodeStep:
         self.cache = cache
         activation = self.lm.layers[0].mlp.activation_fn  # stateless, the same in every layer
         self.activation, self.gelu_tanh = _one_kernel(activation), type(activation).__name__ in _TANH_GELUS
-        self.fronts, self.backs = [], []
+        self.fronts, self.fc1_starts, self.backs = [], [], []
         for i, layer in enumerate(self.lm.layers):
             mixer, mlp = layer.self_attn, layer.mlp
             mamba = isinstance(mixer, MaTVLMMamba2Mixer)
             front = [mixer.in_proj] if mamba else [mixer.q_proj, mixer.k_proj, mixer.v_proj]
             self.fronts.append(packed_rows(layer, "_matvlm_fused_front", [*front, mlp.fc1]))
+            self.fc1_starts.append(self.fronts[-1][0].shape[0] - mlp.fc1.out_features)  # fc1's first column
             self.backs.append(mixer.out_proj if mamba else mixer.dense)
 
     @staticmethod
@@ -122,17 +123,16 @@ class PhiFusedDecodeStep:
         layers = self.lm.layers
         normed = layers[0].input_layernorm(hidden)
         for i, layer in enumerate(layers):
-            weight, bias = self.fronts[i]
-            gelu_from = weight.shape[0] - layer.mlp.fc1.out_features
+            fc1_start = self.fc1_starts[i]
             # the activation applied in the projection's kernel where it is the tanh GELU
-            projected = decode_linear(normed, weight, bias, gelu_from=gelu_from if self.gelu_tanh else None)
-            activated = projected[..., gelu_from:]
+            projected = decode_linear(normed, *self.fronts[i], gelu_from=fc1_start if self.gelu_tanh else None)
+            activated = projected[..., fc1_start:]
             if not self.gelu_tanh:
                 activated = self.activation(activated)
             if isinstance(layer.self_attn, MaTVLMMamba2Mixer):  # projected: [z | x B C | dt | fc1]
                 mixed = layer.self_attn.decode_mix(projected, self.cache.layers[i]).to(hidden.dtype)
             else:  # projected: [q | k | v | fc1]
-                qkv = projected[..., : -layer.mlp.fc1.out_features]
+                qkv = projected[..., :fc1_start]
                 mixed = self._attention(layer.self_attn, qkv, self.cache.layers[i], slot, cos, sin, mask)
             # the block's end fused with the next block's LayerNorm (the last block's: the final one)
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.lm.final_layernorm
