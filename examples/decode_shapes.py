@@ -2,6 +2,7 @@
 alone first"): which fusions and kernels can bring a TinyLLaVA-3.1B decode step near the bandwidth roofline.
 
     python examples/decode_shapes.py --out DIR        # CUDA only; writes DIR/decode_shapes.json (DIR new or empty)
+    python examples/decode_shapes.py --parts chain --out DIR   # 32 layers' GEMMs in a row: dependent launch, tiles
 
 Each operation is captured 50 times in one CUDA graph and replayed (so launch overhead is the graph's, as in the
 decode step); the time per operation and its achieved bandwidth (bytes of weights / KV read over time) are printed.
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 import triton
 from torch import nn
 
-from matvlm_hf.decode_kernels import decode_attention
+from matvlm_hf.decode_kernels import attention_counters, attention_step
 from matvlm_hf.decode_matmul import BLOCK_END_TILES, LINEAR_TILES, block_end, decode_linear
 from matvlm_hf.safe_output import staged_output
 from matvlm_hf.synthetic.benchmark import hbm_bytes_per_s
@@ -151,8 +152,9 @@ def tile_kwargs(tiles: tuple[int, int, int, int]) -> dict:
 def attention_rows(with_flex: bool) -> list[dict]:
     """One query per sequence against a static cache: SDPA (its default backend, an additive mask) vs FlexAttention
     (torch.compile'd, decoding kernel) with the mask as a score_mod and with a block mask covering the filled part.
-    And this project's split-KV kernel (decode_kernels.decode_attention) over a grid of tile sizes / program counts /
-    warps, to choose its defaults and where it replaces SDPA."""
+    And the whole attention step from the q|k|v projection on (rotary, cache write, attention): this project's
+    one-kernel split-KV step (decode_kernels.attention_step) over a grid of tile sizes / program counts, against its
+    reference (rotary_and_cache + SDPA), to choose its defaults and where it replaces SDPA."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
@@ -183,21 +185,27 @@ def attention_rows(with_flex: bool) -> list[dict]:
             return flex(q, k, v, block_mask=block)
 
         slot = torch.tensor([context - 1], device="cuda")
+        qkv = torch.randn(batch, 1, 3 * HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        angles = torch.randn(batch, 1, 16, device="cuda")
+        cos, sin = (f(torch.cat([angles, angles], -1)).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+        counters = attention_counters("cuda", batch * HEADS)
+
+        def step(**kernel):
+            out = attention_step(qkv, cos, sin, k, v, mask, slot, HEADS, 32, HEAD_DIM**-0.5, counters, **kernel)
+            return out.view(batch, 1, HEADS, HEAD_DIM).transpose(1, 2)  # as SDPA's output
+
         ours = [
-            (
-                f"split n{n} p{p} w{w}",
-                lambda n=n, p=p, w=w: decode_attention(
-                    q, k, v, mask, slot, HEAD_DIM**-0.5, block_n=n, programs=p, num_warps=w, split_kv=True
-                ),
-            )
+            (f"step n{n} p{p} w{w}", lambda n=n, p=p, w=w: step(block_n=n, programs=p, num_warps=w, split_kv=True))
             for n in (32, 64)
-            for p in (512, 1024, 2048)
-            for w in (4,)
+            for p in (512, 1024)
+            for w in (2, 4)
         ]
-        reference = sdpa().float().transpose(1, 2).reshape(batch, 1, -1)
         flexes = (("flex score_mod", flex_mod), ("flex block_mask", flex_block)) if with_flex else ()
-        named = (("sdpa", sdpa), *flexes, *ours)
+        named = (("sdpa", sdpa), *flexes, ("rotary + sdpa", lambda: step(split_kv=False)), *ours)
         for name, fn in named:
+            # the step's own reference for the step's kernels (it attends with a rotated q), SDPA's for the rest
+            reference = (step(split_kv=False) if name.startswith("step") else sdpa()).float()
+            reference = reference.transpose(1, 2).reshape(batch, 1, -1)
             try:
                 err = (fn().float().transpose(1, 2).reshape(batch, 1, -1) - reference).abs().max().item()
                 us = graph_us(fn)
@@ -211,10 +219,73 @@ def attention_rows(with_flex: bool) -> list[dict]:
     return rows
 
 
+# the variants of the chain part: (dependent launch, decode_linear's tiles, block_end's tiles), tiles as
+# (block_n, block_k, num_warps, num_stages)
+CHAIN_VARIANTS = [
+    (False, (32, 64, 4, 4), (32, 128, 4, 4)),
+    (False, (32, 64, 4, 4), (64, 64, 4, 5)),
+    (True, (32, 64, 4, 4), (64, 64, 4, 5)),
+]
+
+
+def chain_rows(bandwidth: float, layers: int = 32) -> list[dict]:
+    """`layers` attention-free parallel blocks in a row, as the decode step runs them: the fused projection
+    [q | k | v | fc1] (decode_linear, GELU on fc1's columns) then block_end (out-projection + fc2 + residual +
+    LayerNorm) with the projection's q columns as the mixer output; each layer its own weights (157 MB; 5 GB in all,
+    so none is read from L2). Timed per chain over CHAIN_VARIANTS: with and without programmatic dependent launch
+    (decode_kernels.DEPENDENT_LAUNCH) and the kernels' tiles."""
+    from matvlm_hf import decode_kernels
+
+    def linear(n, k):
+        layer = nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        layer.weight.data.normal_(0, k**-0.5)
+        return layer
+
+    blocks = [
+        (linear(3 * HIDDEN + FFN, HIDDEN), linear(HIDDEN, HIDDEN), linear(HIDDEN, FFN), nn.LayerNorm(HIDDEN))
+        for _ in range(layers)
+    ]
+    blocks = [(f, o, m, norm.to("cuda", torch.bfloat16)) for f, o, m, norm in blocks]
+    saved = decode_kernels.DEPENDENT_LAUNCH
+    weight_bytes = sum(p.numel() * 2 for f, o, m, _ in blocks for p in (f.weight, o.weight, m.weight))
+    rows = []
+    for m in (1, 16):
+        hidden = torch.randn(m, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+
+        def chain(variant):
+            pdl, front_tiles, end_tiles = variant
+            decode_kernels.DEPENDENT_LAUNCH = pdl
+            front_tiles, end_tiles = dict(zip(TILE_KEYS, front_tiles)), dict(zip(TILE_KEYS, end_tiles))
+            h, normed = hidden, hidden
+            for front, out_proj, fc2, norm in blocks:
+                projected = decode_linear(normed, front.weight, front.bias, 3 * HIDDEN, tiles=front_tiles)
+                h, normed = block_end(
+                    projected[..., :HIDDEN], projected[..., 3 * HIDDEN :], h, out_proj, fc2, norm, tiles=end_tiles
+                )
+
+        for variant in CHAIN_VARIANTS:
+            pdl, front_tiles, end_tiles = variant
+            try:
+                us = graph_us(lambda: chain(variant))
+            except Exception as e:  # a tile the GPU or this Triton cannot take: say so, go on
+                print(f"M={m:2d} {variant}: {type(e).__name__}: {str(e)[:200]}")
+                torch.cuda.synchronize()
+                continue
+            rows.append(
+                {"m": m, "pdl": pdl, "linear_tiles": front_tiles, "block_end_tiles": end_tiles, "us": us,
+                 "tb_s": weight_bytes / us / 1e6}
+            )  # fmt: skip
+            print(f"M={m:2d} chain of {layers}: pdl={pdl!s:5} linear {front_tiles} block_end {end_tiles}: "
+                  f"{us:8.1f} us {rows[-1]['tb_s']:.2f} TB/s")  # fmt: skip
+    decode_kernels.DEPENDENT_LAUNCH = saved
+    print(f"(peak {bandwidth / 1e12:.2f} TB/s)")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for decode_shapes.json")
-    parser.add_argument("--parts", default="gemm,attention", help="gemm and/or attention (default: both)")
+    parser.add_argument("--parts", default="gemm,attention", help="gemm, attention, chain (default: gemm,attention)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty --out (kept until the new one is complete)"
     )
@@ -230,6 +301,7 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name(),
             "gemm": gemm_rows(bandwidth) if "gemm" in parts else [],
             "attention": attention_rows(args.flex) if "attention" in parts else [],
+            "chain": chain_rows(bandwidth) if "chain" in parts else [],
         }
         (staging / "decode_shapes.json").write_text(json.dumps(result, indent=1))
 

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from matvlm_hf.decode_kernels import decode_attention, rotary_and_cache
+from matvlm_hf.decode_kernels import rotary_and_cache
 
 
 def require_triton() -> None:
@@ -56,7 +56,7 @@ def test_rotary_kernel_in_the_interpreter():
     script = textwrap.dedent("""
         import torch
         from test_decode_kernels import ROTARY_CASES, rotary_inputs
-        from matvlm_hf.decode_kernels import decode_attention, rotary_and_cache
+        from matvlm_hf.decode_kernels import rotary_and_cache
         for case in ROTARY_CASES:
             qkv, cos, sin, (k1, v1, k2, v2), slot, heads, rot = rotary_inputs(*case)
             qkv = torch.cat([qkv, qkv[..., :16]], -1)[..., :-16]  # strided rows, as sliced from the fused GEMM
@@ -137,41 +137,82 @@ def test_conv_step_kernel_on_the_gpu(case):
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
-def attention_inputs(dtype, heads, kv_heads, device="cpu", b=3, d=80, capacity=40, slot=29):
-    """One query per row against a static cache filled up to `slot`: row 1 left-padded by 5, the last row by 20
-    (whole key tiles masked); keys and values past the slot hold large values that must not reach the output."""
+def attention_inputs(dtype, heads, kv_heads, device="cpu", b=3, d=80, rot=32, capacity=40, slot=29):
+    """One token's q|k|v per row and a static cache filled before `slot`: row 1 left-padded by 5, the last row by 20
+    (whole key tiles masked); keys and values from the slot on hold large values that must not reach the output (the
+    slot's own are this step's, from qkv). Returns (qkv, cos, sin, keys, values, mask, slot, heads, rot, scale)."""
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = getattr(torch, dtype)
-    q = torch.randn(b, heads, 1, d, generator=gen, device=device).to(dtype)
+    qkv = torch.randn(b, 1, (heads + 2 * kv_heads) * d, generator=gen, device=device).to(dtype)
+    angles = torch.randn(b, 1, rot // 2, generator=gen, device=device)
+    emb = torch.cat([angles, angles], -1)
     keys, values = (torch.randn(b, kv_heads, capacity, d, generator=gen, device=device).to(dtype) for _ in range(2))
-    keys[:, :, slot + 1 :], values[:, :, slot + 1 :] = 30.0, 100.0
+    keys[:, :, slot:], values[:, :, slot:] = 30.0, 100.0
     mask = torch.full((b, 1, 1, capacity), torch.finfo(dtype).min, dtype=dtype, device=device)
     mask[..., : slot + 1] = 0.0
     mask[1, ..., :5] = mask[-1, ..., :20] = torch.finfo(dtype).min
-    return q, keys, values, mask, torch.tensor([slot], device=device), d**-0.5
+    slot = torch.tensor([slot], device=device)
+    return qkv, emb.cos().to(dtype), emb.sin().to(dtype), keys, values, mask, slot, heads, rot, d**-0.5
 
 
-ATTENTION_CASES = [("float32", 4, 4), ("bfloat16", 4, 2)]
+# (dtype, heads, kv_heads, slot): slot 24 starts a split of 8 keys (that split holds only this step's token)
+ATTENTION_CASES = [("float32", 4, 4, 29), ("bfloat16", 4, 2, 29), ("float32", 4, 2, 24)]
 
 
-def test_decode_attention_kernel_in_the_interpreter():
-    """The split-KV kernels against torch's SDPA with the same mask, 8-key tiles in 5 splits: one split past the
-    fill pointer (not read), two fully masked (left padding), grouped heads in the bf16 case."""
+def check_attention_step(case, device="cpu", size=None, **kernel):
+    """attention_step's kernel (`kernel`: its launch options) against its reference (rotary_and_cache + SDPA) on a
+    copy of the same cache: the output within float32 / bf16 softmax rounding, the cache written alike (k within
+    one rounding step, v exactly), nothing else of it touched."""
+    from matvlm_hf.decode_kernels import attention_counters, attention_step
+
+    dtype, heads, kv_heads, slot = case
+    qkv, cos, sin, keys, values, mask, slot, heads, rot, scale = attention_inputs(
+        dtype, heads, kv_heads, device, slot=slot, **(size or {})
+    )
+    k_ref, v_ref = keys.clone(), values.clone()
+    counters = attention_counters(device, keys.shape[0] * heads + 5)
+    with torch.no_grad():
+        out = attention_step(
+            qkv, cos, sin, keys, values, mask, slot, heads, rot, scale, counters, split_kv=True, **kernel
+        )
+        torch.set_grad_enabled(True)  # the reference path
+        ref = attention_step(qkv, cos, sin, k_ref, v_ref, mask, slot, heads, rot, scale)
+        torch.set_grad_enabled(False)
+    b, d = keys.shape[0], keys.shape[-1]
+    assert out.shape == ref.shape == (b, 1, heads * d)
+    tol = 1e-5 if case[0] == "float32" else 2e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(keys, k_ref, rtol=1e-2, atol=4e-2)
+    assert torch.equal(values, v_ref)
+    s = int(slot)
+    assert (keys[:, :, s + 1 :] == 30).all() and (values[:, :, s + 1 :] == 100).all()  # only the slot written
+    assert (values[:, :, s] != 100).all()
+    assert not counters.any()  # every head's last program reset its counter: the buffer serves the next call
+
+
+def test_dependent_launch_only_on_cuda_and_switched_off_by_the_environment():
+    """Programmatic dependent launch never for CPU tensors (the interpreter, the references); on by default, off with
+    MATVLM_DEPENDENT_LAUNCH=0 (read at import)."""
+    from matvlm_hf import decode_kernels
+
+    assert not decode_kernels.dependent_launch(torch.zeros(1))
+    script = "import matvlm_hf.decode_kernels as k; print(k.DEPENDENT_LAUNCH)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "MATVLM_DEPENDENT_LAUNCH": value}
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+        assert result.stdout.strip() == expected, result.stderr[-2000:]
+
+
+def test_attention_step_kernel_in_the_interpreter():
+    """The one-kernel attention step (rotary, cache write, split-KV attention, the last program's combine) against
+    rotary_and_cache + SDPA with the same mask, 8-key tiles in 5 splits: a split past the fill pointer (nothing to
+    read), two fully masked (left padding), grouped heads, this step's token alone in its split (slot 24)."""
     require_triton()
     script = textwrap.dedent("""
         import torch
-        from test_decode_kernels import ATTENTION_CASES, attention_inputs
-        from matvlm_hf.decode_kernels import decode_attention
+        from test_decode_kernels import ATTENTION_CASES, check_attention_step
         for case in ATTENTION_CASES:
-            q, keys, values, mask, slot, scale = attention_inputs(*case)
-            with torch.no_grad():
-                out = decode_attention(
-                    q, keys, values, mask, slot, scale, interpret=True, block_n=8, programs=64, split_kv=True
-                )
-                ref = decode_attention(q, keys, values, mask, slot, scale)
-            assert out.shape == ref.shape == (3, 1, 4 * 80)
-            tol = 1e-5 if case[0] == "float32" else 2e-2
-            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+            check_attention_step(case, interpret=True, block_n=8, programs=64)
         print("OK")
     """)
     run_in_interpreter(script)
@@ -179,18 +220,12 @@ def test_decode_attention_kernel_in_the_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine: pytest -m gpu)")
-@pytest.mark.parametrize("case", [*ATTENTION_CASES, ("bfloat16", 32, 32)])
-def test_decode_attention_kernel_on_the_gpu(case):
+@pytest.mark.parametrize("case", [*ATTENTION_CASES, ("bfloat16", 32, 32, 1099)])
+def test_attention_step_kernel_on_the_gpu(case):
     """Small tiles as in the interpreter test, and TinyLLaVA's decode shape (32 heads, 1100 of 1280 positions filled)
-    with the default split; bf16 against SDPA within its probability rounding."""
+    with the default split, run twice (the counters left at zero serve the next call)."""
     small = case[1] == 4
-    size = {} if small else dict(b=2, capacity=1280, slot=1099)
-    q, keys, values, mask, slot, scale = attention_inputs(*case, device="cuda", **size)
-    split = dict(block_n=8, programs=64) if small else {}
-    split["split_kv"] = True  # beyond SPLIT_KV_MAX_TOKENS at the large shape
-    with torch.no_grad():
-        out = decode_attention(q, keys, values, mask, slot, scale, **split)
-        torch.set_grad_enabled(True)  # the reference path
-        ref = decode_attention(q, keys, values, mask, slot, scale)
-    tol = 1e-5 if case[0] == "float32" else 2e-2
-    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    size = None if small else dict(b=2, capacity=1280)
+    kernel = dict(block_n=8, programs=64) if small else {}
+    for _ in range(2):
+        check_attention_step(case, "cuda", size, **kernel)

@@ -115,7 +115,7 @@ import functools
 import torch
 from test_fused_decode_step import check_kernels_step_matches_modules
 import matvlm_hf.fused_decode_step as step
-for name in ("decode_linear", "block_end", "decode_attention", "rotary_and_cache"):  # the fused step's kernels only
+for name in ("decode_linear", "block_end", "attention_step"):  # the fused step's kernels only
     setattr(step, name, functools.partial(getattr(step, name), interpret=True))
 for mamba_layers in ((0, 2, 5), ()):
     check_kernels_step_matches_modules(mamba_layers, torch.float16, "cpu", tol=1e-2)

@@ -13,6 +13,12 @@ each kernel against it (Triton's interpreter on the CPU, compiled on the GPU).
   LayerNorm. The two projections read different inputs but write the same rows, so they are one GEMM along K (split
   over K into float32 partial sums), and one kernel sums the partials, both biases and the residual and applies the
   LayerNorm: 2 kernels instead of 5 (two GEMMs, cuBLAS's split-K reduction, the residual adds + LayerNorm).
+
+Both launch with programmatic dependent launch where the GPU has it (decode_kernels.dependent_launch). A chain of 32
+layers' [q | k | v | fc1] + block end (`examples/decode_shapes.py --parts chain`, H200, bf16, 5 GB of weights, none
+from L2): batch 1 1 446 us = 3.48 TB/s with BLOCK_END_TILES and dependent launch, 1 505 without it, 1 638 with the
+previous block-end tile (32 x 128, 4 stages); batch 16 1 489 / 1 551 / 1 680. Tried and dropped there: W prefetched
+into L2 before the wait (8 or 32 lines a row: 1-25 % slower), W through TMA descriptors (no faster).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .decode_kernels import dependent_launch
 
 # the most token rows (batch x 1) the kernels take: 64 rows of x share each read of the weights; beyond that cuBLAS
 MAX_ROWS = 64
@@ -29,7 +37,7 @@ SPLIT_K_LENGTH = 2560
 # Triton launch parameters (rows of W per program, columns per tile, warps, pipeline stages): measured on an H200
 # over a grid (`examples/decode_shapes.py --parts gemm`)
 LINEAR_TILES = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 4}
-BLOCK_END_TILES = {"block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 4}
+BLOCK_END_TILES = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 5}
 
 try:  # optional, detected, never required (it ships with CUDA builds of torch)
     import triton
@@ -60,12 +68,18 @@ if triton is not None:
         offs_m,
         offs_n,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """acc (BLOCK_M, BLOCK_N) + x[offs_m, ks] W[offs_n, ks]^T over split `split` of `splits` equal K ranges (whole
-        BLOCK_K tiles)."""
+        BLOCK_K tiles). PDL (programmatic dependent launch): wait for the kernel before until reading x, and let the
+        next kernel launch once the loop is done (at the start, its waiting programs slowed a chain of these GEMMs by
+        5 % on the H200)."""
         per_split = tl.cdiv(tl.cdiv(K, splits), BLOCK_K) * BLOCK_K
         start = split * per_split
-        for k in range(start, tl.minimum(start + per_split, K), BLOCK_K):
+        end = tl.minimum(start + per_split, K)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        for k in range(start, end, BLOCK_K):
             offs_k = k + tl.arange(0, BLOCK_K)
             x = tl.load(
                 x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
@@ -78,6 +92,8 @@ if triton is not None:
                 other=0.0,
             )
             acc += tl.dot(x, tl.trans(w))
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         return acc
 
     @triton.jit
@@ -106,6 +122,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Program (n block, split, m block). Splits [0, SPLITS1) cover x1 W1^T over K1, splits [SPLITS1, SPLITS1 +
         SPLITS2) x2 W2^T over K2. PARTIAL: each split's float32 sum into out (splits, M, N); else (one split) the sum
@@ -119,12 +136,13 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if split < SPLITS1:
             acc = _segment_dot(
-                acc, x1_ptr, w1_ptr, M, N, K1, stride_x1, stride_w1, split, SPLITS1, offs_m, offs_n, BLOCK_K
-            )
+                acc, x1_ptr, w1_ptr, M, N, K1, stride_x1, stride_w1, split, SPLITS1, offs_m, offs_n, BLOCK_K, PDL,
+            )  # fmt: skip
         else:
             acc = _segment_dot(
-                acc, x2_ptr, w2_ptr, M, N, K2, stride_x2, stride_w2, split - SPLITS1, SPLITS2, offs_m, offs_n, BLOCK_K
-            )
+                acc, x2_ptr, w2_ptr, M, N, K2, stride_x2, stride_w2, split - SPLITS1, SPLITS2, offs_m, offs_n,
+                BLOCK_K, PDL,
+            )  # fmt: skip
         inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if PARTIAL:
             tl.store(out_ptr + (split * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=inside)
@@ -140,7 +158,6 @@ if triton is not None:
     @triton.jit
     def _partials_layernorm_kernel(
         part_ptr,
-        splits,
         bias1_ptr,
         bias2_ptr,
         res_ptr,
@@ -152,16 +169,21 @@ if triton is not None:
         eps,
         D: tl.constexpr,
         BLOCK: tl.constexpr,
+        SPLITS: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Program (row): branches = sum of the splits' partials (splits, M, D) + bias1 + bias2, rounded to the dtype;
         hidden = branches + residual, rounded; normed = LayerNorm(hidden) in float32, rounded."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         inside = offs < D
         dtype = hidden_ptr.dtype.element_ty
         branches = tl.load(bias1_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         branches += tl.load(bias2_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        for s in range(0, splits):
+        for s in tl.static_range(SPLITS):  # unrolled: the loads issued together, not one round trip each
             branches += tl.load(part_ptr + (s * M + row) * D + offs, mask=inside, other=0.0)
         res = tl.load(res_ptr + row * D + offs, mask=inside, other=0.0).to(tl.float32)
         hidden = (branches.to(dtype).to(tl.float32) + res).to(dtype)
@@ -236,13 +258,14 @@ def decode_linear(
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     tiles = {**LINEAR_TILES, **(tiles or {})}
     block_m = _block_m(rows)
+    pdl = dependent_launch(x)
     grid = (triton.cdiv(n, tiles["block_n"]), 1, triton.cdiv(rows, block_m))
     _decode_matmul_kernel[grid](
         flat, weight, flat, weight, bias if bias is not None else weight, out,
         rows, n, k, 0, flat.stride(0), weight.stride(0), 0, 0, n, n if gelu_from is None else gelu_from,
         SPLITS1=1, SPLITS2=0, HAS_GELU=gelu_from is not None, HAS_BIAS=bias is not None, PARTIAL=False,
-        BLOCK_M=block_m, BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], num_warps=tiles["num_warps"],
-        num_stages=tiles["num_stages"],
+        BLOCK_M=block_m, BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], PDL=pdl,
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out
 
@@ -287,17 +310,19 @@ def block_end(
     partials = torch.empty(splits1 + splits2, rows, d, dtype=torch.float32, device=residual.device)
     tiles = {**BLOCK_END_TILES, **(tiles or {})}
     block_m = _block_m(rows)
+    pdl = dependent_launch(residual)
+    launch = {"launch_pdl": True} if pdl else {}
     grid = (triton.cdiv(d, tiles["block_n"]), splits1 + splits2, triton.cdiv(rows, block_m))
     _decode_matmul_kernel[grid](
         x1, out_proj.weight, x2, fc2.weight, out_proj.bias, partials,
         rows, d, k1, k2, x1.stride(0), out_proj.weight.stride(0), x2.stride(0), fc2.weight.stride(0), 0, d,
         SPLITS1=splits1, SPLITS2=splits2, HAS_GELU=False, HAS_BIAS=False, PARTIAL=True,
-        BLOCK_M=block_m, BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], num_warps=tiles["num_warps"],
-        num_stages=tiles["num_stages"],
+        BLOCK_M=block_m, BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], PDL=pdl,
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **launch,
     )  # fmt: skip
     hidden, normed = torch.empty_like(residual), torch.empty_like(residual)
     _partials_layernorm_kernel[(rows,)](
-        partials, splits1 + splits2, out_proj.bias, fc2.bias, residual, norm.weight, norm.bias, hidden, normed,
-        rows, norm.eps, D=d, BLOCK=triton.next_power_of_2(d), num_warps=8,
+        partials, out_proj.bias, fc2.bias, residual, norm.weight, norm.bias, hidden, normed,
+        rows, norm.eps, D=d, BLOCK=triton.next_power_of_2(d), SPLITS=splits1 + splits2, PDL=pdl, num_warps=8, **launch,
     )  # fmt: skip
     return hidden, normed

@@ -10,11 +10,12 @@ batch 1, weights not in L2; `examples/decode_shapes.py`): a 2560x2560 projection
 No second copy of the weights: `packed_rows` moves the Linear layers' weights into one buffer and points each
 Linear's weight and bias at its rows (same Parameter objects, same values; transformers' `save_pretrained` clones such
 disjoint views when saving). Everything else is transformers' and the mixer's own code: the rotary module,
-the static cache's tensors, the mixer's `decode_mix`; on CUDA, rotary embedding + cache write is one kernel and
-attention a split-KV kernel (`decode_kernels.py`; transformers' `apply_rotary_pos_emb` + `index_copy_` and torch's
-SDPA elsewhere), the fused projections a Triton GEMV and the block's end (the mixer's out-projection and fc2 as one
-GEMM along K, GELU inside it, the residual adds and the next LayerNorm) two kernels (`decode_matmul.py`; F.linear
-and the modules elsewhere).
+the static cache's tensors, the mixer's `decode_mix`; on CUDA, an attention layer's rotary embedding, cache write
+and split-KV attention are one kernel on small caches (`decode_kernels.attention_step`; rotary + cache write as one
+kernel and torch's SDPA on larger ones; transformers' `apply_rotary_pos_emb` + `index_copy_` and SDPA elsewhere),
+the fused projections a Triton GEMV and the block's end (the mixer's out-projection and fc2 as one GEMM along K,
+GELU inside the projection before it, the residual adds and the next LayerNorm) two kernels (`decode_matmul.py`;
+F.linear and the modules elsewhere), all launched with programmatic dependent launch on sm_90+.
 
 `fused_step_for(model, cache)` is the seam: a `PhiFusedDecodeStep` for a Phi LM whose layers it knows, else None
 (the decoder then runs transformers' modules: another model family is an addition here, not a rewrite).
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decode_kernels import decode_attention, rotary_and_cache
+from .decode_kernels import SPLIT_KV_MAX_TOKENS, attention_counters, attention_step
 from .decode_matmul import block_end, decode_linear
 from .mamba2_mixer import MaTVLMMamba2Mixer
 
@@ -106,6 +107,9 @@ class PhiFusedDecodeStep:
             self.fronts.append(packed_rows(layer, "_matvlm_fused_front", [*front, mlp.fc1]))
             self.fc1_starts.append(self.fronts[-1][0].shape[0] - mlp.fc1.out_features)  # fc1's first column
             self.backs.append(mixer.out_proj if mamba else mixer.dense)
+        # the attention kernel's arrival counters: every batch where it runs (batch x capacity <= SPLIT_KV_MAX_TOKENS)
+        heads = self.lm.config.num_attention_heads
+        self.counters = attention_counters(next(self.lm.parameters()).device, SPLIT_KV_MAX_TOKENS * heads)
 
     @staticmethod
     def supports(model) -> bool:
@@ -143,17 +147,11 @@ class PhiFusedDecodeStep:
 
     def _attention(self, attn, qkv, cache_layer, slot, cos, sin, mask) -> torch.Tensor:
         """qkv (b, 1, 3 d) -> attention output (b, 1, d) before the dense projection; writes k, v at `slot`."""
-        q = rotary_and_cache(
-            qkv,
-            cos,
-            sin,
-            cache_layer.keys,
-            cache_layer.values,
-            slot,
-            attn.config.num_attention_heads,
-            attn.rotary_ndims,
+        heads = attn.config.num_attention_heads
+        keys, values = cache_layer.keys, cache_layer.values
+        return attention_step(
+            qkv, cos, sin, keys, values, mask, slot, heads, attn.rotary_ndims, attn.scaling, self.counters
         )
-        return decode_attention(q, cache_layer.keys, cache_layer.values, mask, slot, attn.scaling)
 
 
 def fused_step_for(model, cache) -> PhiFusedDecodeStep | None:
