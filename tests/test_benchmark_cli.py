@@ -70,3 +70,43 @@ def test_decode_step_profile_counts_the_steps_ops(tmp_path):
     pytest.importorskip("matplotlib")
     assert module.main(["--plot", str(tmp_path / "profile_decode_step.json")]) == out
     assert (tmp_path / "profile_decode_step.png").stat().st_size > 0
+
+
+def test_a_step_faster_than_the_roofline_is_measured_again_then_marked_invalid(monkeypatch):
+    """A decode point whose step beats the bandwidth roofline (a noisy difference of two generate calls) is measured
+    once more; still impossible, it is kept with an "invalid" reason and left out of the plots' points."""
+    from matvlm_hf.synthetic import benchmark
+
+    model = build_model(0.5, "tiny", "cpu", torch.float32)
+    roofline = roofline_ms(model, 1, 64, 1e9)
+    knobs = {"steps": 8}
+    for timings, expect_invalid in (([0.5, 2.0], False), ([0.5, 0.4], True), ([3.0], False)):
+        calls = iter(timings)
+
+        def fake_time_decode(*args, **kwargs):
+            ms = next(calls) * roofline
+            return {"ms_per_step": ms, "tokens_per_s": 1e3 / ms}
+
+        monkeypatch.setattr(benchmark, "time_decode", fake_time_decode)
+        point = benchmark.measure_point(model, "decode", 1, 64, knobs, "cpu", 1e9)
+        assert next(calls, None) is None  # every timing used: re-measured exactly when the first was impossible
+        assert point["ms_per_step"] == pytest.approx(timings[-1] * roofline)
+        assert ("invalid" in point) == expect_invalid
+        plotted = benchmark._decode_points({"1x64": point}, 1)
+        assert plotted == ([] if expect_invalid else [(64, point["tokens_per_s"])])
+
+
+def test_a_generate_call_that_stops_early_fails_the_timing():
+    """The step time is a difference of generate calls of known lengths: a call returning fewer tokens raises."""
+    from matvlm_hf.synthetic import benchmark
+
+    model = build_model(0.0, "tiny", "cpu", torch.float32)
+    ids = torch.randint(0, 100, (1, 16))
+    assert benchmark._generate_seconds(model, ids, 3, "cpu", False) > 0
+
+    def short(input_ids, max_new_tokens, **kwargs):
+        return torch.cat([input_ids, input_ids[:, : max_new_tokens - 1]], -1)
+
+    model.generate = short
+    with pytest.raises(RuntimeError, match="returned 2 new tokens where 3 were asked for"):
+        benchmark._generate_seconds(model, ids, 3, "cpu", False)
