@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -190,12 +191,18 @@ def check_attention_step(case, device="cpu", size=None, **kernel):
     assert not counters.any()  # every head's last program reset its counter: the buffer serves the next call
 
 
-def test_dependent_launch_only_on_cuda_and_switched_off_by_the_environment():
+def test_dependent_launch_only_on_cuda_and_switched_off_by_the_environment(monkeypatch):
     """Programmatic dependent launch never for CPU tensors (the interpreter, the references); on by default, off with
     MATVLM_DEPENDENT_LAUNCH=0 (read at import)."""
     from matvlm_hf import decode_kernels
 
     assert not decode_kernels.dependent_launch(torch.zeros(1))
+    # a CUDA tensor on a GPU that has it: on, except while torch.compile traces (its kernel wrapper knows no launch_pdl)
+    monkeypatch.setattr(decode_kernels, "_gpu_has_dependent_launch", lambda index: True)
+    on_gpu = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    assert decode_kernels.dependent_launch(on_gpu)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not decode_kernels.dependent_launch(on_gpu)
     script = "import matvlm_hf.decode_kernels as k; print(k.DEPENDENT_LAUNCH)"
     for value, expected in (("0", "False"), ("1", "True")):
         env = {**os.environ, "MATVLM_DEPENDENT_LAUNCH": value}

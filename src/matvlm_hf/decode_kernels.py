@@ -46,7 +46,9 @@ def dependent_launch(t: torch.Tensor) -> bool:
     after one that is not so launched (a torch op) waits for it as usual. Measured on an H200
     (docs/benchmarks/README.md): the whole step at batch 1 / 1K 6 % faster (2.29 -> 2.16 ms, GEMMs then still
     launching their dependents at the start), the 32 layers' GEMMs alone 4 % (launching them after the loop)."""
-    return DEPENDENT_LAUNCH and t.is_cuda and _gpu_has_dependent_launch(t.device.index)
+    # not while torch.compile traces the step (fast_decode_compile): its Triton-kernel wrapper knows no `launch_pdl`
+    compiling = torch.compiler.is_compiling()
+    return DEPENDENT_LAUNCH and t.is_cuda and not compiling and _gpu_has_dependent_launch(t.device.index)
 
 
 @functools.cache
