@@ -95,13 +95,8 @@ if triton is not None:
         b, h = tl.program_id(0), tl.program_id(1)
         offs = tl.arange(0, BLOCK_D)
         inside = offs < D
-        rotated = offs < ROT
-        half = ROT // 2
-        partner = tl.where(offs < half, offs + half, offs - half)
-        sign = tl.where(offs < half, -1.0, 1.0)
+        rotated, partner, sign, cos, sin = _rotary_tables(cos_ptr + b * stride_cos, sin_ptr + b * stride_cos, offs, ROT)
         dtype = q_out_ptr.dtype.element_ty
-        cos = tl.load(cos_ptr + b * stride_cos + offs, mask=rotated, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + b * stride_cos + offs, mask=rotated, other=0.0).to(tl.float32)
         row = qkv_ptr + b * stride_qkv
         q = _rotate(row + h * D, offs, partner, sign, cos, sin, inside, rotated, dtype)
         tl.store(q_out_ptr + (b * heads + h) * D + offs, q, mask=inside)
@@ -111,6 +106,18 @@ if triton is not None:
             tl.store(k_ptr + b * stride_kb + h * stride_kh + slot * stride_kl + offs, k, mask=inside)
             v = tl.load(row + (heads + kv_heads + h) * D + offs, mask=inside, other=0.0)
             tl.store(v_ptr + b * stride_vb + h * stride_vh + slot * stride_vl + offs, v, mask=inside)
+
+    @triton.jit
+    def _rotary_tables(cos_row, sin_row, offs, ROT: tl.constexpr):
+        """One sequence's rotary tables over channels `offs`: which are rotated (the first ROT), each one's
+        rotate_half partner and sign, and cos / sin in float32 (1 / 0 past ROT)."""
+        rotated = offs < ROT
+        half = ROT // 2
+        partner = tl.where(offs < half, offs + half, offs - half)
+        sign = tl.where(offs < half, -1.0, 1.0)
+        cos = tl.load(cos_row + offs, mask=rotated, other=1.0).to(tl.float32)
+        sin = tl.load(sin_row + offs, mask=rotated, other=0.0).to(tl.float32)
+        return rotated, partner, sign, cos, sin
 
     @triton.jit
     def _rotate(ptr, offs, partner, sign, cos, sin, inside, rotated, dtype: tl.constexpr):
@@ -170,13 +177,10 @@ if triton is not None:
         slot = tl.load(slot_ptr)
         offs_d = tl.arange(0, BLOCK_D)
         inside = offs_d < D
-        rotated = offs_d < ROT
-        half = ROT // 2
-        partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
-        sign = tl.where(offs_d < half, -1.0, 1.0)
+        rotated, partner, sign, cos, sin = _rotary_tables(
+            cos_ptr + b * stride_cos, sin_ptr + b * stride_cos, offs_d, ROT
+        )
         dtype = out_ptr.dtype.element_ty
-        cos = tl.load(cos_ptr + b * stride_cos + offs_d, mask=rotated, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + b * stride_cos + offs_d, mask=rotated, other=0.0).to(tl.float32)
         row = qkv_ptr + b * stride_qkv
         log2e: tl.constexpr = 1.4426950408889634
         q = _rotate(row + h * D, offs_d, partner, sign, cos, sin, inside, rotated, dtype)
