@@ -3,6 +3,7 @@ alone first"): which fusions and kernels can bring a TinyLLaVA-3.1B decode step 
 
     python examples/decode_shapes.py --out DIR        # CUDA only; writes DIR/decode_shapes.json (DIR new or empty)
     python examples/decode_shapes.py --parts chain --out DIR   # 32 layers' GEMMs in a row: dependent launch, tiles
+    python examples/decode_shapes.py --parts mamba --out DIR   # a Mamba layer's step: unfused vs one kernel
 
 Each operation is captured 50 times in one CUDA graph and replayed (so launch overhead is the graph's, as in the
 decode step); the time per operation and its achieved bandwidth (bytes of weights / KV read over time) are printed.
@@ -282,10 +283,64 @@ def chain_rows(bandwidth: float, layers: int = 32) -> list[dict]:
     return rows
 
 
+def mamba_rows(bandwidth: float) -> list[dict]:
+    """A Mamba layer's decode step between its projections at TinyLLaVA-3.1B's mixer sizes (32 heads of 80, state
+    80, x / B / C 2560 channels each, conv width 4): the unfused step (the conv-step kernel, A = -exp(A_log) in torch,
+    mamba_ssm's selective_state_update and gated RMSNorm where installed, else the references) against
+    mamba2_ops.mamba_decode_step over MAMBA_WARPS. Each graph cycles through state copies totalling >= 256 MB (in
+    the decode step, a layer's states come from HBM). Bandwidth counts the float32 SSM state read and written."""
+    from types import SimpleNamespace
+
+    from matvlm_hf import mamba2_mixer, mamba2_ops
+
+    sizes = {"mamba_nheads": HEADS, "mamba_headdim": HEAD_DIM, "mamba_ngroups": HEADS, "mamba_d_state": HEAD_DIM}
+    config = SimpleNamespace(
+        text_config=SimpleNamespace(hidden_size=HIDDEN), mamba_d_inner=HIDDEN, mamba_d_xb=HIDDEN, mamba_d_conv=4,
+        mamba_chunk_size=256, mamba_norm_eps=1e-5, use_mamba_kernels=True, mamba_proj_bias=True,
+        mamba_out_proj_bias=True, mamba_conv_bias=True, mamba_dt_min=1e-3, mamba_dt_max=0.1,
+        mamba_dt_init_floor=1e-4, mamba_A_init_range=(1, 16), **sizes,
+    )  # fmt: skip
+    mixer = mamba2_mixer.MaTVLMMamba2Mixer(config, 0).to("cuda", torch.bfloat16)
+    mixer.init_ssm_parameters()
+    fused_step = mamba2_mixer.mamba_decode_step
+    rows = []
+    for m in (1, 16):
+        state_bytes = m * HEADS * HEAD_DIM * HEAD_DIM * 4
+        caches = [
+            SimpleNamespace(
+                conv_states=[torch.randn(m, 3 * HIDDEN, 4, device="cuda", dtype=torch.bfloat16)],
+                recurrent_states=[torch.randn(m, HEADS, HEAD_DIM, HEAD_DIM, device="cuda")],
+            )
+            for _ in range(-(-(256 << 20) // state_bytes))
+        ]
+        projected = torch.randn(m, 1, HIDDEN + 3 * HIDDEN + HEADS, device="cuda", dtype=torch.bfloat16)
+
+        def run_all():
+            for cache in caches:
+                mixer.decode_mix(projected, cache)
+
+        variants = [("unfused", None)] + [("fused", w) for w in MAMBA_WARPS]
+        for kind, warps in variants:
+            mamba2_mixer.mamba_decode_step = (lambda *a, **k: None) if warps is None else fused_step
+            mamba2_ops.MAMBA_DECODE_WARPS = warps or mamba2_ops.MAMBA_DECODE_WARPS
+            us = graph_us(run_all, calls=len(caches))
+            rows.append({"m": m, "kernel": kind, "num_warps": warps, "us": us, "tb_s": 2 * state_bytes / us / 1e6})
+            print(f"M={m:2d} Mamba step {kind:>7} warps={warps}: {us:7.2f} us {rows[-1]['tb_s']:.2f} TB/s (state r+w)")
+    mamba2_mixer.mamba_decode_step = fused_step
+    print(f"(peak {bandwidth / 1e12:.2f} TB/s)")
+    return rows
+
+
+# num_warps swept for the fused Mamba step's kernel
+MAMBA_WARPS = (4, 8)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for decode_shapes.json")
-    parser.add_argument("--parts", default="gemm,attention", help="gemm, attention, chain (default: gemm,attention)")
+    parser.add_argument(
+        "--parts", default="gemm,attention", help="gemm, attention, chain, mamba (default: gemm,attention)"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty --out (kept until the new one is complete)"
     )
@@ -302,6 +357,7 @@ def main() -> None:
             "gemm": gemm_rows(bandwidth) if "gemm" in parts else [],
             "attention": attention_rows(args.flex) if "attention" in parts else [],
             "chain": chain_rows(bandwidth) if "chain" in parts else [],
+            "mamba": mamba_rows(bandwidth) if "mamba" in parts else [],
         }
         (staging / "decode_shapes.json").write_text(json.dumps(result, indent=1))
 

@@ -54,11 +54,11 @@ def category(kernel: str) -> str:
     return next((cat for cat, keys in CATEGORIES.items() if any(k in name for k in keys)), "other")
 
 
-def profile_steps(model, context: int, steps: int, compile: bool) -> dict:
-    """Kernel statistics of `steps` eager (or compiled) decode steps at `context` cached tokens, batch 1."""
+def profile_steps(model, context: int, steps: int, compile: bool, batch: int = 1) -> dict:
+    """Kernel statistics of `steps` eager (or compiled) decode steps at `context` cached tokens and `batch` rows."""
     on_gpu = model.device.type == "cuda"
-    decoder = StaticDecoder(model, 1, context + steps + 8, SamplingParams(), compile=compile)
-    ids = torch.randint(0, 1000, (1, context), device=model.device)
+    decoder = StaticDecoder(model, batch, context + steps + 8, SamplingParams(), compile=compile)
+    ids = torch.randint(0, 1000, (batch, context), device=model.device)
     with torch.no_grad():
         decoder.prefill(ids, torch.ones_like(ids), None)
         for _ in range(3):  # warm-up: compilation, Triton autotuning
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("full", "tiny"), default="full", help="model sizes (default: full, GPU)")
     parser.add_argument("--context", type=int, default=1024, help="cached tokens before the steps (default: 1024)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
     parser.add_argument("--steps", type=int, default=10, help="decode steps profiled (default: 10)")
     parser.add_argument("--models", default="teacher,hybrid-50", help="teacher, hybrid-25, hybrid-50 (default: 2)")
     parser.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (default: both)")
@@ -115,14 +116,18 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if args.size == "full" else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ratios = {"teacher": 0.0, "hybrid-25": 0.25, "hybrid-50": 0.5}
-    results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "context": args.context}
+    results: dict = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "context": args.context,
+        "batch": args.batch,
+    }
     for name in args.models.split(","):
         model = build_model(ratios[name], args.size, device, dtype)
         hbm = hbm_bytes_per_s(device)
         if hbm:
-            results[f"{name}/roofline_us"] = 1e3 * roofline_ms(model, 1, args.context, hbm)
+            results[f"{name}/roofline_us"] = 1e3 * roofline_ms(model, args.batch, args.context, hbm)
         for mode in args.modes.split(","):
-            stats = profile_steps(model, args.context, args.steps, compile=mode == "compiled")
+            stats = profile_steps(model, args.context, args.steps, compile=mode == "compiled", batch=args.batch)
             results[f"{name}/{mode}"] = stats
             print(
                 f"{name:>10} {mode:>8}: {stats['kernels_per_step']:.0f} kernels/step, "
@@ -172,7 +177,7 @@ def plot(results: dict, path: Path) -> Path:
             ax.plot([roof, roof], [i - 0.4, i + 0.4], color="red", lw=2, label="roofline" if i == 0 else None)
     ax.set_yticks(range(len(runs)), runs)
     ax.invert_yaxis()
-    ax.set_xlabel("GPU time per decode step (us), batch 1")
+    ax.set_xlabel(f"GPU time per decode step (us), batch {results.get('batch', 1)}")
     ax.set_xlim(0, max(sum(by_category(results[r]).values()) for r in runs) * 1.35)
     ax.set_title(f"Where a decode step goes: {results['device']}, {results['context']} cached tokens", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")

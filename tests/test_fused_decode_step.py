@@ -7,6 +7,7 @@ from conftest import tiny_model
 from matvlm_hf import MaTVLMForConditionalGeneration
 from matvlm_hf.fast_generation import SamplingParams, StaticDecoder
 from matvlm_hf.fused_decode_step import PhiFusedDecodeStep, packed_rows
+from matvlm_hf.mamba2_mixer import MaTVLMMamba2Mixer
 from test_decode_kernels import require_triton, run_in_interpreter
 from test_fast_generation import left_padded
 
@@ -32,7 +33,8 @@ def random_biases(model) -> None:
 
 def check_kernels_step_matches_modules(mamba_layers, dtype, device, tol: float) -> None:
     """A tiny `dtype` model with random biases on `device`: after 6 decode steps on a left-padded batch with images,
-    the fused step gives the same tokens as the step through transformers' modules, and caches within `tol`."""
+    the fused step gives the same tokens as the step through transformers' modules (their Mamba mixers on the
+    reference path), and caches within `tol`."""
     model = tiny_model("phi", mamba_layers, dtype=dtype)
     random_biases(model)
     model = model.to(device)
@@ -41,7 +43,11 @@ def check_kernels_step_matches_modules(mamba_layers, dtype, device, tol: float) 
     fused, modules = (StaticDecoder(model, 3, 64, SamplingParams()) for _ in range(2))
     modules.fused = None
     assert torch.equal(fused.prefill(ids, mask, pixels), modules.prefill(ids, mask, pixels))
-    assert torch.equal(fused.decode(6), modules.decode(6))
+    tokens = fused.decode(6)
+    for layer in model.decoder_layers:  # the modules' step runs the Mamba reference (conv step, recurrence, norm)
+        if isinstance(layer.self_attn, MaTVLMMamba2Mixer):
+            layer.self_attn.use_kernels = False
+    assert torch.equal(tokens, modules.decode(6))
     for a, b in zip(cache_tensors(fused), cache_tensors(modules), strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
@@ -104,21 +110,29 @@ def test_packing_follows_a_move_and_refuses_mismatched_projections():
 
 
 def test_fused_step_with_kernels_in_the_interpreter_matches_the_modules():
-    """The fused step with its Triton kernels (GEMV with GELU, block end, rotary + cache write, split-KV attention)
-    run by Triton's interpreter on the CPU, float16 (the interpreter's bf16 dot is wrong): after 6 decode steps on a
-    left-padded batch with images, the same tokens as the step through transformers' modules and caches within fp16
-    rounding of theirs; with and without Mamba layers. Checks the step's wiring of the kernels (slices, strides, the
-    GELU columns, the splits) where the GPU test below needs a GPU."""
+    """The fused step with its Triton kernels (GEMV with GELU, block end, rotary + cache write + split-KV attention,
+    the Mamba mixer's step) run by Triton's interpreter on the CPU, float16 (the interpreter's bf16 dot is wrong):
+    after 6 decode steps on a left-padded batch with images, the same tokens as the step through transformers'
+    modules and caches within fp16 rounding of theirs; with and without Mamba layers. Checks the step's wiring of the
+    kernels (slices, strides, the GELU columns, the splits) where the GPU test below needs a GPU."""
     require_triton()
     script = """
 import functools
 import torch
 from test_fused_decode_step import check_kernels_step_matches_modules
 import matvlm_hf.fused_decode_step as step
+import matvlm_hf.mamba2_mixer as mixer
 for name in ("decode_linear", "block_end", "attention_step"):  # the fused step's kernels only
     setattr(step, name, functools.partial(getattr(step, name), interpret=True))
+fused_mamba_steps = []
+def interpreted_mamba_step(*args, kernel=mixer.mamba_decode_step, **kwargs):
+    out = kernel(*args, **kwargs, interpret=True)
+    fused_mamba_steps.append(out is not None)
+    return out
+mixer.mamba_decode_step = interpreted_mamba_step
 for mamba_layers in ((0, 2, 5), ()):
     check_kernels_step_matches_modules(mamba_layers, torch.float16, "cpu", tol=1e-2)
+assert fused_mamba_steps and all(fused_mamba_steps), fused_mamba_steps  # the kernel ran, every Mamba step
 print("OK")
 """
     run_in_interpreter(script)

@@ -75,3 +75,31 @@ def test_positioned_decoder_times_a_step_as_generate_does():
         probes.append((time.perf_counter() - start) / steps * 1e3)
     end_to_end, probe = min(ends), min(probes)
     assert abs(probe - end_to_end) / end_to_end < 0.03, f"probe {probe:.3f} ms vs generate {end_to_end:.3f} ms"
+
+
+@pytest.mark.parametrize("mamba_layers", [(0, 2, 5), ()])
+def test_compiled_fast_decode_equals_generate_on_a_tiny_model(mamba_layers, monkeypatch):
+    """`fast_decode_compile=True`: torch.compile of the fused step with its Triton kernels inside (GEMV, block end,
+    attention step, the Mamba step; dependent launch off while compiling) gives generate()'s greedy tokens over 40
+    steps: tiny float32 model, two left-padded prompts with images."""
+    from conftest import image_prompt, tiny_model
+
+    from matvlm_hf import mamba2_ops
+
+    # the prefill's scan by the reference: mamba_ssm's kernel would autotune for ~100 s, and the prefill is not
+    # what this test checks (both paths share it)
+    monkeypatch.setattr(mamba2_ops, "_chunk_scan_kernel", None)
+    model = tiny_model("phi", mamba_layers).cuda()
+    prompts = [image_prompt(model.config, text_len=n, seed=n)[0] for n in (5, 12)]
+    width = max(len(p) for p in prompts)
+    ids, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), pixel_values=pixels.cuda(), max_new_tokens=40)
+    kw.update(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        compiled = model.generate(**kw, fast_decode=True, fast_decode_compile=True)
+        decoder = model.fast_decoders.decoder
+        assert decoder is not None and decoder.step != decoder._step  # the compiled step ran (eager: equal)
+        assert torch.equal(compiled, model.generate(**kw))

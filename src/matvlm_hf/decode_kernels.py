@@ -2,7 +2,7 @@
 transformers' modules launch many (the step's matrix multiplications: decode_matmul.py). Each has a PyTorch reference
 (transformers' code), used on the CPU, under autograd (the kernels are forward-only: never used in training) and when
 Triton is missing; the tests run each kernel against it (Triton's interpreter on the CPU, compiled on the GPU). The
-Mamba layers' kernels live in mamba2_ops.py.
+Mamba layers' kernels live in mamba2_ops.py (a mixer's whole decode step: `mamba_decode_step`).
 
 - `rotary_and_cache`: rotary embedding of q and k (partial rotary, transformers' `apply_rotary_pos_emb`) and the
   write of k and v into the static cache at its fill pointer: 1 kernel instead of 14 (where SDPA attends).
@@ -184,7 +184,8 @@ if triton is not None:
         row = qkv_ptr + b * stride_qkv
         log2e: tl.constexpr = 1.4426950408889634
         q = _rotate(row + h * D, offs_d, partner, sign, cos, sin, inside, rotated, dtype)
-        q = q.to(tl.float32) * (scale * log2e)
+        # cast: torch.compile's Triton wrapper passes a Python float as float64, which would spread through the loop
+        q = q.to(tl.float32) * tl.cast(scale * log2e, tl.float32)
         # this step's key and value, rotated (used by the split that holds the fill pointer): loaded with the rest
         k_new = _rotate(row + (heads + kv) * D, offs_d, partner, sign, cos, sin, inside, rotated, dtype)
         v_new = tl.load(row + (heads + kv_heads + kv) * D + offs_d, mask=inside, other=0.0)

@@ -191,7 +191,7 @@ if triton is not None:
         x = hidden.to(tl.float32)
         mean = tl.sum(x, 0) / D
         centred = tl.where(inside, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / D + eps)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / D + tl.cast(eps, tl.float32))  # (float64 under compile)
         weight = tl.load(weight_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         tl.store(normed_ptr + row * D + offs, (centred * rstd * weight + bias).to(dtype), mask=inside)

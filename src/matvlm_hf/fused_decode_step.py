@@ -10,9 +10,10 @@ batch 1, weights not in L2; `examples/decode_shapes.py`): a 2560x2560 projection
 No second copy of the weights: `packed_rows` moves the Linear layers' weights into one buffer and points each
 Linear's weight and bias at its rows (same Parameter objects, same values; transformers' `save_pretrained` clones such
 disjoint views when saving). Everything else is transformers' and the mixer's own code: the rotary module,
-the static cache's tensors, the mixer's `decode_mix`; on CUDA, an attention layer's rotary embedding, cache write
-and split-KV attention are one kernel on small caches (`decode_kernels.attention_step`; rotary + cache write as one
-kernel and torch's SDPA on larger ones; transformers' `apply_rotary_pos_emb` + `index_copy_` and SDPA elsewhere),
+the static cache's tensors, the mixer's `decode_mix` (on CUDA one kernel, `mamba2_ops.mamba_decode_step`); on CUDA,
+an attention layer's rotary embedding, cache write and split-KV attention are one kernel on small caches
+(`decode_kernels.attention_step`; rotary + cache write as one kernel and torch's SDPA on larger ones; transformers'
+`apply_rotary_pos_emb` + `index_copy_` and SDPA elsewhere),
 the fused projections a Triton GEMV and the block's end (the mixer's out-projection and fc2 as one GEMM along K,
 GELU inside the projection before it, the residual adds and the next LayerNorm) two kernels (`decode_matmul.py`;
 F.linear and the modules elsewhere), all launched with programmatic dependent launch on sm_90+.

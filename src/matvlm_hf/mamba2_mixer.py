@@ -15,7 +15,14 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .mamba2_ops import causal_conv1d_blc, causal_conv1d_step, rmsnorm_gated, ssd_scan, ssd_step
+from .mamba2_ops import (
+    causal_conv1d_blc,
+    causal_conv1d_step,
+    mamba_decode_step,
+    rmsnorm_gated,
+    ssd_scan,
+    ssd_step,
+)
 
 #: the keyword under which the installed transformers passes the cache to decoder layers and attention modules, and
 #: names it in model outputs: `cache` from 5.2x, `past_key_values` before
@@ -150,15 +157,30 @@ class MaTVLMMamba2Mixer(nn.Module):
         in_proj output [z | x B C | dt] (further columns ignored: the fused decode step's MLP part), -> the gated,
         normalised y (b, 1, d_inner) that out_proj takes. Updates the cache layer's conv and SSM states in place;
         no padding mask (a decode step's token is real). Used by `forward` and `fused_decode_step.py`."""
+        conv_state, state = cache_layer.conv_states[0], cache_layer.recurrent_states[0]
+        if self.use_kernels:
+            y = mamba_decode_step(
+                projected[:, 0],
+                conv_state,
+                self.conv1d.weight[:, 0],
+                self.conv1d.bias,
+                state,
+                self.A_log,
+                self.dt_bias,
+                self.D,
+                self.norm_weight,
+                self.eps,
+                self.d_inner // self.ngroups,
+                self.d_xb,
+            )
+            if y is not None:
+                return y[:, None]
         z, xBC, dt = projected[..., : self.d_inner + self.conv_dim + self.nheads].split(
             [self.d_inner, self.conv_dim, self.nheads], dim=-1
         )
-        xBC = causal_conv1d_step(
-            xBC[:, 0], cache_layer.conv_states[0], self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels
-        )[:, None]
-        x, B, C = self._heads(xBC)
+        xBC = causal_conv1d_step(xBC[:, 0], conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, self.use_kernels)
+        x, B, C = self._heads(xBC[:, None])
         A = -torch.exp(self.A_log.float())
-        state = cache_layer.recurrent_states[0]
         y = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.use_kernels, dt_bias=self.dt_bias)
         return rmsnorm_gated(
             y.flatten(-2)[:, None], z, self.norm_weight, self.eps, self.d_inner // self.ngroups, self.use_kernels

@@ -1,5 +1,7 @@
 """Mamba-2 math: the pure-PyTorch reference (chunked SSD scan, one-step recurrence, causal conv, gated RMSNorm) and
-the optional kernels of `mamba_ssm` / `causal_conv1d` behind the same small interface.
+the optional kernels of `mamba_ssm` / `causal_conv1d` behind the same small interface; this module's own Triton
+kernels (the conv on in_proj's (b, l, c) layout, the conv step, and `mamba_decode_step`: a mixer's whole decode step
+between its projections as one kernel), each tested against the reference.
 
 Shapes: b batch, l length, h heads, p head dim, g groups, n state size, c conv channels, k conv width.
 The SSM is h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,  y_t = h_t C_t + D x_t  (per head; h_t is p x n).
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .decode_kernels import dependent_launch
 
 try:  # optional accelerators, detected, never required
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as _rmsnorm_gated_kernel
@@ -29,11 +33,16 @@ except ImportError:
     triton = None
 
 HAS_MAMBA_SSM = _chunk_scan_kernel is not None
+# warps of the fused decode kernel's program (one head's P x P state: 128 x 128 padded at MaTVLM's head dim 80).
+# H200, bf16, TinyLLaVA-3.1B's mixer (`examples/decode_shapes.py --parts mamba`): 4 warps 4.8 / 12.7 us at batch
+# 1 / 16, 8 warps 3.9 / 16.5; the unfused step 10.8 / 21.1
+MAMBA_DECODE_WARPS = 4
 
 # Which kernels have a backward. mamba_chunk_scan_combined, rmsnorm_fn and causal_conv1d_fn are autograd Functions
 # (their gradients are tested against the reference in tests/test_gpu_gradients.py); selective_state_update,
-# causal_conv1d_update and this module's (b, l, c) Triton conv are forward-only: they write into fresh or cached
-# tensors outside autograd, so they run only when no gradient is needed and the differentiable path runs otherwise.
+# causal_conv1d_update and this module's Triton kernels (conv, conv step, decode step) are forward-only: they write
+# into fresh or cached tensors outside autograd, so they run only when no gradient is needed and the differentiable
+# path runs otherwise.
 
 
 def grad_needed(*tensors: torch.Tensor | None) -> bool:
@@ -296,6 +305,35 @@ def _conv_silu_blc_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 if triton is not None:
 
     @triton.jit
+    def _conv_window(
+        u_ptr, state_ptr, w_ptr, b_ptr, channels, inside, stride_sc, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS
+    ):
+        """The conv step of `channels` (a vector of channel indices) of one sequence, reads only: returns the new
+        window [state[c, 1:], u[c]] (BLOCK_C, BLOCK_K) in state's dtype, for `_store_window`, and silu(bias[c] +
+        sum_k w[c, k] window[c, k]) in float32 (state's last axis contiguous, weight (C, K) contiguous). Where the
+        program's threads outnumber the channels, several threads hold one channel: its window is written only after
+        a CTA barrier that follows every read of it, or a thread could read a tap another already shifted."""
+        taps = tl.arange(0, BLOCK_K)
+        row = state_ptr + channels[:, None] * stride_sc + taps[None, :]
+        shifted = tl.load(row + 1, mask=inside[:, None] & (taps < K - 1)[None, :], other=0.0)
+        u = tl.load(u_ptr + channels, mask=inside, other=0.0).to(state_ptr.dtype.element_ty)
+        window = tl.where((taps == K - 1)[None, :], u[:, None], shifted)
+        w = tl.load(
+            w_ptr + channels[:, None] * K + taps[None, :], mask=inside[:, None] & (taps < K)[None, :], other=0.0
+        )
+        acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + channels, mask=inside, other=0.0).to(tl.float32)
+        return window, acc * tl.sigmoid(acc)
+
+    @triton.jit
+    def _store_window(state_ptr, window, channels, inside, stride_sc, K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Writes `_conv_window`'s window back into the conv state (after a CTA barrier that follows its reads)."""
+        taps = tl.arange(0, BLOCK_K)
+        row = state_ptr + channels[:, None] * stride_sc + taps[None, :]
+        tl.store(row, window, mask=inside[:, None] & (taps < K)[None, :])
+
+    @triton.jit
     def _conv_step_kernel(
         x_ptr,
         state_ptr,
@@ -308,29 +346,101 @@ if triton is not None:
         stride_sc,
         stride_ob,
         K: tl.constexpr,
+        BLOCK_K: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         """Program (b, channel block): state[b, c] <- [state[b, c, 1:], x[b, c]]; out[b, c] = silu(bias[c] +
-        sum_k w[c, k] state[b, c, k]) (state's last axis contiguous, weight (C, K) contiguous)."""
+        sum_k w[c, k] state[b, c, k])."""
         pid_b, pid_c = tl.program_id(0), tl.program_id(1)
         offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         inside = offs_c < C
-        row = state_ptr + pid_b * stride_sb + offs_c * stride_sc
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for k in tl.static_range(K):
-            if k < K - 1:
-                value = tl.load(row + k + 1, mask=inside, other=0.0)
-            else:
-                value = tl.load(x_ptr + pid_b * stride_xb + offs_c, mask=inside, other=0.0).to(
-                    state_ptr.dtype.element_ty
-                )
-            tl.store(row + k, value, mask=inside)
-            acc += value.to(tl.float32) * tl.load(w_ptr + offs_c * K + k, mask=inside, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_c, mask=inside, other=0.0).to(tl.float32)
-        acc = acc * tl.sigmoid(acc)
-        tl.store(out_ptr + pid_b * stride_ob + offs_c, acc.to(out_ptr.dtype.element_ty), mask=inside)
+        x_row, state_row = x_ptr + pid_b * stride_xb, state_ptr + pid_b * stride_sb
+        window, out = _conv_window(x_row, state_row, w_ptr, b_ptr, offs_c, inside, stride_sc, K, BLOCK_K, HAS_BIAS)
+        tl.debug_barrier()
+        _store_window(state_row, window, offs_c, inside, stride_sc, K, BLOCK_K)
+        tl.store(out_ptr + pid_b * stride_ob + offs_c, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _mamba_decode_kernel(
+        proj_ptr,
+        conv_state_ptr,
+        conv_w_ptr,
+        conv_b_ptr,
+        state_ptr,
+        a_log_ptr,
+        dt_bias_ptr,
+        d_ptr,
+        norm_w_ptr,
+        out_ptr,
+        eps,
+        stride_pb,
+        stride_cb,
+        stride_cc,
+        stride_sb,
+        stride_sh,
+        stride_sp,
+        stride_ob,
+        D_INNER: tl.constexpr,
+        D_XB: tl.constexpr,
+        P: tl.constexpr,
+        REP: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        HAS_CONV_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        """Program (b, j), j a key/value head (its x and B channels serve heads j REP .. j REP + REP - 1): the conv
+        step of x_j and B_j, then for each of those heads h the conv step of C_h, dt = softplus(dt_raw + dt_bias),
+        the state update state_h <- exp(dt A) state_h + dt x B^T (P x P: head dim = state size), y = state_h C + D x
+        rounded to the input dtype (as the reference's y), and y * silu(z_h) RMS-normalised over the head (group
+        size = head dim) times the norm weight, written to out[b, h P : (h + 1) P]. Every intermediate in float32;
+        the conv outputs rounded to the input dtype (as the unfused conv step's output is). A head's reads (conv
+        windows, state, z, dt) are issued together, then one CTA barrier, then its writes: where threads outnumber
+        a tile's cells, several hold one cell, and none may write it before all have read it."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        b, j = tl.program_id(0), tl.program_id(1)
+        offs = tl.arange(0, BLOCK)
+        inside = offs < P
+        dtype = proj_ptr.dtype.element_ty
+        row = proj_ptr + b * stride_pb
+        xbc, conv_row = row + D_INNER, conv_state_ptr + b * stride_cb
+        x_channels, b_channels = j * P + offs, D_XB + j * P + offs
+        x_window, x = _conv_window(
+            xbc, conv_row, conv_w_ptr, conv_b_ptr, x_channels, inside, stride_cc, K, BLOCK_K, HAS_CONV_BIAS
+        )
+        b_window, B = _conv_window(
+            xbc, conv_row, conv_w_ptr, conv_b_ptr, b_channels, inside, stride_cc, K, BLOCK_K, HAS_CONV_BIAS
+        )
+        x, B = x.to(dtype).to(tl.float32), B.to(dtype).to(tl.float32)
+        tile = inside[:, None] & inside[None, :]
+        for r in range(REP):
+            h = j * REP + r
+            c_channels = 2 * D_XB + h * P + offs
+            c_window, C = _conv_window(
+                xbc, conv_row, conv_w_ptr, conv_b_ptr, c_channels, inside, stride_cc, K, BLOCK_K, HAS_CONV_BIAS
+            )
+            cell = state_ptr + b * stride_sb + h * stride_sh + offs[:, None] * stride_sp + offs[None, :]
+            state = tl.load(cell, mask=tile, other=0.0).to(tl.float32)
+            z = tl.load(row + h * P + offs, mask=inside, other=0.0).to(tl.float32)
+            dt = tl.load(row + 2 * D_INNER + 2 * D_XB + h).to(tl.float32) + tl.load(dt_bias_ptr + h).to(tl.float32)
+            tl.debug_barrier()  # this head's reads before any of its writes (and, the first time, x's and B's)
+            _store_window(conv_row, c_window, c_channels, inside, stride_cc, K, BLOCK_K)
+            C = C.to(dtype).to(tl.float32)
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, torch's threshold
+            decay = tl.exp(dt * -tl.exp(tl.load(a_log_ptr + h).to(tl.float32)))
+            state = state * decay + (dt * x)[:, None] * B[None, :]
+            tl.store(cell, state.to(state_ptr.dtype.element_ty), mask=tile)
+            y = tl.sum(state * C[None, :], axis=1) + x * tl.load(d_ptr + h).to(tl.float32)
+            gated = y.to(dtype).to(tl.float32) * (z * tl.sigmoid(z))  # 0 outside the head (z = 0 there)
+            scale = tl.rsqrt(tl.sum(gated * gated, axis=0) / P + tl.cast(eps, tl.float32))  # (float64 under compile)
+            weight = tl.load(norm_w_ptr + h * P + offs, mask=inside, other=0.0).to(tl.float32)
+            tl.store(out_ptr + b * stride_ob + h * P + offs, (gated * scale * weight).to(dtype), mask=inside)
+        _store_window(conv_row, x_window, x_channels, inside, stride_cc, K, BLOCK_K)  # after the loop's barrier
+        _store_window(conv_row, b_window, b_channels, inside, stride_cc, K, BLOCK_K)
 
 
 def causal_conv1d_step(
@@ -363,6 +473,7 @@ def causal_conv1d_step(
             conv_state.stride(1),
             out.stride(0),
             K=w.shape[-1],
+            BLOCK_K=triton.next_power_of_2(w.shape[-1]),
             HAS_BIAS=bias is not None,
             BLOCK_C=256,
         )
@@ -373,6 +484,94 @@ def causal_conv1d_step(
     if bias is not None:
         out = out + bias
     return F.silu(out).to(x.dtype)
+
+
+# the largest head dim (= state size) the fused decode kernel takes: its program holds a head's P x P state
+MAMBA_DECODE_MAX_HEADDIM = 128
+
+
+def mamba_decode_step(
+    projected: torch.Tensor,
+    conv_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    state: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    group_size: int,
+    d_xb: int,
+    interpret: bool = False,
+) -> torch.Tensor | None:
+    """The Mamba-2 mixer's whole decode step between its projections as ONE Triton kernel, or None where it does not
+    apply (the caller then runs `causal_conv1d_step`, `ssd_step` and `rmsnorm_gated`, which compute the same).
+
+    projected (b, >= d_inner + conv_dim + h): in_proj's output [z | x B C | dt] for one token (further columns
+    ignored); conv_state (b, conv_dim, k) and state (b, h, p, n) are updated in place; conv_weight (conv_dim, k);
+    A_log, dt_bias, D (h,); norm_weight (d_inner,); x and B hold d_xb channels each (key/value heads, repeated to
+    the heads as `repeat_kv` does) -> y (b, d_inner) in projected's dtype: RMSNorm(y_ssm * silu(z)) over groups of
+    `group_size` channels, times norm_weight (Mamba-2's gated norm, norm_before_gate=False). Applies on CUDA (or in
+    Triton's interpreter, `interpret`) when no gradient is needed and the layout is MaTVLM's default: one C group and
+    one norm group per head, head dim = state size (<= MAMBA_DECODE_MAX_HEADDIM), d_inner a multiple of d_xb, the
+    states' last axes contiguous. It replaces the unfused step's 6 kernels (conv step, A = -exp(A_log) as 3 torch ops,
+    mamba_ssm's selective_state_update and gated norm): on an H200 at TinyLLaVA's sizes 4.8 vs 10.8 us at batch 1,
+    12.7 vs 21.1 us at batch 16 (docs/benchmarks, `examples/decode_shapes.py --parts mamba`)."""
+    b, heads, p, n = state.shape
+    d_inner = heads * p
+    applies = (
+        triton is not None
+        and (projected.is_cuda or interpret)
+        and not grad_needed(projected, conv_state, state, conv_weight, conv_bias, A_log, dt_bias, D, norm_weight)
+        and p == n == group_size <= MAMBA_DECODE_MAX_HEADDIM
+        and norm_weight.shape[0] == d_inner
+        and d_xb % p == 0
+        and d_inner % d_xb == 0
+        and conv_state.shape[1] == 2 * d_xb + d_inner
+        and conv_state.stride(-1) == 1
+        and state.stride(-1) == 1
+        and projected.stride(-1) == 1
+    )
+    if not applies:
+        return None
+    rows = projected.reshape(b, -1)
+    out = torch.empty(b, d_inner, dtype=projected.dtype, device=projected.device)
+    w = conv_weight.contiguous()
+    block = triton.next_power_of_2(p)
+    pdl = dependent_launch(projected)
+    _mamba_decode_kernel[(b, d_xb // p)](
+        rows,
+        conv_state,
+        w,
+        conv_bias if conv_bias is not None else w,
+        state,
+        A_log,
+        dt_bias,
+        D,
+        norm_weight,
+        out,
+        eps,
+        rows.stride(0),
+        conv_state.stride(0),
+        conv_state.stride(1),
+        state.stride(0),
+        state.stride(1),
+        state.stride(2),
+        out.stride(0),
+        D_INNER=d_inner,
+        D_XB=d_xb,
+        P=p,
+        REP=d_inner // d_xb,
+        K=w.shape[-1],
+        BLOCK_K=triton.next_power_of_2(w.shape[-1]),
+        HAS_CONV_BIAS=conv_bias is not None,
+        BLOCK=block,
+        PDL=pdl,
+        num_warps=MAMBA_DECODE_WARPS,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
 
 
 def rmsnorm_gated(

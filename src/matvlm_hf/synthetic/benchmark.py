@@ -155,14 +155,15 @@ def _generate_seconds(model, ids: torch.Tensor, new_tokens: int, device: str, co
 
 def time_decode(model, batch: int, context: int, steps: int, device: str, compile: bool = False) -> dict:
     """One decode point through `generate(fast_decode=True)` end to end, `batch` prompts of `context` tokens: the
-    first call (graph capture, compilation: `first_call_s`), then prefill-only and prefill + `steps` calls (best of
-    three when small); the step time is their difference / `steps`. Both lengths share one cache bucket when `context`
-    is a multiple of 256 and `steps` < 255 (the same graph). Raises torch.OutOfMemoryError when it does not fit."""
+    first call (graph capture, compilation: `first_call_s`), then prefill-only and prefill + `steps` calls, best of
+    three each (the difference of two calls carries the prefill's noise, seconds long at batch 16 / 8K); the step
+    time is their difference / `steps`. Both lengths share one cache bucket
+    when `context` is a multiple of 256 and `steps` < 255 (the same graph). Raises torch.OutOfMemoryError when it
+    does not fit."""
     ids = torch.randint(0, 1000, (batch, context), device=model.device)
     first = _generate_seconds(model, ids, 1 + steps, device, compile)
-    repeats = 3 if batch * context <= 65536 else 1
-    prefill = min(_generate_seconds(model, ids, 1, device, compile) for _ in range(repeats))
-    full = min(_generate_seconds(model, ids, 1 + steps, device, compile) for _ in range(repeats))
+    prefill = min(_generate_seconds(model, ids, 1, device, compile) for _ in range(3))
+    full = min(_generate_seconds(model, ids, 1 + steps, device, compile) for _ in range(3))
     ms = (full - prefill) / steps * 1e3
     return {
         "ms_per_step": ms,
