@@ -302,7 +302,7 @@ def mamba_rows(bandwidth: float) -> list[dict]:
     )  # fmt: skip
     mixer = mamba2_mixer.MaTVLMMamba2Mixer(config, 0).to("cuda", torch.bfloat16)
     mixer.init_ssm_parameters()
-    fused_step = mamba2_mixer.mamba_decode_step
+    fused_step, default_warps = mamba2_mixer.mamba_decode_step, mamba2_ops.MAMBA_DECODE_WARPS
     rows = []
     for m in (1, 16):
         state_bytes = m * HEADS * HEAD_DIM * HEAD_DIM * 4
@@ -322,11 +322,11 @@ def mamba_rows(bandwidth: float) -> list[dict]:
         variants = [("unfused", None)] + [("fused", w) for w in MAMBA_WARPS]
         for kind, warps in variants:
             mamba2_mixer.mamba_decode_step = (lambda *a, **k: None) if warps is None else fused_step
-            mamba2_ops.MAMBA_DECODE_WARPS = warps or mamba2_ops.MAMBA_DECODE_WARPS
+            mamba2_ops.MAMBA_DECODE_WARPS = warps or default_warps
             us = graph_us(run_all, calls=len(caches))
             rows.append({"m": m, "kernel": kind, "num_warps": warps, "us": us, "tb_s": 2 * state_bytes / us / 1e6})
             print(f"M={m:2d} Mamba step {kind:>7} warps={warps}: {us:7.2f} us {rows[-1]['tb_s']:.2f} TB/s (state r+w)")
-    mamba2_mixer.mamba_decode_step = fused_step
+    mamba2_mixer.mamba_decode_step, mamba2_ops.MAMBA_DECODE_WARPS = fused_step, default_warps
     print(f"(peak {bandwidth / 1e12:.2f} TB/s)")
     return rows
 

@@ -33,10 +33,6 @@ except ImportError:
     triton = None
 
 HAS_MAMBA_SSM = _chunk_scan_kernel is not None
-# warps of the fused decode kernel's program (one head's P x P state: 128 x 128 padded at MaTVLM's head dim 80).
-# H200, bf16, TinyLLaVA-3.1B's mixer (`examples/decode_shapes.py --parts mamba`): 4 warps 4.8 / 12.7 us at batch
-# 1 / 16, 8 warps 3.9 / 16.5; the unfused step 10.8 / 21.1
-MAMBA_DECODE_WARPS = 4
 
 # Which kernels have a backward. mamba_chunk_scan_combined, rmsnorm_fn and causal_conv1d_fn are autograd Functions
 # (their gradients are tested against the reference in tests/test_gpu_gradients.py); selective_state_update,
@@ -488,6 +484,10 @@ def causal_conv1d_step(
 
 # the largest head dim (= state size) the fused decode kernel takes: its program holds a head's P x P state
 MAMBA_DECODE_MAX_HEADDIM = 128
+# warps of the fused decode kernel's program (one head's P x P state: 128 x 128 padded at MaTVLM's head dim 80).
+# H200, bf16, TinyLLaVA-3.1B's mixer (`examples/decode_shapes.py --parts mamba`): 4 warps 4.8 / 12.7 us at batch
+# 1 / 16, 8 warps 3.9 / 16.5; the unfused step 10.8 / 21.1
+MAMBA_DECODE_WARPS = 4
 
 
 def mamba_decode_step(
