@@ -118,6 +118,9 @@ def main(out_dir: str) -> None:
         params = sgd_step(term, checkpointing, per_device=1, accumulation=4 // world, output_dir=out / "run")
         if int(os.environ.get("RANK", "0")) == 0:
             save_file({k: v.contiguous() for k, v in params.items()}, str(out / f"{term}-{checkpointing}.safetensors"))
+    if torch.distributed.is_initialized():  # leave together: gloo's threads must not outlive the group at exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -286,6 +286,20 @@ def _train_and_save(cfg: dict[str, Any], run_dir: Path, resume: Any) -> None:
         )
 
 
+def _leave_process_group() -> None:
+    """Wait for every process (rank 0 may still be writing the model card), then tear the process group down.
+
+    A process that exits with the group alive leaves gloo's threads to the interpreter's exit: the CI run on
+    transformers 5.17 saw rank 1 abort there ("terminate called without an active exception", SIGABRT) after a
+    complete run, which torchrun reports as a failed job (the same abort: pytorch/pytorch#190489).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> Path:
     cfg = parse_config(argv)
     from ..safe_output import staged_output
@@ -301,6 +315,7 @@ def main(argv: list[str] | None = None) -> Path:
     except UserError as err:  # a user's mistake: its message, no traceback
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    _leave_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"saved the distilled student to {output}")
     return output
